@@ -1,0 +1,371 @@
+"""Load and validate ``config.yaml`` into frozen dataclasses.
+
+Secrets appear in the file as ``${NAME}``; they are expanded inside string values after
+``yaml.safe_load`` (never in the raw text), and an unset variable is an error naming the
+place. Every error is a :class:`ConfigError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compat_server.errors import ConfigError
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+# ISO-4217 numeric codes sent in getNumberV2 and getActiveActivations.
+CURRENCY_NUMBERS = {
+    "RUB": 643, "USD": 840, "EUR": 978, "VND": 704, "CNY": 156, "LAK": 418,
+    "INR": 356, "IDR": 360, "KZT": 398, "UAH": 980, "GBP": 826, "THB": 764,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    """One api_key clients may send, and where its purchases go."""
+
+    key: str = field(repr=False)
+    alias: str
+    providers: tuple[str, ...]
+    routes: tuple[RouteConfig, ...] = ()
+    default_country: int | None = None
+
+    @property
+    def key_id(self) -> str:
+        """A stable, non-secret identity for the store (a hash of the key)."""
+        return key_id(self.key)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """Providers for a service and/or country, tried by ``strategy``."""
+
+    providers: tuple[str, ...]
+    service: str | None = None
+    country: int | None = None
+    strategy: str = "ordered"  # ordered | cheapest
+
+    def matches(self, service: str, country: int) -> bool:
+        """Whether a getNumber for (service, country) takes this route."""
+        return (self.service in (None, service)) and (self.country in (None, country))
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """One configured upstream account."""
+
+    name: str
+    type: str
+    options: Mapping[str, Any] = field(repr=False)
+    markup: Decimal = Decimal(1)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    store_path: str = "sms-compat.sqlite3"
+    lifetime: float = 1200.0
+    early_cancel: float = 0.0
+    keys: tuple[KeyConfig, ...] = ()
+    providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()
+    currency: str = "RUB"
+    rates: Mapping[str, Decimal] = field(default_factory=dict)
+    connect_timeout: float = 5.0
+    read_timeout: float = 20.0
+    catalog_ttl: float = 60.0
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
+    outbox_interval: float = 2.0
+    outbox_max_backoff: float = 300.0
+    sweep_interval: float = 5.0
+    reconcile_interval: float = 10.0
+    source: str = ""
+
+    def find_key(self, presented: str) -> KeyConfig | None:
+        """The key config matching ``presented``, compared in constant time."""
+        import hmac
+
+        found = None
+        for candidate in self.keys:
+            # compare against every key so timing does not reveal which one matched
+            if hmac.compare_digest(candidate.key.encode(), presented.encode()):
+                found = candidate
+        return found
+
+    def rate(self, currency: str) -> Decimal:
+        """Multiplier from ``currency`` to the display currency."""
+        if currency == self.currency:
+            return Decimal(1)
+        return self.rates[currency]
+
+    @property
+    def currency_number(self) -> int:
+        """ISO-4217 numeric code of the display currency."""
+        return CURRENCY_NUMBERS.get(self.currency, 0)
+
+
+def key_id(key: str) -> str:
+    """A stable, non-secret identity for a client key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate a config file; ConfigError names the bad place."""
+    env = os.environ if env is None else env
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}:{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return parse_config(_expand(raw, env, ""), source=str(path))
+
+
+def _expand(value: Any, env: Mapping[str, str], where: str) -> Any:
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in env or env[name] == "":
+                raise ConfigError(f"{where or 'config'}: environment variable {name} is not set")
+            return env[name]
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, env, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
+    """Validate an already-loaded mapping (used by tests and load_config)."""
+    from providers import get_provider_class  # late: providers import compat_server
+
+    allowed = {"server", "store", "activation", "keys", "providers", "routes", "currency",
+               "upstream", "breaker", "workers"}  # fmt: skip
+    for name in raw:
+        if name not in allowed:
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(sorted(allowed))})")
+    server = _section(raw, "server")
+    store = _section(raw, "store")
+    activation = _section(raw, "activation")
+    currency = _section(raw, "currency")
+    upstream = _section(raw, "upstream")
+    breaker = _section(raw, "breaker")
+    workers = _section(raw, "workers")
+
+    providers: dict[str, ProviderConfig] = {}
+    raw_providers = raw.get("providers") or {}
+    if not isinstance(raw_providers, dict) or not raw_providers:
+        raise ConfigError("providers: define at least one provider")
+    for name, options in raw_providers.items():
+        where = f"providers.{name}"
+        if not isinstance(options, dict):
+            raise ConfigError(f"{where}: must be a mapping")
+        type_name = options.get("type")
+        if not isinstance(type_name, str):
+            raise ConfigError(f"{where}.type: missing")
+        try:
+            cls = get_provider_class(type_name)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.type: {exc}") from None
+        markup = _decimal(options.get("markup", 1), f"{where}.markup")
+        if markup <= 0:
+            raise ConfigError(f"{where}.markup: must be positive")
+        clean = {k: v for k, v in options.items() if k != "markup"}
+        cls.validate_options(str(name), clean)
+        providers[str(name)] = ProviderConfig(str(name), type_name, clean, markup)
+
+    display = str(currency.get("display", "RUB")).upper()
+    rates = {
+        str(k).upper(): _decimal(v, f"currency.rates.{k}")
+        for k, v in (currency.get("rates") or {}).items()
+    }
+    for provider in providers.values():
+        native = get_provider_class(provider.type).native_currency(provider.options)
+        if native != display and native not in rates:
+            raise ConfigError(
+                f"currency.rates.{native}: missing (provider {provider.name} is priced in "
+                f"{native}, clients see {display})"
+            )
+
+    keys: list[KeyConfig] = []
+    raw_keys = raw.get("keys") or []
+    if not isinstance(raw_keys, list) or not raw_keys:
+        raise ConfigError("keys: define at least one client key")
+    for index, entry in enumerate(raw_keys):
+        where = f"keys[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be a mapping")
+        key = entry.get("key")
+        if not isinstance(key, str) or not key.strip():
+            raise ConfigError(f"{where}.key: missing")
+        names = _provider_list(entry.get("providers"), providers, f"{where}.providers")
+        routes = _routes(entry.get("routes") or [], providers, f"{where}.routes")
+        default_country = entry.get("default_country")
+        if default_country is not None:
+            default_country = _int(default_country, f"{where}.default_country")
+        alias = str(entry.get("alias") or f"key{index + 1}")
+        keys.append(KeyConfig(key.strip(), alias, names, routes, default_country))
+    if len({k.key for k in keys}) != len(keys):
+        raise ConfigError("keys: the same key is listed twice")
+
+    return Config(
+        host=str(server.get("host", "127.0.0.1")),
+        port=_int(server.get("port", 8080), "server.port"),
+        store_path=str(store.get("path", "sms-compat.sqlite3")),
+        lifetime=_float(activation.get("lifetime", 1200), "activation.lifetime"),
+        early_cancel=_float(activation.get("early_cancel", 0), "activation.early_cancel"),
+        keys=tuple(keys),
+        providers=providers,
+        routes=_routes(raw.get("routes") or [], providers, "routes"),
+        currency=display,
+        rates=rates,
+        connect_timeout=_float(upstream.get("connect_timeout", 5), "upstream.connect_timeout"),
+        read_timeout=_float(upstream.get("read_timeout", 20), "upstream.read_timeout"),
+        catalog_ttl=_float(upstream.get("catalog_ttl", 60), "upstream.catalog_ttl"),
+        breaker_failures=_int(breaker.get("failures", 5), "breaker.failures"),
+        breaker_cooldown=_float(breaker.get("cooldown", 30), "breaker.cooldown"),
+        outbox_interval=_float(workers.get("outbox_interval", 2), "workers.outbox_interval"),
+        outbox_max_backoff=_float(
+            workers.get("outbox_max_backoff", 300), "workers.outbox_max_backoff"
+        ),
+        sweep_interval=_float(workers.get("sweep_interval", 5), "workers.sweep_interval"),
+        reconcile_interval=_float(
+            workers.get("reconcile_interval", 10), "workers.reconcile_interval"
+        ),
+        source=source,
+    )
+
+
+def describe(config: Config) -> str:
+    """The configuration as text with every secret masked (for check-config)."""
+    from providers import get_provider_class
+    from providers.base import mask
+
+    lines = [
+        f"config: {config.source or '(in memory)'}",
+        f"server: {config.host}:{config.port}",
+        f"store: {config.store_path}",
+        f"activation: lifetime={config.lifetime:g}s early_cancel={config.early_cancel:g}s",
+        f"currency: {config.currency} rates="
+        + (", ".join(f"{k}={v}" for k, v in sorted(config.rates.items())) or "-"),
+    ]
+    for key in config.keys:
+        lines.append(f"key {key.alias}: {mask(key.key)} -> {', '.join(key.providers)}")
+        for route in key.routes:
+            lines.append(f"  route {_route_text(route)}")
+    for route in config.routes:
+        lines.append(f"route {_route_text(route)}")
+    for provider in config.providers.values():
+        cls = get_provider_class(provider.type)
+        shown = []
+        for name, value in sorted(provider.options.items()):
+            shown.append(f"{name}={mask(str(value)) if name in cls.secret_fields else value}")
+        lines.append(f"provider {provider.name}: markup={provider.markup} " + " ".join(shown))
+    return "\n".join(lines)
+
+
+def _route_text(route: RouteConfig) -> str:
+    service = route.service or "*"
+    country = "*" if route.country is None else str(route.country)
+    return f"service={service} country={country} {route.strategy}: {', '.join(route.providers)}"
+
+
+def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: must be a mapping")
+    return value
+
+
+def _provider_list(value: Any, providers: Mapping[str, ProviderConfig], where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: list at least one provider")
+    for name in value:
+        if name not in providers:
+            known = ", ".join(sorted(providers))
+            raise ConfigError(f"{where}: unknown provider {name!r} (known: {known})")
+    return tuple(str(v) for v in value)
+
+
+def _routes(value: Any, providers: Mapping[str, ProviderConfig], where: str) -> tuple[RouteConfig, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: must be a list")
+    routes = []
+    for index, entry in enumerate(value):
+        here = f"{where}[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{here}: must be a mapping")
+        strategy = str(entry.get("strategy", "ordered"))
+        if strategy not in ("ordered", "cheapest"):
+            raise ConfigError(f"{here}.strategy: must be ordered or cheapest")
+        service = entry.get("service")
+        country = entry.get("country")
+        routes.append(
+            RouteConfig(
+                providers=_provider_list(entry.get("providers"), providers, f"{here}.providers"),
+                service=None if service is None else str(service),
+                country=None if country is None else _int(country, f"{here}.country"),
+                strategy=strategy,
+            )
+        )
+    return tuple(routes)
+
+
+def _int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{where}: must be a whole number")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{where}: must be a whole number") from None
+
+
+def _float(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: must be a number")
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: must be a number") from None
+    if result < 0:
+        raise ConfigError(f"{where}: must not be negative")
+    return result
+
+
+def _decimal(value: Any, where: str) -> Decimal:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: must be a number")
+    try:
+        result = Decimal(str(value))
+    except InvalidOperation:
+        raise ConfigError(f"{where}: must be a number") from None
+    if not result.is_finite():
+        raise ConfigError(f"{where}: must be a number")
+    return result

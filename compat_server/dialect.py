@@ -1,0 +1,258 @@
+"""The sms-activate ``handler_api.php`` dialect: parsing, tokens, rendering, errors.
+
+This is the only module that knows dialect text. Every answer has HTTP status 200, errors
+included, and no trailing newline; tokens go out as ``text/plain``, JSON as
+``application/json`` (protocol.md section 8).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from compat_server import errors
+
+log = logging.getLogger("compat_server")
+
+MAX_BODY = 64 * 1024  # bytes of form body read at most
+MAX_VALUE = 1024  # characters per parameter value
+MAX_PARAMS = 64
+
+TEXT = "text/plain"
+JSON = "application/json"
+
+
+class Token(enum.Enum):
+    """Dialect tokens, verbatim."""
+
+    ACCESS_BALANCE = "ACCESS_BALANCE"
+    ACCESS_NUMBER = "ACCESS_NUMBER"
+    ACCESS_READY = "ACCESS_READY"
+    ACCESS_RETRY_GET = "ACCESS_RETRY_GET"
+    ACCESS_ACTIVATION = "ACCESS_ACTIVATION"
+    ACCESS_CANCEL = "ACCESS_CANCEL"
+    STATUS_WAIT_CODE = "STATUS_WAIT_CODE"
+    STATUS_WAIT_RETRY = "STATUS_WAIT_RETRY"
+    STATUS_WAIT_RESEND = "STATUS_WAIT_RESEND"
+    STATUS_CANCEL = "STATUS_CANCEL"
+    STATUS_OK = "STATUS_OK"
+    FULL_SMS = "FULL_SMS"
+    NO_KEY = "NO_KEY"
+    BAD_KEY = "BAD_KEY"
+    BAD_ACTION = "BAD_ACTION"
+    BAD_SERVICE = "BAD_SERVICE"
+    BAD_STATUS = "BAD_STATUS"
+    NO_ACTIVATION = "NO_ACTIVATION"
+    WRONG_ACTIVATION_ID = "WRONG_ACTIVATION_ID"
+    EARLY_CANCEL_DENIED = "EARLY_CANCEL_DENIED"
+    WRONG_EXCEPTION_PHONE = "WRONG_EXCEPTION_PHONE"
+    NO_NUMBERS = "NO_NUMBERS"
+    NO_BALANCE = "NO_BALANCE"
+    ERROR_SQL = "ERROR_SQL"
+    NO_ACTIVATIONS = "NO_ACTIVATIONS"
+    OPERATORS_NOT_FOUND = "OPERATORS_NOT_FOUND"
+
+
+# One token per concrete error class. Upstream trouble that reaches a non-purchase action
+# is ERROR_SQL, the classic "server-side problem" token; getNumber turns it into
+# NO_NUMBERS before it gets here (a client retries NO_NUMBERS later, which is right).
+ERROR_TOKENS: Mapping[type[errors.CompatError], Token] = {
+    errors.NoKey: Token.NO_KEY,
+    errors.BadKey: Token.BAD_KEY,
+    errors.BadAction: Token.BAD_ACTION,
+    errors.BadStatus: Token.BAD_STATUS,
+    errors.NoActivation: Token.NO_ACTIVATION,
+    errors.WrongActivationId: Token.WRONG_ACTIVATION_ID,
+    errors.EarlyCancelDenied: Token.EARLY_CANCEL_DENIED,
+    errors.WrongExceptionPhone: Token.WRONG_EXCEPTION_PHONE,
+    errors.BadParameter: Token.ERROR_SQL,
+    errors.NoNumbers: Token.NO_NUMBERS,
+    errors.NoBalance: Token.NO_BALANCE,
+    errors.UnknownService: Token.BAD_SERVICE,
+    errors.UpstreamAuth: Token.ERROR_SQL,
+    errors.UpstreamUnreachable: Token.ERROR_SQL,
+    errors.UpstreamUncertain: Token.ERROR_SQL,
+}
+
+# The 39 keys smsactivateru.GetFreeSlots indexes (it raises KeyError on a missing one).
+LEGACY_STOCK_KEYS = (
+    "av_0 av_1 bd_0 dt_0 fb_0 fd_0 go_0 gt_0 ig_0 kp_0 kt_0 ma_0 mb_0 me_0 mm_0 mt_0 oi_0"
+    " ok_0 ot_0 ot_1 pm_0 qw_0 sn_0 ss_0 tg_0 tn_0 tw_0 ub_0 uk_0 vi_0 vk_0 wa_0 wb_0"
+    " we_0 ya_0 ya_1 ym_0 ym_1 zz_0"
+).split()
+
+Reply = str | dict[str, Any] | list[Any]
+
+
+# ---- parsing -------------------------------------------------------------------------
+
+
+async def read_params(request: web.Request) -> dict[str, str]:
+    """Merge query-string and body parameters; the body wins on a clash.
+
+    Lenient like the original: unknown parameters are kept (and ignored later),
+    values are stripped, a form body that is not valid UTF-8 is read as latin-1, and
+    a JSON object body is accepted too. Oversized input raises BadParameter.
+    """
+    params: dict[str, str] = {}
+    for name, value in request.query.items():
+        params.setdefault(name.strip(), value)
+    if request.method == "POST" and request.can_read_body:
+        raw = await request.content.read(MAX_BODY + 1)
+        if len(raw) > MAX_BODY:
+            raise errors.BadParameter("body too large")
+        params.update(_parse_body(raw, request.content_type))
+    if len(params) > MAX_PARAMS:
+        raise errors.BadParameter("too many parameters")
+    return {k: v.strip() for k, v in params.items()}
+
+
+def _parse_body(raw: bytes, content_type: str) -> dict[str, str]:
+    if not raw.strip():
+        return {}
+    if "json" in content_type:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise errors.BadParameter("body is not JSON") from None
+        if not isinstance(data, dict):
+            raise errors.BadParameter("JSON body is not an object")
+        return {str(k): _scalar(v) for k, v in data.items()}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return {k.strip(): v for k, v in parse_qsl(text, keep_blank_values=True)}
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def param(params: Mapping[str, str], *names: str) -> str:
+    """The first non-empty value among ``names`` ("" if none); long values are refused."""
+    for name in names:
+        value = params.get(name, "")
+        if len(value) > MAX_VALUE:
+            raise errors.BadParameter(f"{name} too long")
+        if value:
+            return value
+    return ""
+
+
+def activation_id(params: Mapping[str, str]) -> int:
+    """The ``id`` (or ``activationId``) parameter as an int; WrongActivationId if bad."""
+    raw = param(params, "id", "activationId")
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise errors.WrongActivationId(raw[:32])
+    return int(raw)
+
+
+def country_param(params: Mapping[str, str]) -> int | None:
+    """The ``country`` parameter; None when absent or "any"; BadParameter if malformed."""
+    raw = param(params, "country")
+    if raw in ("", "any"):
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 6:
+        raise errors.BadParameter("country")
+    return int(raw)
+
+
+def money_param(params: Mapping[str, str], *names: str) -> Decimal | None:
+    """A dot (or comma) decimal such as maxPrice; None when absent."""
+    raw = param(params, *names).replace(",", ".")
+    if not raw:
+        return None
+    try:
+        value = Decimal(raw)
+    except ArithmeticError:
+        raise errors.BadParameter(names[0]) from None
+    if not value.is_finite() or value < 0:
+        raise errors.BadParameter(names[0])
+    return value
+
+
+def list_param(params: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma list (``operator=mts,beeline``), lower-cased, blanks dropped."""
+    return tuple(p.strip().lower() for p in param(params, name).split(",") if p.strip())
+
+
+def exception_prefixes(params: Mapping[str, str]) -> tuple[str, ...]:
+    """phoneException: comma list of digit prefixes; WrongExceptionPhone if malformed."""
+    prefixes = list_param(params, "phoneException")
+    for prefix in prefixes:
+        if not (prefix.isascii() and prefix.isdigit() and 2 <= len(prefix) <= 15):
+            raise errors.WrongExceptionPhone(prefix[:20])
+    return prefixes
+
+
+# ---- rendering -----------------------------------------------------------------------
+
+
+def money(value: Decimal) -> str:
+    """Money with two decimals and a dot, always (pysmshub needs the point)."""
+    return str(value.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+
+
+def money_number(value: Decimal) -> float:
+    """Money as a JSON number with at most two decimals."""
+    return float(value.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+
+
+def token(kind: Token, *payload: object) -> str:
+    """``KIND`` or ``KIND:a:b`` as sent on the wire."""
+    return ":".join([kind.value, *map(str, payload)])
+
+
+def safe_code(code: str) -> str:
+    """A code fit for ``STATUS_OK:<code>``: no colons, no line breaks, never empty."""
+    cleaned = " ".join(code.replace(":", " ").split())
+    return cleaned or "0"
+
+
+def render(reply: Reply) -> web.Response:
+    """A 200 response: text for tokens, compact JSON otherwise."""
+    if isinstance(reply, str):
+        return web.Response(text=reply, content_type=TEXT, charset="utf-8")
+    body = json.dumps(reply, ensure_ascii=False, separators=(",", ":"))
+    return web.Response(text=body, content_type=JSON, charset="utf-8")
+
+
+def error_token(exc: errors.CompatError) -> Token:
+    """The token for an error (ERROR_SQL for anything unmapped)."""
+    for cls in type(exc).__mro__:
+        found = ERROR_TOKENS.get(cls)  # type: ignore[call-overload]
+        if found is not None:
+            return found
+    return Token.ERROR_SQL
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def render_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer every CompatError with its token and anything unexpected with ERROR_SQL.
+
+    Always status 200; a traceback goes to the log, never to the client.
+    """
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except errors.CompatError as exc:
+        return render(error_token(exc).value)
+    except Exception:
+        log.exception("unexpected error on %s", request.path)
+        return render(Token.ERROR_SQL.value)

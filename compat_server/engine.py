@@ -1,0 +1,435 @@
+"""The activation lifecycle and the work that outlives a request.
+
+:class:`Engine` owns the store, the providers (behind :class:`Upstreams`), the router,
+the catalog cache and the poller. The dialect layer calls it with sms-activate terms and
+gets back store objects or our exceptions; it never sees a provider's JSON.
+
+Background loops (started by the app): the outbox delivers cancels/finishes that failed
+upstream, with backoff; the sweeper closes activations past their lifetime (and cancels
+them upstream); the reconciler looks upstream for purchases whose outcome was unknown and
+cancels what nobody owns. All three resume from the store after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from compat_server.config import Config, KeyConfig
+from compat_server.errors import (
+    BadStatus,
+    EarlyCancelDenied,
+    ProviderError,
+    UpstreamAuth,
+    UpstreamUncertain,
+    UpstreamUnreachable,
+)
+from compat_server.routing import Prices, Router, Upstreams
+from compat_server.store import (
+    CANCELLED,
+    CODE,
+    EXPIRED,
+    FINISHED,
+    PENDING,
+    RECONCILED,
+    UNCERTAIN,
+    WAIT_CODE,
+    WAIT_RETRY,
+    Activation,
+    Attempt,
+    Store,
+)
+from providers.base import Clock, Offer, Order, Provider
+
+log = logging.getLogger("compat_server")
+
+# Upstream failures after which a queued call is tried again; any other answer is final.
+RETRYABLE = (UpstreamUnreachable, UpstreamUncertain, UpstreamAuth)
+RECONCILE_WINDOW = 900.0  # seconds an unknown purchase is looked for upstream
+INLINE_TIMEOUT = 5.0  # seconds a setStatus waits for the upstream before queueing
+
+
+class TtlCache:
+    """Async results cached per key for ``ttl`` seconds; concurrent misses share one call."""
+
+    def __init__(self, ttl: float, clock: Clock, failure_ttl: float = 5.0) -> None:
+        self.ttl = ttl
+        self.failure_ttl = failure_ttl
+        self.clock = clock
+        self._values: dict[Any, tuple[float, Any]] = {}
+        self._inflight: dict[Any, asyncio.Future[Any]] = {}
+
+    async def get(self, key: Any, load: Callable[[], Awaitable[Any]], default: Any) -> Any:
+        """The cached value, or ``load()``; on failure ``default`` (cached briefly)."""
+        hit = self._values.get(key)
+        if hit is not None and hit[0] > self.clock():
+            return hit[1]
+        future = self._inflight.get(key)
+        if future is None:
+            future = asyncio.ensure_future(self._load(key, load, default))
+            self._inflight[key] = future
+            future.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return await asyncio.shield(future)
+
+    async def _load(self, key: Any, load: Callable[[], Awaitable[Any]], default: Any) -> Any:
+        try:
+            value = await load()
+        except ProviderError:
+            self._values[key] = (self.clock() + self.failure_ttl, default)
+            return default
+        self._values[key] = (self.clock() + self.ttl, value)
+        return value
+
+
+@dataclass(frozen=True)
+class StatusView:
+    """What getStatus-like actions report for an activation."""
+
+    state: str
+    code: str = ""
+    previous_code: str = ""
+    text: str = ""
+    received_at: float = 0.0
+
+
+class Engine:
+    """Everything behind the dialect: purchases, lifecycle, catalog, background work."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        providers: Mapping[str, Provider],
+        clock: Clock,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.upstreams = Upstreams(config, providers, clock)
+        self.prices = Prices(config, providers)
+        self.catalog = TtlCache(config.catalog_ttl, clock)
+        self.balances = TtlCache(min(config.catalog_ttl, 5.0), clock)
+        self.router = Router(config, store, self.upstreams, self.prices, self.offers, clock)
+        self._polls: dict[int, asyncio.Future[None]] = {}
+        self._last_poll: dict[int, float] = {}
+        self._outbox_wake = asyncio.Event()
+
+    @property
+    def providers(self) -> Mapping[str, Provider]:
+        """Configured providers by name."""
+        return self.upstreams.providers
+
+    def key_providers(self, key: KeyConfig) -> list[str]:
+        """Every provider a key can reach (its list, then its routes'), no repeats."""
+        names = list(key.providers)
+        for route in (*key.routes, *self.config.routes):
+            names.extend(route.providers)
+        return list(dict.fromkeys(names))
+
+    # ---- catalog and money --------------------------------------------------------------
+
+    async def offers(self, name: str, country: int) -> list[Offer]:
+        """A provider's offers in a country (cached; [] when it is unavailable)."""
+        provider = self.providers[name]
+        if country not in provider.countries():
+            return []
+        result: list[Offer] = await self.catalog.get(
+            (name, country),
+            lambda: self.upstreams.call(name, "catalog", lambda: provider.catalog(country)),
+            [],
+        )
+        return result
+
+    async def balance(self, key: KeyConfig) -> Decimal:
+        """Money the key can spend, in the display currency (sum over its providers).
+
+        Raises the last ProviderError when no provider answers.
+        """
+        total = Decimal(0)
+        answered = False
+        failure: ProviderError | None = None
+        for name in self.key_providers(key):
+            provider = self.providers[name]
+            try:
+                native = await self.upstreams.call(name, "balance", provider.balance)
+            except ProviderError as exc:
+                failure = exc
+                continue
+            answered = True
+            total += native * self.prices.balance_factor(name)
+        if not answered:
+            raise failure or UpstreamUnreachable("route", "no provider")
+        return total
+
+    # ---- purchase and status ------------------------------------------------------------
+
+    async def buy(self, key: KeyConfig, order: Order) -> Activation:
+        """Buy a number for the key (see Router.buy)."""
+        return await self.router.buy(key, order)
+
+    async def refresh(self, activation: Activation) -> None:
+        """Bring an open activation up to date: expiry, then at most one poll per interval.
+
+        Concurrent callers share one upstream request; an upstream failure leaves the
+        last known state in place.
+        """
+        if not activation.is_open:
+            return
+        if self.clock() >= activation.expires_at:
+            await self.expire(activation)
+            return
+        future = self._polls.get(activation.id)
+        if future is None:
+            provider = self.providers.get(activation.provider)
+            if provider is None:
+                return
+            now = self.clock()
+            if now - self._last_poll.get(activation.id, -1e18) < provider.poll_interval:
+                return
+            self._last_poll[activation.id] = now
+            future = asyncio.ensure_future(self._poll(activation, provider))
+            self._polls[activation.id] = future
+            future.add_done_callback(lambda _: self._polls.pop(activation.id, None))
+        await asyncio.shield(future)
+
+    async def _poll(self, activation: Activation, provider: Provider) -> None:
+        ref = activation.ref()
+        try:
+            result = await self.upstreams.call(
+                activation.provider, "poll", lambda: provider.poll(ref)
+            )
+        except ProviderError as exc:
+            log.info("poll id=%d provider=%s failed: %s", activation.id, activation.provider,
+                     type(exc).__name__)  # fmt: skip
+            return
+        async with self.store.lock(activation.id):
+            if not activation.is_open or activation.upstream_id != ref.upstream_id:
+                return
+            await self.store.add_messages(activation, result.messages)
+            if result.closed and activation.state == WAIT_CODE:
+                # the upstream ended the order without a code: nothing to cancel there
+                await self.store.set_state(activation, EXPIRED, self.clock())
+                self._last_poll.pop(activation.id, None)
+
+    async def expire(self, activation: Activation) -> None:
+        """Close an activation past its lifetime; cancel upstream unless a code came."""
+        async with self.store.lock(activation.id):
+            if not activation.is_open:
+                return
+            if activation.state == WAIT_CODE:
+                await self.store.set_state(activation, EXPIRED, self.clock(), outbox="cancel")
+            else:  # a code was delivered: the number was used, close it as finished
+                await self.store.set_state(activation, FINISHED, self.clock(), outbox="finish")
+        self._last_poll.pop(activation.id, None)
+        self._outbox_wake.set()
+
+    def view(self, activation: Activation) -> StatusView:
+        """The client-visible state (messages and retry mark folded in)."""
+        if not activation.is_open:
+            return StatusView(activation.state)
+        messages = activation.messages
+        if activation.state == WAIT_RETRY or (
+            activation.state == CODE and len(messages) <= activation.retry_mark
+        ):
+            previous = messages[activation.retry_mark - 1].code if activation.retry_mark else ""
+            return StatusView(WAIT_RETRY, previous_code=previous)
+        if activation.state == CODE and messages:
+            last = messages[-1]
+            return StatusView(CODE, last.code, text=last.text, received_at=last.received_at)
+        return StatusView(WAIT_CODE)
+
+    # ---- setStatus ----------------------------------------------------------------------
+
+    async def ready(self, activation: Activation) -> None:
+        """setStatus 1: allowed while open; the upstream hears of it where it matters."""
+        if not activation.is_open:
+            raise BadStatus("activation is closed")
+        if activation.state == WAIT_CODE:
+            await self._deliver_now(activation, "ready")
+
+    async def retry(self, activation: Activation) -> None:
+        """setStatus 3: only after a code; waits for the next SMS (maybe a re-rent)."""
+        async with self.store.lock(activation.id):
+            if activation.state == WAIT_RETRY:
+                return
+            if activation.state != CODE:
+                raise BadStatus(f"retry in state {activation.state}")
+            provider = self.providers[activation.provider]
+            ref = activation.ref()
+            purchase = None
+            try:
+                purchase = await self.upstreams.call(
+                    activation.provider, "retry", lambda: provider.retry(ref)
+                )
+            except ProviderError as exc:
+                # the order stays as it is; the client simply waits for a further SMS
+                log.warning("retry id=%d provider=%s failed: %s", activation.id,
+                            activation.provider, type(exc).__name__)  # fmt: skip
+            await self.store.set_state(
+                activation, WAIT_RETRY, self.clock(), purchase=purchase, retry=True
+            )
+            self._last_poll.pop(activation.id, None)
+
+    async def finish(self, activation: Activation) -> None:
+        """setStatus 6: after a code (or during a retry); repeated 6 is harmless."""
+        async with self.store.lock(activation.id):
+            if activation.state == FINISHED:
+                return
+            if activation.state not in (CODE, WAIT_RETRY):
+                raise BadStatus(f"finish in state {activation.state}")
+            await self.store.set_state(activation, FINISHED, self.clock(), outbox="finish")
+        await self._drain_now(activation.id)
+
+    async def cancel(self, activation: Activation) -> None:
+        """setStatus 8/-1: only before a code and outside the early window."""
+        async with self.store.lock(activation.id):
+            if activation.state in (CANCELLED, EXPIRED):
+                return
+            if activation.state != WAIT_CODE:
+                raise BadStatus(f"cancel in state {activation.state}")
+            age = self.clock() - activation.created_at
+            if self.config.early_cancel and age < self.config.early_cancel:
+                raise EarlyCancelDenied(f"{age:.0f}s old")
+            await self.store.set_state(activation, CANCELLED, self.clock(), outbox="cancel")
+        self._last_poll.pop(activation.id, None)
+        await self._drain_now(activation.id)
+
+    async def _deliver_now(self, activation: Activation, op: str) -> None:
+        await self.store.enqueue(activation.id, op, self.clock())
+        await self._drain_now(activation.id)
+
+    async def _drain_now(self, activation_id: int) -> None:
+        """Try the queued calls of one activation at once, bounded in time."""
+        try:
+            await asyncio.wait_for(self.run_outbox(only=activation_id), INLINE_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.info("id=%d upstream slow: queued call left to the outbox", activation_id)
+
+    # ---- background work ----------------------------------------------------------------
+
+    async def run_outbox(self, only: int | None = None) -> int:
+        """Deliver due queued calls once; returns how many were delivered."""
+        delivered = 0
+        for op in await self.store.due_ops(self.clock()):
+            if only is not None and op.activation_id != only:
+                continue
+            activation = await self.store.get(op.activation_id)
+            provider = None if activation is None else self.providers.get(activation.provider)
+            if activation is None or provider is None:
+                await self.store.op_done(op.id)
+                continue
+            ref = activation.ref()
+            call = {"cancel": provider.cancel, "finish": provider.finish, "ready": provider.ready}[op.op]
+            try:
+                await self.upstreams.call(activation.provider, op.op, lambda c=call: c(ref))  # type: ignore[misc]
+            except RETRYABLE as exc:
+                delay = min(self.config.outbox_interval * 2**op.attempts,
+                            self.config.outbox_max_backoff)  # fmt: skip
+                await self.store.op_failed(op.id, self.clock() + delay, type(exc).__name__)
+                log.info("outbox id=%d op=%s failed (%s), retry in %.0fs", activation.id,
+                         op.op, type(exc).__name__, delay)  # fmt: skip
+                continue
+            except ProviderError as exc:
+                log.warning("outbox id=%d op=%s answered %s: treated as final",
+                            activation.id, op.op, type(exc).__name__)  # fmt: skip
+            await self.store.op_done(op.id)
+            delivered += 1
+        return delivered
+
+    async def sweep(self) -> int:
+        """Expire every open activation past its lifetime; returns how many."""
+        now = self.clock()
+        due = [a for a in self.store.open_activations() if a.expires_at <= now]
+        for activation in due:
+            await self.expire(activation)
+        return len(due)
+
+    async def reconcile(self) -> int:
+        """Look upstream for purchases of unknown outcome; returns orphans cancelled."""
+        attempts = await self.store.attempts([UNCERTAIN, PENDING])
+        busy = set(self.router.in_flight.values())
+        by_provider: dict[str, list[Attempt]] = {}
+        for attempt in attempts:
+            if attempt.id in self.router.in_flight:
+                continue  # a buy of this process is still running
+            by_provider.setdefault(attempt.provider, []).append(attempt)
+        orphans = 0
+        for name, group in by_provider.items():
+            if name in busy:
+                continue  # a concurrent buy could look like an orphan until it is stored
+            orphans += await self._reconcile_provider(name, group)
+        return orphans
+
+    async def _reconcile_provider(self, name: str, group: list[Attempt]) -> int:
+        provider = self.providers.get(name)
+        now = self.clock()
+        if provider is None or not provider.can_lookup:
+            for attempt in group:
+                if now - attempt.created_at > RECONCILE_WINDOW:
+                    log.error("provider=%s cannot list orders: purchase attempt %d left"
+                              " unresolved, check the account by hand", name, attempt.id)  # fmt: skip
+                    await self.store.end_purchase(attempt.id, RECONCILED, "unresolved", now)
+            return 0
+        known = await self.store.known_upstream_ids(name)
+        orphans = 0
+        for attempt in group:
+            since = attempt.created_at - 60
+            try:
+                found = await self.upstreams.call(
+                    name, "lookup", lambda o=attempt.order, s=since: provider.lookup_purchases(o, s)  # type: ignore[misc]
+                )
+            except ProviderError as exc:
+                log.info("reconcile provider=%s lookup failed: %s", name, type(exc).__name__)
+                return orphans
+            owner: int | None = attempt.id
+            for purchase in found:
+                if purchase.upstream_id in known:
+                    continue
+                known.add(purchase.upstream_id)
+                activation = await self.store.complete_purchase(
+                    owner, attempt.key_id, name, type(provider).native_currency(provider.options),
+                    attempt.order, purchase, Decimal(0), now, self.config.lifetime,
+                    state=CANCELLED,
+                )  # fmt: skip
+                owner = None
+                await self.store.enqueue(activation.id, "cancel", now)
+                orphans += 1
+                log.warning("reconcile provider=%s found unowned purchase -> stored as id=%d"
+                            " and cancelled upstream", name, activation.id)  # fmt: skip
+            if owner is not None and now - attempt.created_at > RECONCILE_WINDOW:
+                await self.store.end_purchase(attempt.id, RECONCILED, "nothing found", now)
+            elif owner is not None and attempt.state == PENDING:
+                # a buy interrupted by a crash: from now on it is simply uncertain
+                await self.store.end_purchase(attempt.id, UNCERTAIN, "interrupted", now)
+        if orphans:
+            self._outbox_wake.set()
+        return orphans
+
+    async def run_forever(self, name: str, interval: float, step: Callable[[], Awaitable[int]]) -> None:
+        """Run ``step`` every ``interval`` seconds until cancelled; errors are logged."""
+        while True:
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background %s failed; continuing", name)
+            if name == "outbox":
+                try:
+                    await asyncio.wait_for(self._outbox_wake.wait(), interval)
+                except asyncio.TimeoutError:
+                    pass
+                self._outbox_wake.clear()
+            else:
+                await asyncio.sleep(interval)
+
+    def health(self) -> dict[str, str]:
+        """Circuit state per provider."""
+        return {name: b.state for name, b in self.upstreams.breakers.items()}
+
+
+__all__ = ["Engine", "StatusView", "TtlCache", "CODE", "WAIT_RETRY", "RECONCILED"]

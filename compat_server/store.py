@@ -1,0 +1,513 @@
+"""The one store: activations, their messages, purchase attempts and the outbox.
+
+SQLite through aiosqlite, WAL with ``synchronous=FULL``: a write is durable when the
+method returns, so a purchase is on disk before ``ACCESS_NUMBER`` leaves the server.
+Activations are also kept in memory (write-through): reads for getStatus never touch
+the disk. The schema carries a version in ``meta``; :data:`MIGRATIONS` upgrades it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import aiosqlite
+
+from providers.base import ActivationRef, Order, Purchase, Sms
+
+SCHEMA_VERSION = 1
+FIRST_ID = 100_000  # ids look like real ones and stay far below 2**31
+MAX_ID = 2**31 - 1
+
+# Activation states. The first three are "open": an upstream order is alive.
+WAIT_CODE, CODE, WAIT_RETRY = "wait_code", "code", "wait_retry"
+FINISHED, CANCELLED, EXPIRED = "finished", "cancelled", "expired"
+OPEN_STATES = frozenset({WAIT_CODE, CODE, WAIT_RETRY})
+
+# Purchase attempt states.
+PENDING, CONFIRMED, REFUSED, UNCERTAIN, RECONCILED = (
+    "pending", "confirmed", "refused", "uncertain", "reconciled",
+)  # fmt: skip
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE activations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        upstream_id TEXT NOT NULL,
+        phone TEXT NOT NULL,
+        service TEXT NOT NULL,
+        country INTEGER NOT NULL,
+        operator TEXT NOT NULL,
+        price TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        cost TEXT NOT NULL,
+        state TEXT NOT NULL,
+        extra TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX activations_state ON activations(state);
+    CREATE INDEX activations_upstream ON activations(provider, upstream_id);
+    CREATE INDEX activations_key ON activations(key_id, state);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        activation_id INTEGER NOT NULL REFERENCES activations(id),
+        uid TEXT NOT NULL,
+        text TEXT NOT NULL,
+        code TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        UNIQUE (activation_id, uid)
+    );
+    CREATE TABLE purchases (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        service TEXT NOT NULL,
+        country INTEGER NOT NULL,
+        order_json TEXT NOT NULL,
+        state TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        activation_id INTEGER,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX purchases_state ON purchases(state);
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        activation_id INTEGER NOT NULL REFERENCES activations(id),
+        op TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        last_error TEXT NOT NULL DEFAULT '',
+        done INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX outbox_due ON outbox(done, next_at);
+    """,
+}
+
+
+@dataclass
+class Message:
+    """One stored SMS."""
+
+    uid: str
+    text: str
+    code: str
+    received_at: float
+
+
+@dataclass
+class Activation:
+    """One number sold to a client, as stored."""
+
+    id: int
+    key_id: str
+    provider: str
+    upstream_id: str
+    phone: str
+    service: str
+    country: int
+    operator: str
+    price: Decimal  # native currency of the provider
+    currency: str  # that native currency
+    cost: Decimal  # what the client is shown, display currency
+    state: str
+    created_at: float
+    updated_at: float
+    expires_at: float
+    extra: dict[str, str] = field(default_factory=dict)
+    messages: list[Message] = field(default_factory=list)
+    retry_mark: int = 0  # messages present when the client last asked for another
+
+    @property
+    def is_open(self) -> bool:
+        """An upstream order is alive for it."""
+        return self.state in OPEN_STATES
+
+    @property
+    def code(self) -> str:
+        """The newest code, or "" before any SMS."""
+        return self.messages[-1].code if self.messages else ""
+
+    def ref(self) -> ActivationRef:
+        """What the provider needs to act on it."""
+        return ActivationRef(
+            upstream_id=self.upstream_id,
+            phone=self.phone,
+            service=self.service,
+            country=self.country,
+            created_at=self.created_at,
+            extra=dict(self.extra),
+        )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A purchase attempt: the record written before a paid call."""
+
+    id: int
+    key_id: str
+    provider: str
+    order: Order
+    state: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class OutboxOp:
+    """A pending upstream call that must eventually succeed."""
+
+    id: int
+    activation_id: int
+    op: str  # cancel | finish | ready
+    attempts: int
+
+
+class Store:
+    """Durable state of the server. Use :meth:`open` and :meth:`close`."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._cache: dict[int, Activation] = {}
+        self._write = asyncio.Lock()
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    @classmethod
+    async def open(cls, path: str) -> Store:
+        """Open (creating or migrating) the database at ``path``."""
+        db = await aiosqlite.connect(path)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            store = cls(db)
+            await store._migrate()
+            await store._load_open()
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        """Close the database."""
+        await self._db.close()
+
+    async def _migrate(self) -> None:
+        await self._db.execute(
+            "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
+        )
+        async with self._db.execute("SELECT value FROM meta WHERE name='version'") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"database schema {version} is newer than this program")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            await self._db.executescript(MIGRATIONS[target])
+            if target == 1:
+                await self._db.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('activations', ?)",
+                    (FIRST_ID - 1,),
+                )
+            await self._db.execute(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES ('version', ?)",
+                (str(target),),
+            )
+        await self._db.commit()
+
+    async def schema_version(self) -> int:
+        """The schema version recorded in the database."""
+        async with self._db.execute("SELECT value FROM meta WHERE name='version'") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def _load_open(self) -> None:
+        placeholders = ",".join("?" * len(OPEN_STATES))
+        query = f"SELECT * FROM activations WHERE state IN ({placeholders})"
+        for activation in await self._fetch(query, tuple(OPEN_STATES)):
+            self._cache[activation.id] = activation
+
+    async def _fetch(self, query: str, args: Iterable[Any]) -> list[Activation]:
+        self._db.row_factory = aiosqlite.Row
+        async with self._db.execute(query, tuple(args)) as cur:
+            rows = list(await cur.fetchall())
+        result = []
+        for row in rows:
+            activation = Activation(
+                id=row["id"], key_id=row["key_id"], provider=row["provider"],
+                upstream_id=row["upstream_id"], phone=row["phone"],
+                service=row["service"], country=row["country"], operator=row["operator"],
+                price=Decimal(row["price"]), currency=row["currency"],
+                cost=Decimal(row["cost"]), state=row["state"],
+                created_at=row["created_at"], updated_at=row["updated_at"],
+                expires_at=row["expires_at"], extra=json.loads(row["extra"]),
+            )  # fmt: skip
+            activation.retry_mark = int(activation.extra.pop("_retry_mark", "0"))
+            async with self._db.execute(
+                "SELECT uid, text, code, received_at FROM messages"
+                " WHERE activation_id=? ORDER BY id",
+                (activation.id,),
+            ) as cur:
+                activation.messages = [Message(*m) for m in await cur.fetchall()]
+            result.append(activation)
+        return result
+
+    def lock(self, activation_id: int) -> asyncio.Lock:
+        """The lock that serialises state changes of one activation."""
+        lock = self._locks.get(activation_id)
+        if lock is None:
+            lock = self._locks[activation_id] = asyncio.Lock()
+        return lock
+
+    # ---- purchases ----------------------------------------------------------------------
+
+    async def begin_purchase(self, key_id: str, provider: str, order: Order, now: float) -> int:
+        """Record that a paid call is about to be made; durable on return."""
+        order_json = json.dumps(
+            {
+                "service": order.service, "country": order.country,
+                "operators": list(order.operators),
+                "exclude_prefixes": list(order.exclude_prefixes),
+                "max_price": None if order.max_price is None else str(order.max_price),
+            }
+        )  # fmt: skip
+        async with self._write:
+            cur = await self._db.execute(
+                "INSERT INTO purchases (key_id, provider, service, country, order_json,"
+                " state, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                (key_id, provider, order.service, order.country, order_json, PENDING, now, now),
+            )
+            await self._db.commit()
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    async def end_purchase(self, attempt_id: int, state: str, detail: str, now: float) -> None:
+        """Close an attempt that bought nothing (refused) or may have (uncertain)."""
+        async with self._write:
+            await self._db.execute(
+                "UPDATE purchases SET state=?, detail=?, updated_at=? WHERE id=?",
+                (state, detail, now, attempt_id),
+            )
+            await self._db.commit()
+
+    async def complete_purchase(
+        self,
+        attempt_id: int | None,
+        key_id: str,
+        provider: str,
+        currency: str,
+        order: Order,
+        purchase: Purchase,
+        cost: Decimal,
+        now: float,
+        lifetime: float,
+        state: str = WAIT_CODE,
+    ) -> Activation:
+        """Store the bought number as an activation (and confirm its attempt) atomically."""
+        extra = dict(purchase.extra)
+        async with self._write:
+            cur = await self._db.execute(
+                "INSERT INTO activations (key_id, provider, upstream_id, phone, service,"
+                " country, operator, price, currency, cost, state, extra, created_at,"
+                " updated_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    key_id, provider, purchase.upstream_id, purchase.phone, order.service,
+                    order.country, purchase.operator, str(purchase.price), currency,
+                    str(cost), state, json.dumps(extra), now, now, now + lifetime,
+                ),
+            )  # fmt: skip
+            activation_id = cur.lastrowid
+            assert activation_id is not None and activation_id < MAX_ID
+            if attempt_id is not None:
+                await self._db.execute(
+                    "UPDATE purchases SET state=?, activation_id=?, updated_at=? WHERE id=?",
+                    (CONFIRMED if state == WAIT_CODE else RECONCILED, activation_id, now,
+                     attempt_id),
+                )  # fmt: skip
+            await self._db.commit()
+        activation = Activation(
+            id=activation_id, key_id=key_id, provider=provider,
+            upstream_id=purchase.upstream_id, phone=purchase.phone,
+            service=order.service, country=order.country, operator=purchase.operator,
+            price=purchase.price, currency=currency, cost=cost, state=state,
+            created_at=now, updated_at=now, expires_at=now + lifetime, extra=extra,
+        )  # fmt: skip
+        if activation.is_open:
+            self._cache[activation.id] = activation
+        return activation
+
+    async def attempts(self, states: Iterable[str]) -> list[Attempt]:
+        """Purchase attempts in the given states, oldest first."""
+        states = tuple(states)
+        placeholders = ",".join("?" * len(states))
+        async with self._db.execute(
+            "SELECT id, key_id, provider, order_json, state, created_at FROM purchases"
+            f" WHERE state IN ({placeholders}) ORDER BY id",
+            states,
+        ) as cur:
+            rows = list(await cur.fetchall())
+        result = []
+        for row in rows:
+            data = json.loads(row[3])
+            order = Order(
+                service=data["service"], country=data["country"],
+                operators=tuple(data["operators"]),
+                exclude_prefixes=tuple(data["exclude_prefixes"]),
+                max_price=None if data["max_price"] is None else Decimal(data["max_price"]),
+            )  # fmt: skip
+            result.append(Attempt(row[0], row[1], row[2], order, row[4], row[5]))
+        return result
+
+    async def known_upstream_ids(self, provider: str) -> set[str]:
+        """Every upstream id (current or replaced) stored for a provider."""
+        async with self._db.execute(
+            "SELECT upstream_id, extra FROM activations WHERE provider=?", (provider,)
+        ) as cur:
+            rows = list(await cur.fetchall())
+        known = set()
+        for upstream_id, extra in rows:
+            known.add(upstream_id)
+            known.update(i for i in json.loads(extra).get("previous_ids", "").split(",") if i)
+        return known
+
+    # ---- activations --------------------------------------------------------------------
+
+    async def get(self, activation_id: int) -> Activation | None:
+        """An activation by id (from memory when open)."""
+        cached = self._cache.get(activation_id)
+        if cached is not None:
+            return cached
+        found = await self._fetch("SELECT * FROM activations WHERE id=?", (activation_id,))
+        return found[0] if found else None
+
+    def open_activations(self) -> list[Activation]:
+        """Every activation whose upstream order is alive."""
+        return list(self._cache.values())
+
+    async def for_key(self, key_id: str, open_only: bool = True) -> list[Activation]:
+        """A key's activations, oldest first."""
+        if open_only:
+            return sorted(
+                (a for a in self._cache.values() if a.key_id == key_id), key=lambda a: a.id
+            )
+        return await self._fetch(
+            "SELECT * FROM activations WHERE key_id=? ORDER BY id", (key_id,)
+        )
+
+    async def count(self) -> int:
+        """How many activations are stored."""
+        async with self._db.execute("SELECT COUNT(*) FROM activations") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def add_messages(self, activation: Activation, messages: Iterable[Sms]) -> bool:
+        """Append messages not seen before; a new one moves the state to CODE."""
+        seen = {m.uid for m in activation.messages}
+        new = [m for m in messages if m.uid not in seen]
+        if not new:
+            return False
+        state = CODE if activation.is_open else activation.state
+        async with self._write:
+            await self._db.executemany(
+                "INSERT OR IGNORE INTO messages (activation_id, uid, text, code, received_at)"
+                " VALUES (?,?,?,?,?)",
+                [(activation.id, m.uid, m.text, m.code, m.received_at) for m in new],
+            )
+            await self._db.execute(
+                "UPDATE activations SET state=?, updated_at=? WHERE id=?",
+                (state, new[-1].received_at, activation.id),
+            )
+            await self._db.commit()
+        activation.messages.extend(Message(m.uid, m.text, m.code, m.received_at) for m in new)
+        activation.state = state
+        return True
+
+    async def set_state(
+        self,
+        activation: Activation,
+        state: str,
+        now: float,
+        *,
+        purchase: Purchase | None = None,
+        retry: bool = False,
+        outbox: str | None = None,
+    ) -> None:
+        """Change state (optionally swapping in a re-rented order, or queueing an op)."""
+        if retry:
+            activation.retry_mark = len(activation.messages)
+        if purchase is not None:
+            previous = activation.extra.get("previous_ids", "")
+            activation.extra = dict(purchase.extra)
+            activation.extra["previous_ids"] = ",".join(
+                i for i in (previous, activation.upstream_id) if i
+            )
+            activation.upstream_id = purchase.upstream_id
+        extra = dict(activation.extra, _retry_mark=str(activation.retry_mark))
+        async with self._write:
+            await self._db.execute(
+                "UPDATE activations SET state=?, upstream_id=?, extra=?, updated_at=?"
+                " WHERE id=?",
+                (state, activation.upstream_id, json.dumps(extra), now, activation.id),
+            )
+            if outbox is not None:
+                await self._db.execute(
+                    "INSERT INTO outbox (activation_id, op, next_at, created_at)"
+                    " VALUES (?,?,?,?)",
+                    (activation.id, outbox, now, now),
+                )
+            await self._db.commit()
+        activation.state = state
+        activation.updated_at = now
+        if not activation.is_open:
+            self._cache.pop(activation.id, None)
+            self._locks.pop(activation.id, None)
+
+    # ---- outbox -------------------------------------------------------------------------
+
+    async def enqueue(self, activation_id: int, op: str, now: float) -> None:
+        """Queue an upstream call to be retried until it succeeds."""
+        async with self._write:
+            await self._db.execute(
+                "INSERT INTO outbox (activation_id, op, next_at, created_at) VALUES (?,?,?,?)",
+                (activation_id, op, now, now),
+            )
+            await self._db.commit()
+
+    async def due_ops(self, now: float, limit: int = 50) -> list[OutboxOp]:
+        """Queued calls whose time has come."""
+        async with self._db.execute(
+            "SELECT id, activation_id, op, attempts FROM outbox"
+            " WHERE done=0 AND next_at<=? ORDER BY next_at LIMIT ?",
+            (now, limit),
+        ) as cur:
+            return [OutboxOp(*row) for row in await cur.fetchall()]
+
+    async def pending_ops(self) -> list[tuple[int, str, int, str]]:
+        """(activation id, op, attempts, last error) of every queued call not yet done."""
+        async with self._db.execute(
+            "SELECT activation_id, op, attempts, last_error FROM outbox WHERE done=0"
+            " ORDER BY id"
+        ) as cur:
+            return [tuple(row) for row in await cur.fetchall()]  # type: ignore[misc]
+
+    async def op_done(self, op_id: int) -> None:
+        """Mark a queued call as delivered."""
+        async with self._write:
+            await self._db.execute("UPDATE outbox SET done=1 WHERE id=?", (op_id,))
+            await self._db.commit()
+
+    async def op_failed(self, op_id: int, next_at: float, error: str) -> None:
+        """Reschedule a queued call after a failure."""
+        async with self._write:
+            await self._db.execute(
+                "UPDATE outbox SET attempts=attempts+1, next_at=?, last_error=? WHERE id=?",
+                (next_at, error[:200], op_id),
+            )
+            await self._db.commit()

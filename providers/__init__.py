@@ -1,0 +1,29 @@
+"""Registry of provider types: the config's ``type:`` -> Provider class."""
+
+from __future__ import annotations
+
+import importlib
+
+from compat_server.errors import ConfigError
+from providers.base import Provider
+
+# type name -> "module:Class"; imported on first use so one broken adapter cannot stop
+# the others from loading.
+PROVIDERS: dict[str, str] = {
+    "sandbox": "providers.sandbox:SandboxProvider",
+    "thuecodesim": "providers.thuecodesim:ThuecodesimProvider",
+    "smsman": "providers.smsman:SmsmanProvider",
+    "smspva": "providers.smspva:SmspvaProvider",
+}
+
+
+def get_provider_class(type_name: str) -> type[Provider]:
+    """The class registered for a config ``type:``; ConfigError lists the valid ones."""
+    try:
+        target = PROVIDERS[type_name]
+    except KeyError:
+        valid = ", ".join(sorted(PROVIDERS))
+        raise ConfigError(f"unknown provider type {type_name!r} (valid: {valid})") from None
+    module_name, _, class_name = target.partition(":")
+    cls: type[Provider] = getattr(importlib.import_module(module_name), class_name)
+    return cls

@@ -1,0 +1,208 @@
+"""A complete in-memory provider that needs no account (like libcloud's Dummy driver).
+
+Balance, stock and prices come from the config. After a purchase, a realistic SMS with a
+random code arrives ``sms_delay`` seconds later, and another one ``sms_delay`` seconds
+after each retry. Cancel refunds. Orders unknown after a restart are rebuilt from the
+stored activation, so a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from compat_server.errors import ConfigError, NoBalance, NoNumbers, UnknownService
+from providers.base import ActivationRef, Offer, Order, PollResult, Provider, Purchase, Sms
+
+DEFAULT_SERVICES: dict[str, tuple[str, str, int]] = {
+    # code: (name, price in the sandbox currency, stock)
+    "tg": ("Telegram", "18.00", 420),
+    "wa": ("WhatsApp", "25.00", 310),
+    "go": ("Google", "12.50", 880),
+    "fb": ("Facebook", "9.00", 640),
+    "ig": ("Instagram", "8.00", 515),
+    "vk": ("VK", "14.00", 120),
+    "ok": ("OK", "6.00", 95),
+    "mj": ("Zalo", "7.00", 230),
+    "ka": ("Shopee", "5.50", 190),
+    "lf": ("TikTok", "6.50", 270),
+    "tw": ("Twitter", "4.00", 150),
+    "ds": ("Discord", "5.00", 205),
+    "am": ("Amazon", "4.50", 160),
+    "mm": ("Microsoft", "3.00", 330),
+    "ot": ("Any other", "10.00", 999),
+}
+DIAL_CODES = {0: "7", 1: "380", 2: "7", 6: "62", 10: "84", 12: "1", 16: "44", 22: "91",
+              25: "856", 43: "49", 187: "1"}  # fmt: skip
+LOCAL_DIGITS = {0: 10, 2: 10, 10: 9, 25: 10, 12: 10, 187: 10, 16: 10, 22: 10}
+TEMPLATES = {
+    "tg": "Telegram code: {code}\n\nYou can also tap on this link to log in: t.me/login/{code}",
+    "wa": "Your WhatsApp code: {dash}\nDon't share this code with others",
+    "go": "G-{code} is your Google verification code.",
+    "fb": "{code} is your Facebook confirmation code",
+    "mj": "Ma xac thuc Zalo cua ban la {code}. Khong chia se ma nay voi bat ky ai.",
+    "ka": "[Shopee] Ma xac minh cua ban la {code}. Co hieu luc trong 15 phut.",
+}
+
+
+@dataclass
+class _Order:
+    upstream_id: str
+    service: str
+    price: Decimal
+    created: float
+    waits_from: float  # when the current wait for an SMS started
+    delivered: int = 0  # how many SMS have "arrived"
+    wanted: int = 1  # how many SMS the client has asked for so far
+    closed: bool = False
+    sms: list[Sms] = field(default_factory=list)
+
+
+class SandboxProvider(Provider):
+    """Everything from config, nothing from the network."""
+
+    type_name = "sandbox"
+    currency = "RUB"
+    default_poll_interval = 1.0
+    can_lookup = True
+
+    def __init__(self, name: str, options: Mapping[str, Any], *args: Any, **kwargs: Any) -> None:
+        super().__init__(name, options, *args, **kwargs)
+        self._currency = str(options.get("currency", "RUB")).upper()
+        self.sms_delay = _number(name, options, "sms_delay", 5.0)
+        self._balance = Decimal(str(_number(name, options, "balance", 1000.0)))
+        countries = options.get("countries", [0, 10, 25, 187])
+        if not isinstance(countries, list) or not all(isinstance(c, int) for c in countries):
+            raise ConfigError(f"providers.{name}.countries: must be a list of country ids")
+        self._countries = countries
+        self._services = _services(name, options.get("services"))
+        self._orders: dict[str, _Order] = {}
+
+    @classmethod
+    def native_currency(cls, options: Mapping[str, Any]) -> str:
+        """The sandbox is priced in its ``currency`` option (RUB by default)."""
+        return str(options.get("currency", "RUB")).upper()
+
+    async def balance(self) -> Decimal:
+        """The configured balance, minus purchases, plus refunds."""
+        return self._balance
+
+    async def buy(self, order: Order) -> Purchase:
+        """Sell a random number when the service exists, is in stock and affordable."""
+        if order.country not in self._countries or order.service not in self._services:
+            raise UnknownService(self.name, order.service)
+        _, price, stock = self._services[order.service]
+        if stock <= 0:
+            raise NoNumbers(self.name, order.service)
+        if order.max_price is not None and price > order.max_price:
+            raise NoNumbers(self.name, "price above maxPrice")
+        if self._balance < price:
+            raise NoBalance(self.name, "sandbox balance")
+        self._balance -= price
+        upstream_id = str(100_000_000 + secrets.randbelow(899_999_999))
+        now = self.clock()
+        self._orders[upstream_id] = _Order(upstream_id, order.service, price, now, now)
+        phone = self._phone(order)
+        operator = order.operators[0] if order.operators else "any"
+        return Purchase(upstream_id, phone, price, operator)
+
+    def _phone(self, order: Order) -> str:
+        prefix = DIAL_CODES.get(order.country, "1")
+        length = LOCAL_DIGITS.get(order.country, 9)
+        for _ in range(50):
+            phone = prefix + "".join(str(secrets.randbelow(10)) for _ in range(length))
+            if not any(phone.startswith(p) for p in order.exclude_prefixes):
+                return phone
+        raise NoNumbers(self.name, "every number excluded by phoneException")
+
+    def _order(self, ref: ActivationRef) -> _Order:
+        known = self._orders.get(ref.upstream_id)
+        if known is None:  # after a restart: rebuild from what the store kept
+            _, price, _ = self._services.get(ref.service, ("", Decimal(0), 0))
+            known = _Order(ref.upstream_id, ref.service, price, ref.created_at, ref.created_at)
+            self._orders[ref.upstream_id] = known
+        return known
+
+    async def poll(self, ref: ActivationRef) -> PollResult:
+        """SMS number n arrives ``sms_delay`` seconds after the n-th request for one."""
+        order = self._order(ref)
+        if not order.closed and order.delivered < order.wanted:
+            if self.clock() >= order.waits_from + self.sms_delay:
+                order.delivered += 1
+                order.sms.append(self._message(order))
+        return PollResult(tuple(order.sms), closed=order.closed)
+
+    def _message(self, order: _Order) -> Sms:
+        seed = hashlib.sha256(f"{order.upstream_id}:{order.delivered}".encode()).hexdigest()
+        code = str(100_000 + int(seed[:8], 16) % 900_000)
+        name = self._services.get(order.service, ("the service",))[0]
+        template = TEMPLATES.get(order.service, "Your {name} verification code is {code}")
+        text = template.format(code=code, dash=f"{code[:3]}-{code[3:]}", name=name)
+        return Sms(f"{order.upstream_id}:{order.delivered}", text, code, self.clock())
+
+    async def retry(self, ref: ActivationRef) -> Purchase | None:
+        """Another SMS will come ``sms_delay`` seconds from now."""
+        order = self._order(ref)
+        order.wanted = order.delivered + 1
+        order.waits_from = self.clock()
+        return None
+
+    async def finish(self, ref: ActivationRef) -> None:
+        """Close the order (idempotent)."""
+        self._order(ref).closed = True
+
+    async def cancel(self, ref: ActivationRef) -> None:
+        """Close the order and refund it if no SMS came (idempotent)."""
+        order = self._order(ref)
+        if not order.closed and not order.delivered:
+            self._balance += order.price
+        order.closed = True
+
+    async def catalog(self, country: int) -> list[Offer]:
+        """The configured services, in every configured country."""
+        if country not in self._countries:
+            return []
+        return [Offer(code, price, stock) for code, (_, price, stock) in self._services.items()]
+
+    def countries(self) -> list[int]:
+        """The configured countries."""
+        return list(self._countries)
+
+    async def lookup_purchases(self, order: Order, since: float) -> list[Purchase]:
+        """Open sandbox orders for the service made since ``since``."""
+        return [
+            Purchase(o.upstream_id, "", o.price)
+            for o in self._orders.values()
+            if o.service == order.service and o.created >= since and not o.closed
+        ]
+
+
+def _number(name: str, options: Mapping[str, Any], key: str, default: float) -> float:
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"providers.{name}.{key}: must be a non-negative number")
+    return float(value)
+
+
+def _services(name: str, raw: Any) -> dict[str, tuple[str, Decimal, int]]:
+    if raw is None:
+        return {c: (n, Decimal(p), s) for c, (n, p, s) in DEFAULT_SERVICES.items()}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"providers.{name}.services: must map codes to {{price, count}}")
+    result = {}
+    for code, spec in raw.items():
+        where = f"providers.{name}.services.{code}"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: must be a mapping with price and count")
+        try:
+            price = Decimal(str(spec.get("price", 10)))
+            count = int(spec.get("count", 100))
+        except (ArithmeticError, ValueError, TypeError):
+            raise ConfigError(f"{where}: price and count must be numbers") from None
+        default_name = DEFAULT_SERVICES.get(str(code), (str(code),))[0]
+        result[str(code)] = (str(spec.get("name", default_name)), price, count)
+    return result
