@@ -1,0 +1,99 @@
+"""Shared fixtures: a steppable clock, sandbox configs, the app under test."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from compat_server.app import ENGINE, create_app
+from compat_server.config import Config, parse_config
+from compat_server.engine import Engine
+
+API = "/stubs/handler_api.php"
+KEY = "test-key-0123456789abcdef01234567"
+OTHER_KEY = "other-key-0123456789abcdef0123456"
+T0 = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC
+
+
+class FakeClock:
+    """A wall clock that only moves when a test says so."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def sandbox_raw(store_path: str, **sections: Any) -> dict[str, Any]:
+    """A config mapping on the sandbox; keyword sections replace the defaults."""
+    raw: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "store": {"path": store_path},
+        "activation": {"lifetime": 1200, "early_cancel": 0},
+        "keys": [
+            {"key": KEY, "alias": "tester", "providers": ["sandbox"]},
+            {"key": OTHER_KEY, "alias": "other", "providers": ["sandbox"]},
+        ],
+        "providers": {
+            "sandbox": {"type": "sandbox", "sms_delay": 5, "balance": 1000, "poll_interval": 1}
+        },
+    }
+    raw.update(copy.deepcopy(sections))
+    return raw
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> str:
+    return str(tmp_path / "store.sqlite3")
+
+
+@pytest.fixture
+def config(store_path: str) -> Config:
+    return parse_config(sandbox_raw(store_path))
+
+
+StartApp = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def start_app(aiohttp_client: Any, clock: FakeClock) -> StartApp:
+    """Start the app for a config (background loops off: tests step them)."""
+
+    async def start(config: Config, **kwargs: Any) -> TestClient:
+        kwargs.setdefault("clock", clock)
+        kwargs.setdefault("background", False)
+        client: TestClient = await aiohttp_client(create_app(config, **kwargs))
+        return client
+
+    return start
+
+
+@pytest.fixture
+async def api(start_app: StartApp, config: Config) -> TestClient:
+    return await start_app(config)
+
+
+def engine_of(client: TestClient) -> Engine:
+    """The engine behind a test client."""
+    return client.server.app[ENGINE]
+
+
+async def call(client: TestClient, **params: Any) -> tuple[int, str, str]:
+    """GET the dialect endpoint: (status, content type, body)."""
+    params.setdefault("api_key", KEY)
+    resp = await client.get(API, params={k: str(v) for k, v in params.items()})
+    return resp.status, resp.content_type, await resp.text()
