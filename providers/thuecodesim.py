@@ -1,0 +1,586 @@
+"""thuecodesim.com: Vietnamese and Lao SIMs, one paid request per SMS session.
+
+The API (``seeds/thuecodesim-api.vi.txt``) answers every GET with the envelope
+``{"status_code", "success", "message", "data"}``. The numeric ``status_code`` values
+were lost from the documentation, so this adapter branches only on ``success`` and
+classifies failures by the meaning of ``message`` (Vietnamese or English), with a
+default branch. There is no cancel and no "next SMS" endpoint: finish and cancel are
+local, and a retry is either a new paid re-rent of the same number or nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from importlib import resources
+from typing import Any, ClassVar
+
+import httpx
+
+from compat_server.errors import (
+    ConfigError,
+    NoBalance,
+    NoNumbers,
+    ProviderError,
+    UnknownService,
+    UpstreamAuth,
+    UpstreamUncertain,
+    UpstreamUnreachable,
+)
+from providers.base import (
+    ActivationRef,
+    Clock,
+    Offer,
+    Order,
+    PollResult,
+    Provider,
+    Purchase,
+    Sms,
+    as_bool,
+    as_decimal,
+    as_int,
+    as_text,
+    digits,
+    require_option,
+)
+from providers.otp import extract_code
+
+VIETNAM_TZ = timezone(timedelta(hours=7))
+DEFAULT_BASE_URL = "https://api.thuecodesim.com"
+LOOKUP_SLACK = 120.0  # seconds of clock skew tolerated when matching history items
+HISTORY_LIMIT = 50
+
+_TIME = re.compile(
+    r"^\s*(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}(?::\d{2})?)(?:\.(\d+))?"
+    r"\s*(Z|[+-]\d{2}:?\d{2})?\s*$"
+)
+
+# Failure meanings documented for the envelope, as hints over the folded (lower-case,
+# diacritic-free) message. Checked in this order; anything else takes the default.
+_AUTH_HINTS = re.compile(r"xac thuc|\btoken\b|\bauth|unauthori[sz]ed|\bjwt\b")
+_BALANCE_HINTS = re.compile(
+    r"\bso du\b|\bbalance\b|\bkhong du tien\b|\bnap (?:them )?tien|\bfunds?\b"
+    r"|\bmoney\b"
+)
+_STOCK_HINTS = re.compile(
+    r"\bhet\b|\bkho so\b|\blimit\b|\btoi da\b|\bstock\b|\bout of\b|\bno numbers?\b"
+)
+_SERVICE_HINTS = re.compile(
+    r"\bung dung\b|\bkhong ton tai\b|\btam ngung\b|\bservice\b|\bdich vu\b"
+)
+
+
+def fold(text: str) -> str:
+    """Lower-case ``text`` and drop Vietnamese diacritics ("Số dư" -> "so du")."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold().replace("đ", "d"))
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
+def name_key(name: str) -> str:
+    """The matching key of a service name: folded, letters and digits only."""
+    return "".join(ch for ch in fold(name) if ch.isalnum())
+
+
+def parse_created_time(value: Any) -> float | None:
+    """A thuecodesim timestamp (Vietnam time unless zoned) -> epoch seconds, or None."""
+    match = _TIME.match(as_text(value))
+    if match is None:
+        return None
+    day, clock, fraction, zone = match.groups()
+    text = f"{day}T{clock}"
+    if fraction:
+        text += "." + fraction[:6].ljust(6, "0")
+    if zone:
+        text += "+00:00" if zone == "Z" else zone
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=VIETNAM_TZ)
+    return moment.timestamp()
+
+
+@dataclass(frozen=True)
+class CountrySpec:
+    """How one sms-activate country is spelled upstream."""
+
+    key: str  # "vn" | "la"
+    iso: str  # "VN" | "LA"
+    dial: str  # "84" | "856"
+    prefix_filter: bool  # exceptPrefix is honoured (Vietnam only)
+    operators: Mapping[str, str]  # sms-activate name -> upstream network
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One service of the upstream catalogue of a country."""
+
+    id: str
+    name: str
+    price: Decimal
+
+
+def load_tables() -> tuple[dict[int, CountrySpec], dict[str, tuple[str, ...]]]:
+    """The shipped countries and service-alias tables (``data/thuecodesim.json``)."""
+    raw = json.loads(
+        resources.files("providers")
+        .joinpath("data/thuecodesim.json")
+        .read_text("utf-8")
+    )
+    countries = {
+        int(country): CountrySpec(
+            key=spec["key"],
+            iso=spec["iso"],
+            dial=spec["dial"],
+            prefix_filter=bool(spec["prefix_filter"]),
+            operators=dict(spec["operators"]),
+        )
+        for country, spec in raw["countries"].items()
+    }
+    services = {code: tuple(names) for code, names in raw["services"].items()}
+    return countries, services
+
+
+COUNTRIES, SERVICES = load_tables()
+
+
+class ThuecodesimProvider(Provider):
+    """thuecodesim.com through its v2 GET API; VND prices, charged at request time."""
+
+    type_name: ClassVar[str] = "thuecodesim"
+    currency: ClassVar[str] = "VND"
+    secret_fields: ClassVar[tuple[str, ...]] = ("token",)
+    can_lookup: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        name: str,
+        options: Mapping[str, Any],
+        http: httpx.AsyncClient,
+        clock: Clock = time.time,
+    ) -> None:
+        for key in ("poll_interval", "min_interval"):
+            if key in options:
+                _number_option(name, options, key, 0.0)
+        super().__init__(name, options, http, clock)
+        self.token = require_option(name, options, "token")
+        base_url = options.get("base_url", DEFAULT_BASE_URL)
+        if not isinstance(base_url, str) or not re.match(r"^https?://\S+$", base_url):
+            raise ConfigError(f"providers.{name}.base_url: must be an http(s) URL")
+        self.base_url = base_url.rstrip("/")
+        self.rerent_on_retry = _bool_option(name, options, "rerent_on_retry", False)
+        self.catalog_ttl = _number_option(name, options, "catalog_ttl", 60.0)
+        stock = _number_option(name, options, "nominal_stock", 100)
+        if stock != int(stock):
+            raise ConfigError(f"providers.{name}.nominal_stock: must be an integer")
+        self.nominal_stock = int(stock)
+        self._aliases = _alias_table(name, options.get("services"))
+        self._catalogs: dict[str, tuple[float, list[Entry]]] = {}
+
+    # ---- facts ---------------------------------------------------------------------
+
+    def countries(self) -> list[int]:
+        """Vietnam (10) and Laos (25)."""
+        return sorted(COUNTRIES)
+
+    def operators(self, country: int) -> list[str]:
+        """The sms-activate operator names selectable in Vietnam or Laos."""
+        spec = COUNTRIES.get(country)
+        return list(spec.operators) if spec else []
+
+    # ---- operations ----------------------------------------------------------------
+
+    async def balance(self) -> Decimal:
+        """``/users/balance``; UpstreamAuth on a rejected token."""
+        data = await self._call("/users/balance", {})
+        value = as_decimal(data.get("balance") if isinstance(data, dict) else None)
+        if value is None:
+            raise UpstreamUncertain(self.name, "balance missing from the answer")
+        return value
+
+    async def buy(self, order: Order) -> Purchase:
+        """One paid ``/request/getv2``; failures are classified as Provider.buy says."""
+        spec = self._country(order.country)
+        entry = await self._entry_before_buying(spec, order.service)
+        if order.max_price is not None and entry.price > order.max_price:
+            raise NoNumbers(self.name, f"price {entry.price} above {order.max_price}")
+        params = {"serviceId": entry.id, "country": spec.key}
+        networks = self._networks(spec, order.operators)
+        if networks:
+            params["network"] = (
+                networks[0] if len(networks) == 1 else "|".join(networks) + "|"
+            )
+        except_prefix = self._except_prefix(spec, order.exclude_prefixes)
+        if except_prefix:
+            params["exceptPrefix"] = except_prefix
+        operator = "any"
+        if len(networks) == 1:
+            operator = next(k for k, v in spec.operators.items() if v == networks[0])
+        return await self._request(spec, entry, params, operator)
+
+    async def poll(self, ref: ActivationRef) -> PollResult:
+        """``/session/getv2``; a failure raises UpstreamUncertain (state unchanged)."""
+        try:
+            data = await self._call("/session/getv2", {"requestId": ref.upstream_id})
+        except UpstreamAuth as exc:
+            # Even a refused token says nothing about the order: keep its state.
+            raise UpstreamUncertain(self.name, exc.detail) from exc
+        if not isinstance(data, dict):
+            raise UpstreamUncertain(self.name, "session answer has no data")
+        # ``ID`` is documented as the request id, but the seed's sample shows another
+        # number: it is not compared, so a wrong guess cannot stall every poll.
+        status = as_int(data.get("Status"))
+        if status == 0:
+            return PollResult()
+        if status == 2:
+            return PollResult(closed=True)
+        if status != 1:
+            raise UpstreamUncertain(self.name, f"unknown session Status {status!r}")
+        text = as_text(data.get("SmsContent"))
+        code = as_text(data.get("Code"))
+        if not code and text and not as_bool(data.get("IsSound")):
+            code = extract_code(text) or ""
+        if not code:
+            # Done upstream but nothing usable: let the local deadline decide.
+            return PollResult()
+        received_at = parse_created_time(data.get("CreatedTime"))
+        sms = Sms(
+            uid=f"{ref.upstream_id}:{code}",
+            text=text,
+            code=code,
+            received_at=self.clock() if received_at is None else received_at,
+        )
+        return PollResult(messages=(sms,))
+
+    async def retry(self, ref: ActivationRef) -> Purchase | None:
+        """A new paid re-rent of the same number when ``rerent_on_retry``; else None."""
+        if not self.rerent_on_retry:
+            return None
+        spec = self._country(ref.country)
+        service_id = ref.extra.get("service_id", "")
+        entries = await self._catalog_before_buying(spec)
+        entry = next((e for e in entries if e.id == service_id), None)
+        if entry is None:
+            entry = self._pick(entries, ref.service)
+        number = ref.extra.get("rerent") or ref.phone
+        params = {"serviceId": entry.id, "country": spec.key, "number": number}
+        return await self._request(spec, entry, params, "any")
+
+    async def finish(self, ref: ActivationRef) -> None:
+        """Nothing to tell upstream: a session ends by itself."""
+
+    async def cancel(self, ref: ActivationRef) -> None:
+        """Nothing to tell upstream: there is no cancel endpoint, nor a known refund."""
+
+    async def catalog(self, country: int) -> list[Offer]:
+        """Every upstream service with an sms-activate code, at a nominal stock."""
+        spec = COUNTRIES.get(country)
+        if spec is None:
+            return []
+        entries = await self._entries(spec)
+        chosen: dict[str, Entry] = {}
+        for entry in entries:
+            code = self._aliases.get(name_key(entry.name))
+            if code is not None and code not in chosen:
+                chosen[code] = self._pick(entries, code)
+        return [
+            Offer(service=code, price=entry.price, count=self.nominal_stock)
+            for code, entry in chosen.items()
+        ]
+
+    async def lookup_purchases(self, order: Order, since: float) -> list[Purchase]:
+        """History sessions of this service created since ``since`` (minus slack)."""
+        spec = COUNTRIES.get(order.country)
+        if spec is None:
+            return []
+        entries = await self._entries(spec)
+        try:
+            entry = self._pick(entries, order.service)
+        except UnknownService:
+            return []
+        start = since - LOOKUP_SLACK
+        params = {
+            "service": entry.id,
+            "limit": str(HISTORY_LIMIT),
+            "fromDate": _vietnam_day(start).isoformat(),
+            "toDate": _vietnam_day(max(self.clock(), since)).isoformat(),
+        }
+        data = await self._call("/session/historyv2", params)
+        items = list(data.values()) if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise UpstreamUncertain(self.name, "history answer is not a list")
+        found: list[Purchase] = []
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            created = parse_created_time(item.get("CreatedTime"))
+            upstream_id = as_text(item.get("ID"))
+            if created is None or created < start or not upstream_id:
+                continue
+            if as_text(item.get("ServiceID")) not in ("", entry.id):
+                continue
+            if as_text(item.get("CountryISO")).upper() not in ("", spec.iso):
+                continue
+            original = as_text(item.get("PhoneOriginal"))
+            phone = self._international(
+                spec, original or item.get("Phone"), item.get("CountryCode")
+            )
+            if not phone:
+                continue
+            found.append(
+                Purchase(
+                    upstream_id=upstream_id,
+                    phone=phone,
+                    price=as_decimal(item.get("Price")) or entry.price,
+                    extra={
+                        "rerent": original or phone,
+                        "country": spec.key,
+                        "service_id": entry.id,
+                    },
+                )
+            )
+        return found
+
+    # ---- helpers -------------------------------------------------------------------
+
+    def _country(self, country: int) -> CountrySpec:
+        """The upstream spelling of a country, or UnknownService."""
+        spec = COUNTRIES.get(country)
+        if spec is None:
+            raise UnknownService(self.name, f"country {country} not served")
+        return spec
+
+    async def _call(
+        self, path: str, params: Mapping[str, str], *, purchase: bool = False
+    ) -> Any:
+        """GET one endpoint; the envelope's ``data`` on success, else a ProviderError.
+
+        A failure envelope raises UpstreamAuth when the token was refused; otherwise
+        the class its message suggests (NoNumbers by default) for a purchase, and
+        UpstreamUncertain for any other call. A body that is not an envelope raises
+        UpstreamUncertain, whatever the HTTP status.
+        """
+        _, body = await self._request_json(
+            "GET", self.base_url + path, params={**params, "token": self.token}
+        )
+        if not isinstance(body, dict) or "success" not in body:
+            raise UpstreamUncertain(self.name, f"{path}: answer is not an envelope")
+        if as_bool(body["success"]):
+            return body.get("data")
+        message = as_text(body.get("message")) or "no message"
+        error = classify_failure(message)
+        if error is not UpstreamAuth and not purchase:
+            error = UpstreamUncertain
+        raise error(self.name, f"{path}: {message}")
+
+    async def _entries(self, spec: CountrySpec) -> list[Entry]:
+        """The catalogue of a country, fetched at most once per ``catalog_ttl``."""
+        now = self.clock()
+        cached = self._catalogs.get(spec.key)
+        if cached is not None and now - cached[0] < self.catalog_ttl:
+            return cached[1]
+        data = await self._call("/service/getv2", {"country": spec.key})
+        rows = list(data.values()) if isinstance(data, dict) else data
+        if not isinstance(rows, list):
+            raise UpstreamUncertain(self.name, "service list is not a list")
+        entries = []
+        for row in rows:
+            if not isinstance(row, dict):
+                continue
+            service_id, price = as_text(row.get("id")), as_decimal(row.get("price"))
+            if service_id and price is not None:
+                entries.append(Entry(service_id, as_text(row.get("name")), price))
+        self._catalogs[spec.key] = (now, entries)
+        return entries
+
+    async def _catalog_before_buying(self, spec: CountrySpec) -> list[Entry]:
+        """The catalogue, where any failure means nothing was bought yet."""
+        try:
+            return await self._entries(spec)
+        except (UpstreamAuth, UpstreamUnreachable):
+            raise
+        except UpstreamUncertain as exc:
+            # Only the read-only service list failed: the purchase was never sent.
+            raise UpstreamUnreachable(self.name, f"service list: {exc.detail}") from exc
+
+    async def _entry_before_buying(self, spec: CountrySpec, code: str) -> Entry:
+        """The upstream service to buy for a code; UnknownService if not sold."""
+        if code not in self._aliases.values():
+            raise UnknownService(self.name, f"service {code!r} has no thuecodesim name")
+        return self._pick(await self._catalog_before_buying(spec), code)
+
+    def _pick(self, entries: list[Entry], code: str) -> Entry:
+        """The entry for a code, earliest alias first; UnknownService if none."""
+        keys = [key for key, owner in self._aliases.items() if owner == code]
+        ranks = {key: rank for rank, key in enumerate(keys)}
+        best: tuple[int, Entry] | None = None
+        for entry in entries:
+            rank = ranks.get(name_key(entry.name))
+            if rank is not None and (best is None or rank < best[0]):
+                best = (rank, entry)
+        if best is None:
+            raise UnknownService(self.name, f"service {code!r} not on sale")
+        return best[1]
+
+    async def _request(
+        self, spec: CountrySpec, entry: Entry, params: dict[str, str], operator: str
+    ) -> Purchase:
+        """Send one paid ``/request/getv2`` and read the number it sold."""
+        try:
+            data = await self._call("/request/getv2", params, purchase=True)
+        except UnknownService:
+            self._catalogs.pop(spec.key, None)  # the id may be stale
+            raise
+        if not isinstance(data, dict):
+            raise UpstreamUncertain(self.name, "success without data")
+        request_id = as_text(data.get("request_id"))
+        rerent = as_text(data.get("re_phone_number"))
+        phone = self._international(spec, rerent, data.get("countryCode"))
+        if not phone:
+            phone = self._international(
+                spec, data.get("phone_number"), data.get("countryCode")
+            )
+        if not request_id or not phone:
+            raise UpstreamUncertain(self.name, "success without request_id or number")
+        return Purchase(
+            upstream_id=request_id,
+            phone=phone,
+            price=entry.price,
+            operator=operator,
+            extra={
+                "rerent": rerent or phone,
+                "country": spec.key,
+                "service_id": entry.id,
+            },
+        )
+
+    def _networks(self, spec: CountrySpec, operators: tuple[str, ...]) -> list[str]:
+        """Upstream networks to ask for ([] = any); NoNumbers for one not sold here."""
+        names: list[str] = []
+        for operator in operators:
+            wanted = operator.strip().lower()
+            if wanted in ("", "any"):
+                return []
+            network = spec.operators.get(wanted)
+            if network is None and wanted.upper() in spec.operators.values():
+                network = wanted.upper()
+            if network is None:
+                raise NoNumbers(self.name, f"no {operator!r} numbers in {spec.iso}")
+            if network not in names:
+                names.append(network)
+        return names
+
+    def _except_prefix(self, spec: CountrySpec, prefixes: tuple[str, ...]) -> str:
+        """International prefixes ("8490") -> local ``exceptPrefix`` ("90|")."""
+        if not spec.prefix_filter:
+            return ""
+        local: list[str] = []
+        for prefix in prefixes:
+            number = digits(prefix)
+            if number.startswith(spec.dial):
+                number = number[len(spec.dial) :]
+            elif number.startswith("0"):
+                number = number[1:]
+            else:
+                continue  # another country's prefix never matches this number
+            if number and number not in local:
+                local.append(number)
+        return "".join(f"{number}|" for number in local)
+
+    def _international(self, spec: CountrySpec, raw: Any, dial_hint: Any) -> str:
+        """Any upstream form of a number (9 digits, 0…, 84…) -> international digits."""
+        number = digits(raw)
+        if not number:
+            return ""
+        dial = digits(dial_hint) or spec.dial
+        if number.startswith(dial) and len(number) >= len(dial) + 8:
+            return number
+        if number.startswith("0"):
+            number = number[1:]
+        return dial + number
+
+
+def classify_failure(message: str) -> type[ProviderError]:
+    """The error class a failure envelope's message means; NoNumbers when unclear."""
+    folded = fold(message)
+    if _AUTH_HINTS.search(folded):
+        return UpstreamAuth
+    if _BALANCE_HINTS.search(folded):
+        return NoBalance
+    if _STOCK_HINTS.search(folded):
+        return NoNumbers
+    if _SERVICE_HINTS.search(folded):
+        return UnknownService
+    return NoNumbers
+
+
+def _vietnam_day(moment: float) -> date:
+    """The calendar day in Vietnam at an epoch time."""
+    return datetime.fromtimestamp(moment, VIETNAM_TZ).date()
+
+
+def _number_option(
+    name: str, options: Mapping[str, Any], key: str, default: float
+) -> float:
+    """A non-negative number option, or ConfigError naming the place."""
+    value = options.get(key, default)
+    number = as_decimal(value)
+    if number is None or number < 0:
+        raise ConfigError(f"providers.{name}.{key}: must be a number >= 0: {value!r}")
+    return float(number)
+
+
+def _bool_option(
+    name: str, options: Mapping[str, Any], key: str, default: bool
+) -> bool:
+    """A boolean option (true/false, also as text), or ConfigError naming the place."""
+    value = options.get(key, default)
+    if isinstance(value, bool):
+        return value
+    text = as_text(value).lower()
+    if text in {"true", "yes", "on", "1"}:
+        return True
+    if text in {"false", "no", "off", "0"}:
+        return False
+    raise ConfigError(f"providers.{name}.{key}: must be true or false, got {value!r}")
+
+
+def _alias_table(name: str, overrides: Any) -> dict[str, str]:
+    """Name key -> sms-activate code: the shipped table, then the ``services`` option.
+
+    An override replaces every name of its code and wins over other codes' names; a
+    null or empty override removes the code.
+    """
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"providers.{name}.services: must be a mapping code -> name")
+    replaced: dict[str, tuple[str, ...]] = {}
+    for code, names in overrides.items():
+        if not isinstance(code, str) or not re.fullmatch(r"[a-z0-9_]+", code):
+            raise ConfigError(f"providers.{name}.services: bad service code {code!r}")
+        listed = [] if names is None else [names] if isinstance(names, str) else names
+        if not isinstance(listed, list) or not all(
+            isinstance(n, str) and name_key(n) for n in listed
+        ):
+            raise ConfigError(
+                f"providers.{name}.services.{code}: must be a name or a list of names"
+            )
+        replaced[code] = tuple(listed)
+    aliases: dict[str, str] = {}
+    for code, names in SERVICES.items():
+        if code not in replaced:
+            for alias in names:
+                aliases.setdefault(name_key(alias), code)
+    for code, names in replaced.items():
+        for alias in names:
+            aliases.pop(name_key(alias), None)  # re-insert: keeps the listed order
+            aliases[name_key(alias)] = code
+    return aliases

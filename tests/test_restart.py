@@ -1,0 +1,63 @@
+"""Activations survive a restart of the server on the same database file."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from compat_server.config import parse_config
+from compat_server.store import SCHEMA_VERSION, Store
+from tests.conftest import FakeClock, StartApp, call, engine_of, sandbox_raw
+
+
+async def test_activation_survives_restart(start_app: StartApp, store_path: str, clock: FakeClock) -> None:
+    config = parse_config(sandbox_raw(store_path))
+    first = await start_app(config)
+    _, _, body = await call(first, action="getNumber", service="tg", country=10)
+    _, ident, phone = body.split(":")
+    _, _, second_body = await call(first, action="getNumber", service="wa", country=0)
+    assert await call(first, action="setStatus", id=second_body.split(":")[1], status=8) == (
+        200, "text/plain", "ACCESS_CANCEL",
+    )  # fmt: skip
+    await first.close()
+
+    again = await start_app(config)
+    assert await call(again, action="getStatus", id=ident) == (200, "text/plain", "STATUS_WAIT_CODE")
+    assert await call(again, action="getStatus", id=second_body.split(":")[1]) == (
+        200, "text/plain", "STATUS_CANCEL",
+    )  # fmt: skip
+    clock.advance(6)
+    _, _, body = await call(again, action="getStatus", id=ident)
+    stored = await engine_of(again).store.get(int(ident))
+    assert stored is not None and stored.phone == phone
+    assert body == f"STATUS_OK:{stored.code}"
+    assert await call(again, action="setStatus", id=ident, status=6) == (
+        200, "text/plain", "ACCESS_ACTIVATION",
+    )  # fmt: skip
+    # ids are never reused, even after a restart
+    _, _, body = await call(again, action="getNumber", service="tg", country=10)
+    assert body.split(":")[1] == str(int(ident) + 2)
+
+
+async def test_purchase_is_committed_before_the_answer(start_app: StartApp, store_path: str) -> None:
+    client = await start_app(parse_config(sandbox_raw(store_path)))
+    _, _, body = await call(client, action="getNumber", service="tg", country=10)
+    _, ident, phone = body.split(":")
+    # a second, independent connection sees the row: it is on disk, not only in memory
+    with sqlite3.connect(store_path) as db:
+        row = db.execute(
+            "SELECT phone, state, key_id FROM activations WHERE id=?", (int(ident),)
+        ).fetchone()
+        attempt = db.execute("SELECT state, activation_id FROM purchases").fetchone()
+    assert row[0:2] == (phone, "wait_code") and len(row[2]) == 16
+    assert attempt == ("confirmed", int(ident))
+
+
+async def test_schema_version_is_recorded(store_path: str) -> None:
+    store = await Store.open(store_path)
+    try:
+        assert await store.schema_version() == SCHEMA_VERSION == 1
+    finally:
+        await store.close()
+    with sqlite3.connect(store_path) as db:
+        assert db.execute("SELECT value FROM meta WHERE name='version'").fetchone() == ("1",)
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
