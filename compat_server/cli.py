@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 from decimal import Decimal
 
 from aiohttp import web
@@ -65,35 +66,61 @@ def serve_forever(config: Config, host: str | None, port: int | None, level: str
 
 
 async def ping(config: Config) -> int:
-    """One line per provider: reachable, token accepted, balance; exit 1 if any fails."""
+    """One line per provider: reachable, token accepted, balance; exit 1 if any fails.
+
+    The circuit state shown is the one the server last recorded in its store.
+    """
     from compat_server.app import build_providers, make_http_client, quiet_secret_loggers
-    from compat_server.routing import Breaker, Prices
+    from compat_server.routing import Prices
 
     quiet_secret_loggers()
+    circuits = recorded_circuits(config.store_path)
     failed = 0
     async with make_http_client(config) as http:
-        providers = build_providers(config, http, __import__("time").time)
+        providers = build_providers(config, http, time.time)
         prices = Prices(config, providers)
         for name, provider in providers.items():
             native = type(provider).native_currency(provider.options)
-            breaker = Breaker(name, config.breaker_failures, config.breaker_cooldown,
-                              __import__("time").time)  # fmt: skip
+            circuit = circuits.get(name, "closed")
             try:
                 amount: Decimal = await provider.balance()
             except UpstreamAuth:
                 failed += 1
-                print(f"{name}: reachable, TOKEN REJECTED (fix providers.{name}), circuit {breaker.state}")
+                print(f"{name}: reachable, TOKEN REJECTED (fix providers.{name}),"
+                      f" circuit {circuit}")  # fmt: skip
                 continue
             except ProviderError as exc:
                 failed += 1
-                print(f"{name}: UNREACHABLE ({type(exc).__name__}: {exc.detail}), circuit {breaker.state}")
+                print(f"{name}: UNREACHABLE ({type(exc).__name__}: {exc.detail}),"
+                      f" circuit {circuit}")  # fmt: skip
                 continue
             shown = (amount * prices.balance_factor(name)).quantize(Decimal("0.01"))
             print(
                 f"{name}: reachable, token accepted, balance {amount} {native}"
-                f" = {shown} {config.currency}, circuit {breaker.state}"
+                f" = {shown} {config.currency}, circuit {circuit}"
             )
     return 1 if failed else 0
+
+
+def recorded_circuits(store_path: str) -> dict[str, str]:
+    """provider -> "open since 12:00:00 after 5 failures" as the server last saw it."""
+    import sqlite3
+    from pathlib import Path
+
+    if not Path(store_path).exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=2) as db:
+            rows = db.execute("SELECT provider, state, failures, changed_at FROM health").fetchall()
+    except sqlite3.Error:
+        return {}
+    result = {}
+    for provider, state, failures, changed_at in rows:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(changed_at))
+        result[provider] = f"{state} since {since}" + (
+            f" after {failures} failures" if state != "closed" else ""
+        )
+    return result
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from compat_server.errors import (
     UpstreamUncertain,
     UpstreamUnreachable,
 )
-from compat_server.routing import Prices, Router, Upstreams
+from compat_server.routing import Breaker, Prices, Router, Upstreams
 from compat_server.store import (
     CANCELLED,
     CODE,
@@ -109,7 +109,8 @@ class Engine:
         self.config = config
         self.store = store
         self.clock = clock
-        self.upstreams = Upstreams(config, providers, clock)
+        self.upstreams = Upstreams(config, providers, clock, self._breaker_changed)
+        self._background: set[asyncio.Future[None]] = set()
         self.prices = Prices(config, providers)
         self.catalog = TtlCache(config.catalog_ttl, clock)
         self.balances = TtlCache(min(config.catalog_ttl, 5.0), clock)
@@ -426,6 +427,14 @@ class Engine:
                 self._outbox_wake.clear()
             else:
                 await asyncio.sleep(interval)
+
+    def _breaker_changed(self, breaker: Breaker) -> None:
+        """Persist a circuit change so ``check-config --ping`` can show it."""
+        future = asyncio.ensure_future(
+            self.store.save_health(breaker.name, breaker.state, breaker.failures, self.clock())
+        )
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
 
     def health(self) -> dict[str, str]:
         """Circuit state per provider."""

@@ -37,8 +37,16 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 class Breaker:
     """Circuit breaker: ``failures`` in a row open it for ``cooldown`` s; one probe decides."""
 
-    def __init__(self, name: str, failures: int, cooldown: float, clock: Clock) -> None:
+    def __init__(
+        self,
+        name: str,
+        failures: int,
+        cooldown: float,
+        clock: Clock,
+        on_change: Callable[[Breaker], None] | None = None,
+    ) -> None:
         self.name = name
+        self.on_change = on_change
         self.threshold = max(1, failures)
         self.cooldown = cooldown
         self.clock = clock
@@ -76,16 +84,25 @@ class Breaker:
     def _set(self, state: str) -> None:
         log.warning("provider=%s circuit %s -> %s", self.name, self.state, state)
         self.state = state
+        if self.on_change is not None:
+            self.on_change(self)
 
 
 class Upstreams:
     """The providers, each behind its breaker; every call is timed and logged."""
 
-    def __init__(self, config: Config, providers: Mapping[str, Provider], clock: Clock) -> None:
+    def __init__(
+        self,
+        config: Config,
+        providers: Mapping[str, Provider],
+        clock: Clock,
+        on_change: Callable[[Breaker], None] | None = None,
+    ) -> None:
         self.config = config
         self.providers = dict(providers)
         self.breakers = {
-            name: Breaker(name, config.breaker_failures, config.breaker_cooldown, clock)
+            name: Breaker(name, config.breaker_failures, config.breaker_cooldown, clock,
+                          on_change)  # fmt: skip
             for name in providers
         }
 

@@ -19,7 +19,7 @@ import aiosqlite
 
 from providers.base import ActivationRef, Order, Purchase, Sms
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FIRST_ID = 100_000  # ids look like real ones and stay far below 2**31
 MAX_ID = 2**31 - 1
 
@@ -90,6 +90,14 @@ MIGRATIONS: dict[int, str] = {
         created_at REAL NOT NULL
     );
     CREATE INDEX outbox_due ON outbox(done, next_at);
+    """,
+    2: """
+    CREATE TABLE health (
+        provider TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        failures INTEGER NOT NULL,
+        changed_at REAL NOT NULL
+    );
     """,
 }
 
@@ -468,6 +476,18 @@ class Store:
         if not activation.is_open:
             self._cache.pop(activation.id, None)
             self._locks.pop(activation.id, None)
+
+    # ---- provider health ----------------------------------------------------------------
+
+    async def save_health(self, provider: str, state: str, failures: int, now: float) -> None:
+        """Record a circuit-breaker state change (read by ``check-config --ping``)."""
+        async with self._write:
+            await self._db.execute(
+                "INSERT OR REPLACE INTO health (provider, state, failures, changed_at)"
+                " VALUES (?,?,?,?)",
+                (provider, state, failures, now),
+            )
+            await self._db.commit()
 
     # ---- outbox -------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from compat_server.config import parse_config
-from compat_server.store import SCHEMA_VERSION, Store
+from compat_server.store import MIGRATIONS, SCHEMA_VERSION, Store
 from tests.conftest import FakeClock, StartApp, call, engine_of, sandbox_raw
 
 
@@ -55,9 +55,32 @@ async def test_purchase_is_committed_before_the_answer(start_app: StartApp, stor
 async def test_schema_version_is_recorded(store_path: str) -> None:
     store = await Store.open(store_path)
     try:
-        assert await store.schema_version() == SCHEMA_VERSION == 1
+        assert await store.schema_version() == SCHEMA_VERSION == 2
     finally:
         await store.close()
     with sqlite3.connect(store_path) as db:
-        assert db.execute("SELECT value FROM meta WHERE name='version'").fetchone() == ("1",)
+        assert db.execute("SELECT value FROM meta WHERE name='version'").fetchone() == ("2",)
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+async def test_version_1_database_is_migrated(store_path: str) -> None:
+    with sqlite3.connect(store_path) as db:
+        db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.executescript(MIGRATIONS[1])
+        db.execute("INSERT INTO meta VALUES ('version', '1')")
+        db.execute(
+            "INSERT INTO activations (id, key_id, provider, upstream_id, phone, service, country,"
+            " operator, price, currency, cost, state, created_at, updated_at, expires_at)"
+            " VALUES (100000, 'k', 'sandbox', 'u1', '84900000000', 'tg', 10, 'any', '18', 'RUB',"
+            " '18', 'wait_code', 1, 1, 9999999999)"
+        )
+    store = await Store.open(store_path)
+    try:
+        assert await store.schema_version() == 2
+        kept = await store.get(100000)
+        assert kept is not None and (kept.phone, kept.state) == ("84900000000", "wait_code")
+        await store.save_health("sandbox", "open", 5, 2.0)
+    finally:
+        await store.close()
+    with sqlite3.connect(store_path) as db:
+        assert db.execute("SELECT * FROM health").fetchall() == [("sandbox", "open", 5, 2.0)]
