@@ -122,6 +122,7 @@ async def get_number_v2(call: Call) -> Reply:
         "canGetAnotherSms": "1",
         "activationTime": _timestamp(activation.created_at),
         "activationEndTime": _timestamp(activation.expires_at),
+        "activationEnd": _timestamp(activation.expires_at),  # grizzly-style clients
         "activationOperator": activation.operator or "any",
     }
 
