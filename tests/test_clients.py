@@ -330,6 +330,7 @@ async def test_smsactivate_number_v2_and_active(
         "canGetAnotherSms": "1",
         "activationTime": BOUGHT_AT,
         "activationEndTime": ENDS_AT,
+        "activationEnd": ENDS_AT,
         "activationOperator": "any",
     }
     assert await run(sa.getActiveActivations) == {
@@ -698,7 +699,7 @@ async def test_grizzly_flow(root: str, server: TestServer, clock: FakeClock) -> 
         ]
         number = await run(sms.get_number_v2, "tg", country=10)
         activation = await stored(server, 100_000)
-        # activationEnd/activationCancel are Grizzly extensions we do not send
+        # activationEnd is a Grizzly extension we send too; activationCancel we do not
         assert number == OrderedNumberV2(
             activation_id="100000",
             phone_number=activation.phone,
@@ -708,7 +709,7 @@ async def test_grizzly_flow(root: str, server: TestServer, clock: FakeClock) -> 
             can_get_another_sms=True,
             activation_time=BOUGHT_AT,
             activation_cancel=None,
-            activation_end=None,
+            activation_end=ENDS_AT,
         )
         assert await run(sms.get_status, "100000") == ActivationStatus(
             status="STATUS_WAIT_CODE"
@@ -803,6 +804,7 @@ async def test_smsbower_flow(root: str, server: TestServer, clock: FakeClock) ->
             "canGetAnotherSms": "1",
             "activationTime": stamp(T0 + 6),
             "activationEndTime": stamp(T0 + 6 + 1200),
+            "activationEnd": stamp(T0 + 6 + 1200),
             "activationOperator": "any",
         }
         assert await run(client.set_status, "100001", 8) == "ACCESS_CANCEL"

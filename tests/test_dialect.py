@@ -146,6 +146,7 @@ async def test_get_number_v2_types(shop: TestClient, clock: FakeClock) -> None:
         "canGetAnotherSms": "1",
         "activationTime": _local(clock.now),
         "activationEndTime": _local(clock.now + 1200),
+        "activationEnd": _local(clock.now + 1200),
         "activationOperator": "any",
     }
 
