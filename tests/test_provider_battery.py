@@ -290,3 +290,65 @@ async def test_published_client_whole_flow(stack: Stack) -> None:
     assert [a.state for a in await stack.engine.store.for_key(stored.key_id, open_only=False)] == [
         FINISHED, CANCELLED,
     ]  # fmt: skip
+
+
+# ---- catalog cache, ready, loud token errors, --ping ------------------------------------
+
+
+async def test_catalog_is_cached_for_its_ttl(stack: Stack) -> None:
+    def catalog_calls() -> int:
+        return len(stack.fake.calls)
+
+    await call(stack.client, action="getPrices", country=10)
+    after_first = catalog_calls()
+    for action in ("getPrices", "getNumbersStatus", "getPrices"):
+        await call(stack.client, action=action, country=10)
+    assert catalog_calls() == after_first  # answered from the cache
+    stack.clock.advance(61)  # upstream.catalog_ttl defaults to 60 s
+    await call(stack.client, action="getPrices", country=10)
+    assert catalog_calls() > after_first
+
+
+async def test_ready_reaches_the_upstream_where_it_means_something(stack: Stack) -> None:
+    ident, upstream = await stack.buy()
+    assert await stack.set_status(ident, 1) == "ACCESS_READY"
+    calls = stack.fake.orders[upstream].calls
+    if stack.name == "smsman":
+        assert calls[-1] == "ready"
+    else:
+        assert "ready" not in calls and "activate" not in calls
+    assert await stack.engine.store.pending_ops() == []
+
+
+async def test_rejected_upstream_token_is_loud_in_the_log(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack.fake.scenario = "bad_token"
+    with caplog.at_level("ERROR", logger="compat_server"):
+        await call(stack.client, action="getBalance")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"provider={stack.name} rejected our credentials: fix providers.{stack.name} in the config"
+    ]
+
+
+async def test_check_config_ping(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    from compat_server.cli import ping
+
+    config = stack.engine.config
+    assert await ping(config) == 0
+    native = {"thuecodesim": "1000000 VND", "smsman": "799.70 RUB", "smspva": "10.5 USD"}[stack.name]
+    shown = stack.backend.balance.split(":")[1]
+    assert capsys.readouterr().out == (
+        f"{stack.name}: reachable, token accepted, balance {native} = {shown} RUB, circuit closed\n"
+    )
+    stack.fake.scenario = "bad_token"
+    assert await ping(config) == 1
+    assert capsys.readouterr().out == (
+        f"{stack.name}: reachable, TOKEN REJECTED (fix providers.{stack.name}), circuit closed\n"
+    )
+    stack.fake.scenario = "ok"
+    stack.fake.fault = "html500"
+    assert await ping(config) == 1
+    assert capsys.readouterr().out == (
+        f"{stack.name}: UNREACHABLE (UpstreamUncertain: HTTP 500, body is not JSON), circuit closed\n"
+    )

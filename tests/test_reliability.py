@@ -343,3 +343,32 @@ async def test_smspva_polls_no_faster_than_every_five_seconds(
     polls = sum(1 for p in fake.paths_called() if p.startswith("/activation/sms/"))
     assert polls == 2  # at t=0 and t=5
     assert engine_of(client).store.open_activations()[0].state == WAIT_CODE
+
+
+async def test_thuecodesim_rerent_on_retry_tracks_the_new_order(
+    start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock
+) -> None:
+    fake = thuecodesim.FakeThuecodesim()
+    server: TestServer = await aiohttp_server(fake.app)
+    options = {**thuecodesim.provider_options(str(server.make_url("")).rstrip("/")),
+               "rerent_on_retry": True}  # fmt: skip
+    client = await start_app(config_for(store_path, {"tcs": options}, ["tcs"]))
+    engine = engine_of(client)
+    _, _, body = await call(client, action="getNumber", service="tg", country=10)
+    ident = int(body.split(":")[1])
+    activation = await engine.store.get(ident)
+    assert activation is not None
+    first = activation.upstream_id
+    fake.deliver(first, "Telegram code 11111", "11111")
+    clock.advance(5)
+    assert await call(client, action="getStatus", id=ident) == (200, TEXT, "STATUS_OK:11111")
+    assert await call(client, action="setStatus", id=ident, status=3) == (200, TEXT, "ACCESS_RETRY_GET")
+    second = activation.upstream_id
+    assert second != first and fake.orders[second].phone == fake.orders[first].phone
+    assert activation.extra["previous_ids"] == first
+    assert await call(client, action="getStatus", id=ident) == (200, TEXT, "STATUS_WAIT_RETRY:11111")
+    fake.deliver(second, "Telegram code 22222", "22222")
+    clock.advance(5)
+    assert await call(client, action="getStatus", id=ident) == (200, TEXT, "STATUS_OK:22222")
+    # both upstream orders are known: the reconciler would never take either for an orphan
+    assert {first, second} <= await engine.store.known_upstream_ids("tcs")
