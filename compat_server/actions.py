@@ -45,7 +45,11 @@ Action = Callable[[Call], Awaitable[Reply]]
 @lru_cache(maxsize=1)
 def reference() -> dict[str, Any]:
     """sms-activate's country, operator and service tables (shipped data)."""
-    data = resources.files("compat_server").joinpath("data/reference.json").read_text("utf-8")
+    data = (
+        resources.files("compat_server")
+        .joinpath("data/reference.json")
+        .read_text("utf-8")
+    )
     result: dict[str, Any] = json.loads(data)
     return result
 
@@ -96,7 +100,9 @@ async def _order(call: Call) -> Order:
     return Order(
         service=service,
         country=await _default_country(call) if country is None else country,
-        operators=tuple(o for o in dialect.list_param(call.params, "operator") if o != "any"),
+        operators=tuple(
+            o for o in dialect.list_param(call.params, "operator") if o != "any"
+        ),
         exclude_prefixes=dialect.exception_prefixes(call.params),
         max_price=dialect.money_param(call.params, "maxPrice", "max_price"),
     )
@@ -211,9 +217,13 @@ async def get_active_activations(call: Call) -> Reply:
                 "serviceCode": activation.service,
                 "phoneNumber": activation.phone,
                 "activationCost": money_number(activation.cost),
-                "activationStatus": {WAIT_CODE: "1", WAIT_RETRY: "3", CODE: "2"}[view.state],
+                "activationStatus": {WAIT_CODE: "1", WAIT_RETRY: "3", CODE: "2"}[
+                    view.state
+                ],
                 "smsCode": codes or None,
-                "smsText": json.dumps([m.text for m in activation.messages], ensure_ascii=False)
+                "smsText": json.dumps(
+                    [m.text for m in activation.messages], ensure_ascii=False
+                )
                 if activation.messages
                 else None,
                 "activationTime": _timestamp(activation.created_at),
@@ -266,7 +276,11 @@ async def get_prices(call: Call) -> Reply:
         for code, (price, count) in sorted((await _stock(call, country_id)).items()):
             if service and code != service:
                 continue
-            services[code] = {"cost": money_number(price), "count": count, "physicalCount": count}
+            services[code] = {
+                "cost": money_number(price),
+                "count": count,
+                "physicalCount": count,
+            }
         if services:
             result[str(country_id)] = services
     return result
@@ -297,9 +311,15 @@ async def get_countries(call: Call) -> Reply:
     for country in await _countries(call):
         row = rows.get(country, {"eng": str(country), "rus": str(country)})
         result[str(country)] = {
-            "id": country, "rus": row["rus"], "eng": row["eng"], "chn": row["eng"],
-            "visible": 1, "retry": 1, "rent": 0, "multiService": 0,
-        }  # fmt: skip
+            "id": country,
+            "rus": row["rus"],
+            "eng": row["eng"],
+            "chn": row["eng"],
+            "visible": 1,
+            "retry": 1,
+            "rent": 0,
+            "multiService": 0,
+        }
     return result
 
 

@@ -22,7 +22,7 @@ from providers.base import Clock, Provider
 log = logging.getLogger("compat_server")
 
 CONFIG = web.AppKey("config", Config)
-CLOCK = web.AppKey("clock", Clock)  # type: ignore[arg-type]
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 HTTP = web.AppKey("http", httpx.AsyncClient)
 STORE = web.AppKey("store", Store)
 ENGINE = web.AppKey("engine", Engine)
@@ -44,7 +44,9 @@ def create_app(
     the outbox, sweeper and reconciler to be stepped by hand.
     """
     quiet_secret_loggers()
-    app = web.Application(middlewares=[dialect.render_errors], client_max_size=dialect.MAX_BODY)
+    app = web.Application(
+        middlewares=[dialect.render_errors], client_max_size=dialect.MAX_BODY
+    )
     app[CONFIG] = config
     app[CLOCK] = clock
     app[BACKGROUND] = background
@@ -92,7 +94,9 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
-def build_providers(config: Config, http: httpx.AsyncClient, clock: Clock) -> dict[str, Provider]:
+def build_providers(
+    config: Config, http: httpx.AsyncClient, clock: Clock
+) -> dict[str, Provider]:
     """One provider instance per configured account."""
     return {
         name: get_provider_class(p.type)(name, p.options, http, clock)
@@ -116,10 +120,16 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     engine = app[ENGINE]
     config = app[CONFIG]
     tasks = [
-        asyncio.create_task(engine.run_forever("outbox", config.outbox_interval, engine.run_outbox)),
-        asyncio.create_task(engine.run_forever("sweeper", config.sweep_interval, engine.sweep)),
         asyncio.create_task(
-            engine.run_forever("reconciler", config.reconcile_interval, engine.reconcile)
+            engine.run_forever("outbox", config.outbox_interval, engine.run_outbox)
+        ),
+        asyncio.create_task(
+            engine.run_forever("sweeper", config.sweep_interval, engine.sweep)
+        ),
+        asyncio.create_task(
+            engine.run_forever(
+                "reconciler", config.reconcile_interval, engine.reconcile
+            )
         ),
     ]
     yield
@@ -164,9 +174,12 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     finally:
         log.info(
             "action=%s key=%s provider=%s outcome=%s ms=%.1f",
-            _printable(action), alias, call.provider if call else "-", outcome,
+            _printable(action),
+            alias,
+            call.provider if call else "-",
+            outcome,
             (time.perf_counter() - started) * 1000,
-        )  # fmt: skip
+        )
 
 
 def _printable(text: str) -> str:

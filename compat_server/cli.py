@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="INFO")
     check = sub.add_parser("check-config", help="validate the config, print it masked")
     check.add_argument("--config", default="config.yaml")
-    check.add_argument("--ping", action="store_true", help="call every provider's balance")
+    check.add_argument(
+        "--ping", action="store_true", help="call every provider's balance"
+    )
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -43,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     return serve_forever(config, args.host, args.port, args.log_level)
 
 
-def serve_forever(config: Config, host: str | None, port: int | None, level: str) -> int:
+def serve_forever(
+    config: Config, host: str | None, port: int | None, level: str
+) -> int:
     """Run the server until interrupted."""
     from compat_server.app import create_app
 
@@ -56,11 +60,18 @@ def serve_forever(config: Config, host: str | None, port: int | None, level: str
     print(f"sms-compat: serving http://{host}:{port}/stubs/handler_api.php", flush=True)
     try:
         web.run_app(
-            create_app(config), host=host, port=port, access_log=None, print=None,
+            create_app(config),
+            host=host,
+            port=port,
+            access_log=None,
+            print=None,
             handle_signals=True,
-        )  # fmt: skip
+        )
     except OSError as exc:
-        print(f"sms-compat: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        print(
+            f"sms-compat: cannot listen on {host}:{port}: {exc.strerror}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -70,7 +81,11 @@ async def ping(config: Config) -> int:
 
     The circuit state shown is the one the server last recorded in its store.
     """
-    from compat_server.app import build_providers, make_http_client, quiet_secret_loggers
+    from compat_server.app import (
+        build_providers,
+        make_http_client,
+        quiet_secret_loggers,
+    )
     from compat_server.routing import Prices
 
     quiet_secret_loggers()
@@ -86,13 +101,17 @@ async def ping(config: Config) -> int:
                 amount: Decimal = await provider.balance()
             except UpstreamAuth:
                 failed += 1
-                print(f"{name}: reachable, TOKEN REJECTED (fix providers.{name}),"
-                      f" circuit {circuit}")  # fmt: skip
+                print(
+                    f"{name}: reachable, TOKEN REJECTED (fix providers.{name}),"
+                    f" circuit {circuit}"
+                )
                 continue
             except ProviderError as exc:
                 failed += 1
-                print(f"{name}: UNREACHABLE ({type(exc).__name__}: {exc.detail}),"
-                      f" circuit {circuit}")  # fmt: skip
+                print(
+                    f"{name}: UNREACHABLE ({type(exc).__name__}: {exc.detail}),"
+                    f" circuit {circuit}"
+                )
                 continue
             shown = (amount * prices.balance_factor(name)).quantize(Decimal("0.01"))
             print(
@@ -111,7 +130,9 @@ def recorded_circuits(store_path: str) -> dict[str, str]:
         return {}
     try:
         with sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=2) as db:
-            rows = db.execute("SELECT provider, state, failures, changed_at FROM health").fetchall()
+            rows = db.execute(
+                "SELECT provider, state, failures, changed_at FROM health"
+            ).fetchall()
     except sqlite3.Error:
         return {}
     result = {}

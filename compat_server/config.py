@@ -24,9 +24,19 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 # ISO-4217 numeric codes sent in getNumberV2 and getActiveActivations.
 CURRENCY_NUMBERS = {
-    "RUB": 643, "USD": 840, "EUR": 978, "VND": 704, "CNY": 156, "LAK": 418,
-    "INR": 356, "IDR": 360, "KZT": 398, "UAH": 980, "GBP": 826, "THB": 764,
-}  # fmt: skip
+    "RUB": 643,
+    "USD": 840,
+    "EUR": 978,
+    "VND": 704,
+    "CNY": 156,
+    "LAK": 418,
+    "INR": 356,
+    "IDR": 360,
+    "KZT": 398,
+    "UAH": 980,
+    "GBP": 826,
+    "THB": 764,
+}
 
 
 @dataclass(frozen=True)
@@ -122,7 +132,9 @@ def key_id(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> Config:
     """Read, expand and validate a config file; ConfigError names the bad place."""
     env = os.environ if env is None else env
     try:
@@ -149,12 +161,17 @@ def _expand(value: Any, env: Mapping[str, str], where: str) -> Any:
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in env or env[name] == "":
-                raise ConfigError(f"{where or 'config'}: environment variable {name} is not set")
+                raise ConfigError(
+                    f"{where or 'config'}: environment variable {name} is not set"
+                )
             return env[name]
 
         return _ENV.sub(sub, value)
     if isinstance(value, dict):
-        return {k: _expand(v, env, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        return {
+            k: _expand(v, env, f"{where}.{k}" if where else str(k))
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_expand(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
@@ -164,11 +181,23 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
     """Validate an already-loaded mapping (used by tests and load_config)."""
     from providers import get_provider_class  # late: providers import compat_server
 
-    allowed = {"server", "store", "activation", "keys", "providers", "routes", "currency",
-               "upstream", "breaker", "workers"}  # fmt: skip
+    allowed = {
+        "server",
+        "store",
+        "activation",
+        "keys",
+        "providers",
+        "routes",
+        "currency",
+        "upstream",
+        "breaker",
+        "workers",
+    }
     for name in raw:
         if name not in allowed:
-            raise ConfigError(f"{name}: unknown section (known: {', '.join(sorted(allowed))})")
+            raise ConfigError(
+                f"{name}: unknown section (known: {', '.join(sorted(allowed))})"
+            )
     server = _section(raw, "server")
     store = _section(raw, "store")
     activation = _section(raw, "activation")
@@ -238,22 +267,30 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
         port=_int(server.get("port", 8080), "server.port"),
         store_path=str(store.get("path", "sms-compat.sqlite3")),
         lifetime=_float(activation.get("lifetime", 1200), "activation.lifetime"),
-        early_cancel=_float(activation.get("early_cancel", 0), "activation.early_cancel"),
+        early_cancel=_float(
+            activation.get("early_cancel", 0), "activation.early_cancel"
+        ),
         keys=tuple(keys),
         providers=providers,
         routes=_routes(raw.get("routes") or [], providers, "routes"),
         currency=display,
         rates=rates,
-        connect_timeout=_float(upstream.get("connect_timeout", 5), "upstream.connect_timeout"),
+        connect_timeout=_float(
+            upstream.get("connect_timeout", 5), "upstream.connect_timeout"
+        ),
         read_timeout=_float(upstream.get("read_timeout", 20), "upstream.read_timeout"),
         catalog_ttl=_float(upstream.get("catalog_ttl", 60), "upstream.catalog_ttl"),
         breaker_failures=_int(breaker.get("failures", 5), "breaker.failures"),
         breaker_cooldown=_float(breaker.get("cooldown", 30), "breaker.cooldown"),
-        outbox_interval=_float(workers.get("outbox_interval", 2), "workers.outbox_interval"),
+        outbox_interval=_float(
+            workers.get("outbox_interval", 2), "workers.outbox_interval"
+        ),
         outbox_max_backoff=_float(
             workers.get("outbox_max_backoff", 300), "workers.outbox_max_backoff"
         ),
-        sweep_interval=_float(workers.get("sweep_interval", 5), "workers.sweep_interval"),
+        sweep_interval=_float(
+            workers.get("sweep_interval", 5), "workers.sweep_interval"
+        ),
         reconcile_interval=_float(
             workers.get("reconcile_interval", 10), "workers.reconcile_interval"
         ),
@@ -284,8 +321,12 @@ def describe(config: Config) -> str:
         cls = get_provider_class(provider.type)
         shown = []
         for name, value in sorted(provider.options.items()):
-            shown.append(f"{name}={mask(str(value)) if name in cls.secret_fields else value}")
-        lines.append(f"provider {provider.name}: markup={provider.markup} " + " ".join(shown))
+            shown.append(
+                f"{name}={mask(str(value)) if name in cls.secret_fields else value}"
+            )
+        lines.append(
+            f"provider {provider.name}: markup={provider.markup} " + " ".join(shown)
+        )
     return "\n".join(lines)
 
 
@@ -302,7 +343,9 @@ def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     return value
 
 
-def _provider_list(value: Any, providers: Mapping[str, ProviderConfig], where: str) -> tuple[str, ...]:
+def _provider_list(
+    value: Any, providers: Mapping[str, ProviderConfig], where: str
+) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value:
@@ -314,7 +357,9 @@ def _provider_list(value: Any, providers: Mapping[str, ProviderConfig], where: s
     return tuple(str(v) for v in value)
 
 
-def _routes(value: Any, providers: Mapping[str, ProviderConfig], where: str) -> tuple[RouteConfig, ...]:
+def _routes(
+    value: Any, providers: Mapping[str, ProviderConfig], where: str
+) -> tuple[RouteConfig, ...]:
     if not isinstance(value, list):
         raise ConfigError(f"{where}: must be a list")
     routes = []
@@ -329,7 +374,9 @@ def _routes(value: Any, providers: Mapping[str, ProviderConfig], where: str) -> 
         country = entry.get("country")
         routes.append(
             RouteConfig(
-                providers=_provider_list(entry.get("providers"), providers, f"{here}.providers"),
+                providers=_provider_list(
+                    entry.get("providers"), providers, f"{here}.providers"
+                ),
                 service=None if service is None else str(service),
                 country=None if country is None else _int(country, f"{here}.country"),
                 strategy=strategy,

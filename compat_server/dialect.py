@@ -232,7 +232,7 @@ def render(reply: Reply) -> web.Response:
 def error_token(exc: errors.CompatError) -> Token:
     """The token for an error (ERROR_SQL for anything unmapped)."""
     for cls in type(exc).__mro__:
-        found = ERROR_TOKENS.get(cls)  # type: ignore[call-overload]
+        found = ERROR_TOKENS.get(cls)
         if found is not None:
             return found
     return Token.ERROR_SQL

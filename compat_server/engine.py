@@ -13,6 +13,7 @@ cancels what nobody owns. All three resume from the store after a restart.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -63,7 +64,9 @@ class TtlCache:
         self._values: dict[Any, tuple[float, Any]] = {}
         self._inflight: dict[Any, asyncio.Future[Any]] = {}
 
-    async def get(self, key: Any, load: Callable[[], Awaitable[Any]], default: Any) -> Any:
+    async def get(
+        self, key: Any, load: Callable[[], Awaitable[Any]], default: Any
+    ) -> Any:
         """The cached value, or ``load()``; on failure ``default`` (cached briefly)."""
         hit = self._values.get(key)
         if hit is not None and hit[0] > self.clock():
@@ -75,7 +78,9 @@ class TtlCache:
             future.add_done_callback(lambda _: self._inflight.pop(key, None))
         return await asyncio.shield(future)
 
-    async def _load(self, key: Any, load: Callable[[], Awaitable[Any]], default: Any) -> Any:
+    async def _load(
+        self, key: Any, load: Callable[[], Awaitable[Any]], default: Any
+    ) -> Any:
         try:
             value = await load()
         except ProviderError:
@@ -114,7 +119,9 @@ class Engine:
         self.prices = Prices(config, providers)
         self.catalog = TtlCache(config.catalog_ttl, clock)
         self.balances = TtlCache(min(config.catalog_ttl, 5.0), clock)
-        self.router = Router(config, store, self.upstreams, self.prices, self.offers, clock)
+        self.router = Router(
+            config, store, self.upstreams, self.prices, self.offers, clock
+        )
         self._polls: dict[int, asyncio.Future[None]] = {}
         self._last_poll: dict[int, float] = {}
         self._outbox_wake = asyncio.Event()
@@ -140,7 +147,9 @@ class Engine:
             return []
         result: list[Offer] = await self.catalog.get(
             (name, country),
-            lambda: self.upstreams.call(name, "catalog", lambda: provider.catalog(country)),
+            lambda: self.upstreams.call(
+                name, "catalog", lambda: provider.catalog(country)
+            ),
             [],
         )
         return result
@@ -204,8 +213,12 @@ class Engine:
                 activation.provider, "poll", lambda: provider.poll(ref)
             )
         except ProviderError as exc:
-            log.info("poll id=%d provider=%s failed: %s", activation.id, activation.provider,
-                     type(exc).__name__)  # fmt: skip
+            log.info(
+                "poll id=%d provider=%s failed: %s",
+                activation.id,
+                activation.provider,
+                type(exc).__name__,
+            )
             return
         async with self.store.lock(activation.id):
             if not activation.is_open or activation.upstream_id != ref.upstream_id:
@@ -222,9 +235,13 @@ class Engine:
             if not activation.is_open:
                 return
             if activation.state == WAIT_CODE:
-                await self.store.set_state(activation, EXPIRED, self.clock(), outbox="cancel")
+                await self.store.set_state(
+                    activation, EXPIRED, self.clock(), outbox="cancel"
+                )
             else:  # a code was delivered: the number was used, close it as finished
-                await self.store.set_state(activation, FINISHED, self.clock(), outbox="finish")
+                await self.store.set_state(
+                    activation, FINISHED, self.clock(), outbox="finish"
+                )
         self._last_poll.pop(activation.id, None)
         self._outbox_wake.set()
 
@@ -236,11 +253,17 @@ class Engine:
         if activation.state == WAIT_RETRY or (
             activation.state == CODE and len(messages) <= activation.retry_mark
         ):
-            previous = messages[activation.retry_mark - 1].code if activation.retry_mark else ""
+            previous = (
+                messages[activation.retry_mark - 1].code
+                if activation.retry_mark
+                else ""
+            )
             return StatusView(WAIT_RETRY, previous_code=previous)
         if activation.state == CODE and messages:
             last = messages[-1]
-            return StatusView(CODE, last.code, text=last.text, received_at=last.received_at)
+            return StatusView(
+                CODE, last.code, text=last.text, received_at=last.received_at
+            )
         return StatusView(WAIT_CODE)
 
     # ---- setStatus ----------------------------------------------------------------------
@@ -268,8 +291,12 @@ class Engine:
                 )
             except ProviderError as exc:
                 # the order stays as it is; the client simply waits for a further SMS
-                log.warning("retry id=%d provider=%s failed: %s", activation.id,
-                            activation.provider, type(exc).__name__)  # fmt: skip
+                log.warning(
+                    "retry id=%d provider=%s failed: %s",
+                    activation.id,
+                    activation.provider,
+                    type(exc).__name__,
+                )
             await self.store.set_state(
                 activation, WAIT_RETRY, self.clock(), purchase=purchase, retry=True
             )
@@ -282,7 +309,9 @@ class Engine:
                 return
             if activation.state not in (CODE, WAIT_RETRY):
                 raise BadStatus(f"finish in state {activation.state}")
-            await self.store.set_state(activation, FINISHED, self.clock(), outbox="finish")
+            await self.store.set_state(
+                activation, FINISHED, self.clock(), outbox="finish"
+            )
         await self._drain_now(activation.id)
 
     async def cancel(self, activation: Activation) -> None:
@@ -295,7 +324,9 @@ class Engine:
             age = self.clock() - activation.created_at
             if self.config.early_cancel and age < self.config.early_cancel:
                 raise EarlyCancelDenied(f"{age:.0f}s old")
-            await self.store.set_state(activation, CANCELLED, self.clock(), outbox="cancel")
+            await self.store.set_state(
+                activation, CANCELLED, self.clock(), outbox="cancel"
+            )
         self._last_poll.pop(activation.id, None)
         await self._drain_now(activation.id)
 
@@ -308,7 +339,9 @@ class Engine:
         try:
             await asyncio.wait_for(self.run_outbox(only=activation_id), INLINE_TIMEOUT)
         except asyncio.TimeoutError:
-            log.info("id=%d upstream slow: queued call left to the outbox", activation_id)
+            log.info(
+                "id=%d upstream slow: queued call left to the outbox", activation_id
+            )
 
     # ---- background work ----------------------------------------------------------------
 
@@ -319,24 +352,45 @@ class Engine:
             if only is not None and op.activation_id != only:
                 continue
             activation = await self.store.get(op.activation_id)
-            provider = None if activation is None else self.providers.get(activation.provider)
+            provider = (
+                None if activation is None else self.providers.get(activation.provider)
+            )
             if activation is None or provider is None:
                 await self.store.op_done(op.id)
                 continue
             ref = activation.ref()
-            call = {"cancel": provider.cancel, "finish": provider.finish, "ready": provider.ready}[op.op]
+            call = {
+                "cancel": provider.cancel,
+                "finish": provider.finish,
+                "ready": provider.ready,
+            }[op.op]
             try:
-                await self.upstreams.call(activation.provider, op.op, lambda c=call: c(ref))  # type: ignore[misc]
+                await self.upstreams.call(
+                    activation.provider, op.op, functools.partial(call, ref)
+                )
             except RETRYABLE as exc:
-                delay = min(self.config.outbox_interval * 2**op.attempts,
-                            self.config.outbox_max_backoff)  # fmt: skip
-                await self.store.op_failed(op.id, self.clock() + delay, type(exc).__name__)
-                log.info("outbox id=%d op=%s failed (%s), retry in %.0fs", activation.id,
-                         op.op, type(exc).__name__, delay)  # fmt: skip
+                delay = min(
+                    self.config.outbox_interval * 2**op.attempts,
+                    self.config.outbox_max_backoff,
+                )
+                await self.store.op_failed(
+                    op.id, self.clock() + delay, type(exc).__name__
+                )
+                log.info(
+                    "outbox id=%d op=%s failed (%s), retry in %.0fs",
+                    activation.id,
+                    op.op,
+                    type(exc).__name__,
+                    delay,
+                )
                 continue
             except ProviderError as exc:
-                log.warning("outbox id=%d op=%s answered %s: treated as final",
-                            activation.id, op.op, type(exc).__name__)  # fmt: skip
+                log.warning(
+                    "outbox id=%d op=%s answered %s: treated as final",
+                    activation.id,
+                    op.op,
+                    type(exc).__name__,
+                )
             await self.store.op_done(op.id)
             delivered += 1
         return delivered
@@ -371,9 +425,15 @@ class Engine:
         if provider is None or not provider.can_lookup:
             for attempt in group:
                 if now - attempt.created_at > RECONCILE_WINDOW:
-                    log.error("provider=%s cannot list orders: purchase attempt %d left"
-                              " unresolved, check the account by hand", name, attempt.id)  # fmt: skip
-                    await self.store.end_purchase(attempt.id, RECONCILED, "unresolved", now)
+                    log.error(
+                        "provider=%s cannot list orders: purchase attempt %d left"
+                        " unresolved, check the account by hand",
+                        name,
+                        attempt.id,
+                    )
+                    await self.store.end_purchase(
+                        attempt.id, RECONCILED, "unresolved", now
+                    )
             return 0
         known = await self.store.known_upstream_ids(name)
         orphans = 0
@@ -381,10 +441,14 @@ class Engine:
             since = attempt.created_at - 60
             try:
                 found = await self.upstreams.call(
-                    name, "lookup", lambda o=attempt.order, s=since: provider.lookup_purchases(o, s)  # type: ignore[misc]
+                    name,
+                    "lookup",
+                    functools.partial(provider.lookup_purchases, attempt.order, since),
                 )
             except ProviderError as exc:
-                log.info("reconcile provider=%s lookup failed: %s", name, type(exc).__name__)
+                log.info(
+                    "reconcile provider=%s lookup failed: %s", name, type(exc).__name__
+                )
                 return orphans
             owner: int | None = attempt.id
             for purchase in found:
@@ -392,17 +456,30 @@ class Engine:
                     continue
                 known.add(purchase.upstream_id)
                 activation = await self.store.complete_purchase(
-                    owner, attempt.key_id, name, type(provider).native_currency(provider.options),
-                    attempt.order, purchase, Decimal(0), now, self.config.lifetime,
+                    owner,
+                    attempt.key_id,
+                    name,
+                    type(provider).native_currency(provider.options),
+                    attempt.order,
+                    purchase,
+                    Decimal(0),
+                    now,
+                    self.config.lifetime,
                     state=CANCELLED,
-                )  # fmt: skip
+                )
                 owner = None
                 await self.store.enqueue(activation.id, "cancel", now)
                 orphans += 1
-                log.warning("reconcile provider=%s found unowned purchase -> stored as id=%d"
-                            " and cancelled upstream", name, activation.id)  # fmt: skip
+                log.warning(
+                    "reconcile provider=%s found unowned purchase -> stored as id=%d"
+                    " and cancelled upstream",
+                    name,
+                    activation.id,
+                )
             if owner is not None and now - attempt.created_at > RECONCILE_WINDOW:
-                await self.store.end_purchase(attempt.id, RECONCILED, "nothing found", now)
+                await self.store.end_purchase(
+                    attempt.id, RECONCILED, "nothing found", now
+                )
             elif owner is not None and attempt.state == PENDING:
                 # a buy interrupted by a crash: from now on it is simply uncertain
                 await self.store.end_purchase(attempt.id, UNCERTAIN, "interrupted", now)
@@ -410,7 +487,9 @@ class Engine:
             self._outbox_wake.set()
         return orphans
 
-    async def run_forever(self, name: str, interval: float, step: Callable[[], Awaitable[int]]) -> None:
+    async def run_forever(
+        self, name: str, interval: float, step: Callable[[], Awaitable[int]]
+    ) -> None:
         """Run ``step`` every ``interval`` seconds until cancelled; errors are logged."""
         while True:
             try:
@@ -431,7 +510,9 @@ class Engine:
     def _breaker_changed(self, breaker: Breaker) -> None:
         """Persist a circuit change so ``check-config --ping`` can show it."""
         future = asyncio.ensure_future(
-            self.store.save_health(breaker.name, breaker.state, breaker.failures, self.clock())
+            self.store.save_health(
+                breaker.name, breaker.state, breaker.failures, self.clock()
+            )
         )
         self._background.add(future)
         future.add_done_callback(self._background.discard)

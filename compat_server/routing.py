@@ -8,6 +8,7 @@ NO_NUMBERS.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -77,7 +78,9 @@ class Breaker:
         """The upstream did not answer usefully."""
         self.failures += 1
         self._probing = False
-        if self.state == HALF_OPEN or (self.state == CLOSED and self.failures >= self.threshold):
+        if self.state == HALF_OPEN or (
+            self.state == CLOSED and self.failures >= self.threshold
+        ):
             self.opened_at = self.clock()
             self._set(OPEN)
 
@@ -101,8 +104,9 @@ class Upstreams:
         self.config = config
         self.providers = dict(providers)
         self.breakers = {
-            name: Breaker(name, config.breaker_failures, config.breaker_cooldown, clock,
-                          on_change)  # fmt: skip
+            name: Breaker(
+                name, config.breaker_failures, config.breaker_cooldown, clock, on_change
+            )
             for name in providers
         }
 
@@ -128,8 +132,9 @@ class Upstreams:
             outcome = "UpstreamAuth"
             log.error(
                 "provider=%s rejected our credentials: fix providers.%s in the config",
-                name, name,
-            )  # fmt: skip
+                name,
+                name,
+            )
             raise
         except ProviderError as exc:
             breaker.success()
@@ -146,8 +151,11 @@ class Upstreams:
         finally:
             log.debug(
                 "upstream provider=%s op=%s outcome=%s ms=%.1f",
-                name, op, outcome, (time.perf_counter() - started) * 1000,
-            )  # fmt: skip
+                name,
+                op,
+                outcome,
+                (time.perf_counter() - started) * 1000,
+            )
 
 
 class Prices:
@@ -202,15 +210,27 @@ class Router:
 
     async def candidates(self, route: RouteConfig, order: Order) -> list[str]:
         """Providers to try, in order (``cheapest`` sorts by display price)."""
-        names = [n for n in route.providers if order.country in self.upstreams.providers[n].countries()]
+        names = [
+            n
+            for n in route.providers
+            if order.country in self.upstreams.providers[n].countries()
+        ]
         if route.strategy != "cheapest" and order.max_price is None:
             return names
         priced: list[tuple[Decimal, int, str]] = []
         for index, name in enumerate(names):
             price = await self._display_price(name, order)
-            if order.max_price is not None and price is not None and price > order.max_price:
+            if (
+                order.max_price is not None
+                and price is not None
+                and price > order.max_price
+            ):
                 continue  # dearer than the client accepts: a definite "no" without a call
-            sort_key = price if (price is not None and route.strategy == "cheapest") else Decimal("Infinity")
+            sort_key = (
+                price
+                if (price is not None and route.strategy == "cheapest")
+                else Decimal("Infinity")
+            )
             priced.append((sort_key, index, name))
         return [name for _, _, name in sorted(priced)]
 
@@ -228,30 +248,57 @@ class Router:
             provider = self.upstreams.providers[name]
             native = order
             if order.max_price is not None:
-                native = replace(order, max_price=order.max_price / self.prices.factor(name))
-            attempt = await self.store.begin_purchase(key.key_id, name, native, self.clock())
+                native = replace(
+                    order, max_price=order.max_price / self.prices.factor(name)
+                )
+            attempt = await self.store.begin_purchase(
+                key.key_id, name, native, self.clock()
+            )
             self.in_flight[attempt] = name
             try:
-                purchase = await self.upstreams.call(name, "buy", lambda p=provider, o=native: p.buy(o))
-            except (NoNumbers, NoBalance, UnknownService, UpstreamUnreachable, UpstreamAuth) as exc:
-                await self.store.end_purchase(attempt, REFUSED, type(exc).__name__, self.clock())
+                purchase = await self.upstreams.call(
+                    name, "buy", functools.partial(provider.buy, native)
+                )
+            except (
+                NoNumbers,
+                NoBalance,
+                UnknownService,
+                UpstreamUnreachable,
+                UpstreamAuth,
+            ) as exc:
+                await self.store.end_purchase(
+                    attempt, REFUSED, type(exc).__name__, self.clock()
+                )
                 refusals.append(exc)
-                log.info("buy provider=%s refused=%s, trying next", name, type(exc).__name__)
+                log.info(
+                    "buy provider=%s refused=%s, trying next", name, type(exc).__name__
+                )
                 continue
             except UpstreamUncertain as exc:
-                await self.store.end_purchase(attempt, UNCERTAIN, exc.detail, self.clock())
+                await self.store.end_purchase(
+                    attempt, UNCERTAIN, exc.detail, self.clock()
+                )
                 log.warning(
                     "buy provider=%s outcome unknown (%s): not retried, queued for"
-                    " reconciliation as attempt %d", name, exc.detail, attempt,
-                )  # fmt: skip
+                    " reconciliation as attempt %d",
+                    name,
+                    exc.detail,
+                    attempt,
+                )
                 raise NoNumbers(name, "purchase outcome unknown") from exc
             finally:
                 self.in_flight.pop(attempt, None)
             return await self.store.complete_purchase(
-                attempt, key.key_id, name, type(provider).native_currency(provider.options),
-                order, purchase, self.prices.display(name, purchase.price), self.clock(),
+                attempt,
+                key.key_id,
+                name,
+                type(provider).native_currency(provider.options),
+                order,
+                purchase,
+                self.prices.display(name, purchase.price),
+                self.clock(),
                 self.config.lifetime,
-            )  # fmt: skip
+            )
         raise merge_refusals(refusals)
 
 

@@ -30,8 +30,12 @@ OPEN_STATES = frozenset({WAIT_CODE, CODE, WAIT_RETRY})
 
 # Purchase attempt states.
 PENDING, CONFIRMED, REFUSED, UNCERTAIN, RECONCILED = (
-    "pending", "confirmed", "refused", "uncertain", "reconciled",
-)  # fmt: skip
+    "pending",
+    "confirmed",
+    "refused",
+    "uncertain",
+    "reconciled",
+)
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -212,7 +216,9 @@ class Store:
         await self._db.execute(
             "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
         )
-        async with self._db.execute("SELECT value FROM meta WHERE name='version'") as cur:
+        async with self._db.execute(
+            "SELECT value FROM meta WHERE name='version'"
+        ) as cur:
             row = await cur.fetchone()
         version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:
@@ -232,7 +238,9 @@ class Store:
 
     async def schema_version(self) -> int:
         """The schema version recorded in the database."""
-        async with self._db.execute("SELECT value FROM meta WHERE name='version'") as cur:
+        async with self._db.execute(
+            "SELECT value FROM meta WHERE name='version'"
+        ) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
@@ -249,14 +257,23 @@ class Store:
         result = []
         for row in rows:
             activation = Activation(
-                id=row["id"], key_id=row["key_id"], provider=row["provider"],
-                upstream_id=row["upstream_id"], phone=row["phone"],
-                service=row["service"], country=row["country"], operator=row["operator"],
-                price=Decimal(row["price"]), currency=row["currency"],
-                cost=Decimal(row["cost"]), state=row["state"],
-                created_at=row["created_at"], updated_at=row["updated_at"],
-                expires_at=row["expires_at"], extra=json.loads(row["extra"]),
-            )  # fmt: skip
+                id=row["id"],
+                key_id=row["key_id"],
+                provider=row["provider"],
+                upstream_id=row["upstream_id"],
+                phone=row["phone"],
+                service=row["service"],
+                country=row["country"],
+                operator=row["operator"],
+                price=Decimal(row["price"]),
+                currency=row["currency"],
+                cost=Decimal(row["cost"]),
+                state=row["state"],
+                created_at=row["created_at"],
+                updated_at=row["updated_at"],
+                expires_at=row["expires_at"],
+                extra=json.loads(row["extra"]),
+            )
             activation.retry_mark = int(activation.extra.pop("_retry_mark", "0"))
             async with self._db.execute(
                 "SELECT uid, text, code, received_at FROM messages"
@@ -276,27 +293,41 @@ class Store:
 
     # ---- purchases ----------------------------------------------------------------------
 
-    async def begin_purchase(self, key_id: str, provider: str, order: Order, now: float) -> int:
+    async def begin_purchase(
+        self, key_id: str, provider: str, order: Order, now: float
+    ) -> int:
         """Record that a paid call is about to be made; durable on return."""
         order_json = json.dumps(
             {
-                "service": order.service, "country": order.country,
+                "service": order.service,
+                "country": order.country,
                 "operators": list(order.operators),
                 "exclude_prefixes": list(order.exclude_prefixes),
                 "max_price": None if order.max_price is None else str(order.max_price),
             }
-        )  # fmt: skip
+        )
         async with self._write:
             cur = await self._db.execute(
                 "INSERT INTO purchases (key_id, provider, service, country, order_json,"
                 " state, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
-                (key_id, provider, order.service, order.country, order_json, PENDING, now, now),
+                (
+                    key_id,
+                    provider,
+                    order.service,
+                    order.country,
+                    order_json,
+                    PENDING,
+                    now,
+                    now,
+                ),
             )
             await self._db.commit()
         assert cur.lastrowid is not None
         return cur.lastrowid
 
-    async def end_purchase(self, attempt_id: int, state: str, detail: str, now: float) -> None:
+    async def end_purchase(
+        self, attempt_id: int, state: str, detail: str, now: float
+    ) -> None:
         """Close an attempt that bought nothing (refused) or may have (uncertain)."""
         async with self._write:
             await self._db.execute(
@@ -326,27 +357,54 @@ class Store:
                 " country, operator, price, currency, cost, state, extra, created_at,"
                 " updated_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
-                    key_id, provider, purchase.upstream_id, purchase.phone, order.service,
-                    order.country, purchase.operator, str(purchase.price), currency,
-                    str(cost), state, json.dumps(extra), now, now, now + lifetime,
+                    key_id,
+                    provider,
+                    purchase.upstream_id,
+                    purchase.phone,
+                    order.service,
+                    order.country,
+                    purchase.operator,
+                    str(purchase.price),
+                    currency,
+                    str(cost),
+                    state,
+                    json.dumps(extra),
+                    now,
+                    now,
+                    now + lifetime,
                 ),
-            )  # fmt: skip
+            )
             activation_id = cur.lastrowid
             assert activation_id is not None and activation_id < MAX_ID
             if attempt_id is not None:
                 await self._db.execute(
                     "UPDATE purchases SET state=?, activation_id=?, updated_at=? WHERE id=?",
-                    (CONFIRMED if state == WAIT_CODE else RECONCILED, activation_id, now,
-                     attempt_id),
-                )  # fmt: skip
+                    (
+                        CONFIRMED if state == WAIT_CODE else RECONCILED,
+                        activation_id,
+                        now,
+                        attempt_id,
+                    ),
+                )
             await self._db.commit()
         activation = Activation(
-            id=activation_id, key_id=key_id, provider=provider,
-            upstream_id=purchase.upstream_id, phone=purchase.phone,
-            service=order.service, country=order.country, operator=purchase.operator,
-            price=purchase.price, currency=currency, cost=cost, state=state,
-            created_at=now, updated_at=now, expires_at=now + lifetime, extra=extra,
-        )  # fmt: skip
+            id=activation_id,
+            key_id=key_id,
+            provider=provider,
+            upstream_id=purchase.upstream_id,
+            phone=purchase.phone,
+            service=order.service,
+            country=order.country,
+            operator=purchase.operator,
+            price=purchase.price,
+            currency=currency,
+            cost=cost,
+            state=state,
+            created_at=now,
+            updated_at=now,
+            expires_at=now + lifetime,
+            extra=extra,
+        )
         if activation.is_open:
             self._cache[activation.id] = activation
         return activation
@@ -365,11 +423,14 @@ class Store:
         for row in rows:
             data = json.loads(row[3])
             order = Order(
-                service=data["service"], country=data["country"],
+                service=data["service"],
+                country=data["country"],
                 operators=tuple(data["operators"]),
                 exclude_prefixes=tuple(data["exclude_prefixes"]),
-                max_price=None if data["max_price"] is None else Decimal(data["max_price"]),
-            )  # fmt: skip
+                max_price=None
+                if data["max_price"] is None
+                else Decimal(data["max_price"]),
+            )
             result.append(Attempt(row[0], row[1], row[2], order, row[4], row[5]))
         return result
 
@@ -382,7 +443,9 @@ class Store:
         known = set()
         for upstream_id, extra in rows:
             known.add(upstream_id)
-            known.update(i for i in json.loads(extra).get("previous_ids", "").split(",") if i)
+            known.update(
+                i for i in json.loads(extra).get("previous_ids", "").split(",") if i
+            )
         return known
 
     # ---- activations --------------------------------------------------------------------
@@ -392,7 +455,9 @@ class Store:
         cached = self._cache.get(activation_id)
         if cached is not None:
             return cached
-        found = await self._fetch("SELECT * FROM activations WHERE id=?", (activation_id,))
+        found = await self._fetch(
+            "SELECT * FROM activations WHERE id=?", (activation_id,)
+        )
         return found[0] if found else None
 
     def open_activations(self) -> list[Activation]:
@@ -403,7 +468,8 @@ class Store:
         """A key's activations, oldest first."""
         if open_only:
             return sorted(
-                (a for a in self._cache.values() if a.key_id == key_id), key=lambda a: a.id
+                (a for a in self._cache.values() if a.key_id == key_id),
+                key=lambda a: a.id,
             )
         return await self._fetch(
             "SELECT * FROM activations WHERE key_id=? ORDER BY id", (key_id,)
@@ -415,7 +481,9 @@ class Store:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
-    async def add_messages(self, activation: Activation, messages: Iterable[Sms]) -> bool:
+    async def add_messages(
+        self, activation: Activation, messages: Iterable[Sms]
+    ) -> bool:
         """Append messages not seen before; a new one moves the state to CODE."""
         seen = {m.uid for m in activation.messages}
         new = [m for m in messages if m.uid not in seen]
@@ -433,7 +501,9 @@ class Store:
                 (state, new[-1].received_at, activation.id),
             )
             await self._db.commit()
-        activation.messages.extend(Message(m.uid, m.text, m.code, m.received_at) for m in new)
+        activation.messages.extend(
+            Message(m.uid, m.text, m.code, m.received_at) for m in new
+        )
         activation.state = state
         return True
 
@@ -479,7 +549,9 @@ class Store:
 
     # ---- provider health ----------------------------------------------------------------
 
-    async def save_health(self, provider: str, state: str, failures: int, now: float) -> None:
+    async def save_health(
+        self, provider: str, state: str, failures: int, now: float
+    ) -> None:
         """Record a circuit-breaker state change (read by ``check-config --ping``)."""
         async with self._write:
             await self._db.execute(
@@ -515,7 +587,7 @@ class Store:
             "SELECT activation_id, op, attempts, last_error FROM outbox WHERE done=0"
             " ORDER BY id"
         ) as cur:
-            return [tuple(row) for row in await cur.fetchall()]  # type: ignore[misc]
+            return [tuple(row) for row in await cur.fetchall()]
 
     async def op_done(self, op_id: int) -> None:
         """Mark a queued call as delivered."""

@@ -23,7 +23,9 @@ def get_provider_class(type_name: str) -> type[Provider]:
         target = PROVIDERS[type_name]
     except KeyError:
         valid = ", ".join(sorted(PROVIDERS))
-        raise ConfigError(f"unknown provider type {type_name!r} (valid: {valid})") from None
+        raise ConfigError(
+            f"unknown provider type {type_name!r} (valid: {valid})"
+        ) from None
     module_name, _, class_name = target.partition(":")
     cls: type[Provider] = getattr(importlib.import_module(module_name), class_name)
     return cls

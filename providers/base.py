@@ -35,7 +35,9 @@ class Order:
     service: str  # sms-activate service code, e.g. "tg"
     country: int  # sms-activate country id, e.g. 10
     operators: tuple[str, ...] = ()  # lower-case sms-activate operator names; () = any
-    exclude_prefixes: tuple[str, ...] = ()  # phoneException: international digit prefixes
+    exclude_prefixes: tuple[
+        str, ...
+    ] = ()  # phoneException: international digit prefixes
     max_price: Decimal | None = None  # in the provider's native currency
 
 
@@ -146,7 +148,7 @@ class Provider(abc.ABC):
     async def poll(self, ref: ActivationRef) -> PollResult:
         """Every message the upstream holds for this order, and whether it is over."""
 
-    async def ready(self, ref: ActivationRef) -> None:
+    async def ready(self, ref: ActivationRef) -> None:  # noqa: B027 - optional hook
         """setStatus 1: the client sent the SMS; tell the upstream where it matters."""
 
     async def retry(self, ref: ActivationRef) -> Purchase | None:
@@ -308,5 +310,7 @@ def require_option(name: str, options: Mapping[str, Any], key: str) -> str:
     """A non-empty string option, or ConfigError naming the place."""
     value = options.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"providers.{name}.{key}: missing (set it, e.g. ${{ENV_VAR}})")
+        raise ConfigError(
+            f"providers.{name}.{key}: missing (set it, e.g. ${{ENV_VAR}})"
+        )
     return value.strip()

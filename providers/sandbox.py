@@ -16,7 +16,15 @@ from decimal import Decimal
 from typing import Any
 
 from compat_server.errors import ConfigError, NoBalance, NoNumbers, UnknownService
-from providers.base import ActivationRef, Offer, Order, PollResult, Provider, Purchase, Sms
+from providers.base import (
+    ActivationRef,
+    Offer,
+    Order,
+    PollResult,
+    Provider,
+    Purchase,
+    Sms,
+)
 
 DEFAULT_SERVICES: dict[str, tuple[str, str, int]] = {
     # code: (name, price in the sandbox currency, stock)
@@ -36,8 +44,19 @@ DEFAULT_SERVICES: dict[str, tuple[str, str, int]] = {
     "mm": ("Microsoft", "3.00", 330),
     "ot": ("Any other", "10.00", 999),
 }
-DIAL_CODES = {0: "7", 1: "380", 2: "7", 6: "62", 10: "84", 12: "1", 16: "44", 22: "91",
-              25: "856", 43: "49", 187: "1"}  # fmt: skip
+DIAL_CODES = {
+    0: "7",
+    1: "380",
+    2: "7",
+    6: "62",
+    10: "84",
+    12: "1",
+    16: "44",
+    22: "91",
+    25: "856",
+    43: "49",
+    187: "1",
+}
 LOCAL_DIGITS = {0: 10, 2: 10, 10: 9, 25: 10, 12: 10, 187: 10, 16: 10, 22: 10}
 TEMPLATES = {
     "tg": "Telegram code: {code}\n\nYou can also tap on this link to log in: t.me/login/{code}",
@@ -70,14 +89,20 @@ class SandboxProvider(Provider):
     default_poll_interval = 1.0
     can_lookup = True
 
-    def __init__(self, name: str, options: Mapping[str, Any], *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, name: str, options: Mapping[str, Any], *args: Any, **kwargs: Any
+    ) -> None:
         super().__init__(name, options, *args, **kwargs)
         self._currency = str(options.get("currency", "RUB")).upper()
         self.sms_delay = _number(name, options, "sms_delay", 5.0)
         self._balance = Decimal(str(_number(name, options, "balance", 1000.0)))
         countries = options.get("countries", [0, 10, 25, 187])
-        if not isinstance(countries, list) or not all(isinstance(c, int) for c in countries):
-            raise ConfigError(f"providers.{name}.countries: must be a list of country ids")
+        if not isinstance(countries, list) or not all(
+            isinstance(c, int) for c in countries
+        ):
+            raise ConfigError(
+                f"providers.{name}.countries: must be a list of country ids"
+            )
         self._countries = countries
         self._services = _services(name, options.get("services"))
         self._orders: dict[str, _Order] = {}
@@ -123,7 +148,9 @@ class SandboxProvider(Provider):
         known = self._orders.get(ref.upstream_id)
         if known is None:  # after a restart: rebuild from what the store kept
             _, price, _ = self._services.get(ref.service, ("", Decimal(0), 0))
-            known = _Order(ref.upstream_id, ref.service, price, ref.created_at, ref.created_at)
+            known = _Order(
+                ref.upstream_id, ref.service, price, ref.created_at, ref.created_at
+            )
             self._orders[ref.upstream_id] = known
         return known
 
@@ -137,10 +164,14 @@ class SandboxProvider(Provider):
         return PollResult(tuple(order.sms), closed=order.closed)
 
     def _message(self, order: _Order) -> Sms:
-        seed = hashlib.sha256(f"{order.upstream_id}:{order.delivered}".encode()).hexdigest()
+        seed = hashlib.sha256(
+            f"{order.upstream_id}:{order.delivered}".encode()
+        ).hexdigest()
         code = str(100_000 + int(seed[:8], 16) % 900_000)
         name = self._services.get(order.service, ("the service",))[0]
-        template = TEMPLATES.get(order.service, "Your {name} verification code is {code}")
+        template = TEMPLATES.get(
+            order.service, "Your {name} verification code is {code}"
+        )
         text = template.format(code=code, dash=f"{code[:3]}-{code[3:]}", name=name)
         return Sms(f"{order.upstream_id}:{order.delivered}", text, code, self.clock())
 
@@ -166,7 +197,10 @@ class SandboxProvider(Provider):
         """The configured services, in every configured country."""
         if country not in self._countries:
             return []
-        return [Offer(code, price, stock) for code, (_, price, stock) in self._services.items()]
+        return [
+            Offer(code, price, stock)
+            for code, (_, price, stock) in self._services.items()
+        ]
 
     def countries(self) -> list[int]:
         """The configured countries."""
@@ -192,7 +226,9 @@ def _services(name: str, raw: Any) -> dict[str, tuple[str, Decimal, int]]:
     if raw is None:
         return {c: (n, Decimal(p), s) for c, (n, p, s) in DEFAULT_SERVICES.items()}
     if not isinstance(raw, dict):
-        raise ConfigError(f"providers.{name}.services: must map codes to {{price, count}}")
+        raise ConfigError(
+            f"providers.{name}.services: must map codes to {{price, count}}"
+        )
     result = {}
     for code, spec in raw.items():
         where = f"providers.{name}.services.{code}"

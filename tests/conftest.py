@@ -44,7 +44,12 @@ def sandbox_raw(store_path: str, **sections: Any) -> dict[str, Any]:
             {"key": OTHER_KEY, "alias": "other", "providers": ["sandbox"]},
         ],
         "providers": {
-            "sandbox": {"type": "sandbox", "sms_delay": 5, "balance": 1000, "poll_interval": 1}
+            "sandbox": {
+                "type": "sandbox",
+                "sms_delay": 5,
+                "balance": 1000,
+                "poll_interval": 1,
+            }
         },
     }
     raw.update(copy.deepcopy(sections))

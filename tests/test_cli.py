@@ -84,14 +84,23 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Captur
 def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = str(tmp_path / "absent.yaml")
     assert main(["check-config", "--config", path]) == 2
-    assert capsys.readouterr().err == f"sms-compat: config error: {path}: cannot read (No such file or directory)\n"
+    assert (
+        capsys.readouterr().err
+        == f"sms-compat: config error: {path}: cannot read (No such file or directory)\n"
+    )
 
 
 def test_ping_sandbox(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path, "providers: {sb: {type: sandbox, balance: 50}}\nkeys: [{key: k, providers: [sb]}]\n")
+    path = write(
+        tmp_path,
+        "providers: {sb: {type: sandbox, balance: 50}}\nkeys: [{key: k, providers: [sb]}]\n",
+    )
     assert main(["check-config", "--config", path, "--ping"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == "sb: reachable, token accepted, balance 50.0 RUB = 50.00 RUB, circuit closed"
+    assert (
+        lines[-1]
+        == "sb: reachable, token accepted, balance 50.0 RUB = 50.00 RUB, circuit closed"
+    )
 
 
 def test_shipped_config_is_valid() -> None:

@@ -11,7 +11,16 @@ from aiohttp.test_utils import TestClient
 from compat_server import dialect, errors
 from compat_server.config import parse_config
 from compat_server.store import CANCELLED, WAIT_CODE
-from tests.conftest import API, KEY, OTHER_KEY, FakeClock, StartApp, call, engine_of, sandbox_raw
+from tests.conftest import (
+    API,
+    KEY,
+    OTHER_KEY,
+    FakeClock,
+    StartApp,
+    call,
+    engine_of,
+    sandbox_raw,
+)
 
 TEXT = "text/plain"
 JSON = "application/json"
@@ -33,7 +42,9 @@ async def shop(start_app: StartApp, store_path: str) -> TestClient:
 
 
 async def buy(client: TestClient, service: str = "tg", country: int = 10) -> int:
-    status, ctype, body = await call(client, action="getNumber", service=service, country=country)
+    status, ctype, body = await call(
+        client, action="getNumber", service=service, country=country
+    )
     assert (status, ctype) == (200, TEXT) and body.startswith("ACCESS_NUMBER:"), body
     return int(body.split(":")[1])
 
@@ -54,7 +65,9 @@ async def buy(client: TestClient, service: str = "tg", country: int = 10) -> int
         ({"api_key": "wrong", "action": "nonsense"}, "BAD_KEY"),
     ],
 )
-async def test_auth_and_action_errors(shop: TestClient, params: dict[str, str], body: str) -> None:
+async def test_auth_and_action_errors(
+    shop: TestClient, params: dict[str, str], body: str
+) -> None:
     resp = await shop.get(API, params=params)
     assert (resp.status, resp.content_type, await resp.text()) == (200, TEXT, body)
 
@@ -73,7 +86,11 @@ async def test_every_error_class_has_a_token() -> None:
 
 async def test_get_balance_always_has_decimals(shop: TestClient) -> None:
     assert await call(shop, action="getBalance") == (200, TEXT, "ACCESS_BALANCE:100.00")
-    assert await call(shop, action="getBalanceAndCashBack") == (200, TEXT, "ACCESS_BALANCE:100.00")
+    assert await call(shop, action="getBalanceAndCashBack") == (
+        200,
+        TEXT,
+        "ACCESS_BALANCE:100.00",
+    )
     await buy(shop)
     assert await call(shop, action="getBalance") == (200, TEXT, "ACCESS_BALANCE:82.00")
 
@@ -81,11 +98,18 @@ async def test_get_balance_always_has_decimals(shop: TestClient) -> None:
 # ---- getNumber ------------------------------------------------------------------------
 
 
-async def test_get_number_stores_before_answering(shop: TestClient, clock: FakeClock) -> None:
+async def test_get_number_stores_before_answering(
+    shop: TestClient, clock: FakeClock
+) -> None:
     status, ctype, body = await call(shop, action="getNumber", service="tg", country=10)
     kind, ident, phone = body.split(":")
     assert (status, ctype, kind) == (200, TEXT, "ACCESS_NUMBER")
-    assert ident == "100000" and phone.startswith("84") and len(phone) == 11 and phone.isdigit()
+    assert (
+        ident == "100000"
+        and phone.startswith("84")
+        and len(phone) == 11
+        and phone.isdigit()
+    )
     stored = await engine_of(shop).store.get(100000)
     assert stored is not None
     assert (stored.phone, stored.service, stored.country, stored.state, stored.cost) == (
@@ -105,10 +129,15 @@ async def test_get_number_stores_before_answering(shop: TestClient, clock: FakeC
         ({"service": "tg", "country": 10, "forward": 1}, "NO_NUMBERS"),
         ({"service": "tg", "country": 10, "maxPrice": "10"}, "NO_NUMBERS"),
         ({"service": "tg", "country": 10, "maxPrice": "x"}, "ERROR_SQL"),
-        ({"service": "tg", "country": 10, "phoneException": "84a"}, "WRONG_EXCEPTION_PHONE"),
+        (
+            {"service": "tg", "country": 10, "phoneException": "84a"},
+            "WRONG_EXCEPTION_PHONE",
+        ),
     ],
 )
-async def test_get_number_refusals(shop: TestClient, params: dict[str, Any], body: str) -> None:
+async def test_get_number_refusals(
+    shop: TestClient, params: dict[str, Any], body: str
+) -> None:
     assert await call(shop, action="getNumber", **params) == (200, TEXT, body)
     assert await engine_of(shop).store.count() == 0
 
@@ -116,11 +145,21 @@ async def test_get_number_refusals(shop: TestClient, params: dict[str, Any], bod
 async def test_get_number_no_balance(start_app: StartApp, store_path: str) -> None:
     raw = sandbox_raw(store_path, providers=sandbox(tg={"price": 150, "count": 5}))
     client = await start_app(parse_config(raw))
-    assert await call(client, action="getNumber", service="tg", country=10) == (200, TEXT, "NO_BALANCE")
-    assert await call(client, action="getNumberV2", service="tg", country=10) == (200, TEXT, "NO_BALANCE")
+    assert await call(client, action="getNumber", service="tg", country=10) == (
+        200,
+        TEXT,
+        "NO_BALANCE",
+    )
+    assert await call(client, action="getNumberV2", service="tg", country=10) == (
+        200,
+        TEXT,
+        "NO_BALANCE",
+    )
 
 
-async def test_get_number_accepts_operator_max_price_and_any_country(shop: TestClient) -> None:
+async def test_get_number_accepts_operator_max_price_and_any_country(
+    shop: TestClient,
+) -> None:
     status, _, body = await call(
         shop, action="getNumber", service="tg", country="any", operator="viettel,mobifone",
         maxPrice="18.00", phoneException="7900,7901", ref="pythonsmsactivate", json="1",
@@ -132,7 +171,9 @@ async def test_get_number_accepts_operator_max_price_and_any_country(shop: TestC
 
 
 async def test_get_number_v2_types(shop: TestClient, clock: FakeClock) -> None:
-    status, ctype, body = await call(shop, action="getNumberV2", service="tg", country=10)
+    status, ctype, body = await call(
+        shop, action="getNumberV2", service="tg", country=10
+    )
     assert (status, ctype) == (200, JSON)
     data = json.loads(body)
     stored = await engine_of(shop).store.get(100000)
@@ -160,26 +201,51 @@ def _local(seconds: float) -> str:
 # ---- status actions -------------------------------------------------------------------
 
 
-async def test_status_actions_through_a_whole_activation(shop: TestClient, clock: FakeClock) -> None:
+async def test_status_actions_through_a_whole_activation(
+    shop: TestClient, clock: FakeClock
+) -> None:
     ident = await buy(shop)
-    assert await call(shop, action="getStatus", id=ident) == (200, TEXT, "STATUS_WAIT_CODE")
+    assert await call(shop, action="getStatus", id=ident) == (
+        200,
+        TEXT,
+        "STATUS_WAIT_CODE",
+    )
     assert await call(shop, action="getStatusV2", id=ident) == (
         200, JSON, '{"verificationType":0,"sms":null,"call":null}',
     )  # fmt: skip
-    assert await call(shop, action="getFullSms", id=ident) == (200, TEXT, "STATUS_WAIT_CODE")
+    assert await call(shop, action="getFullSms", id=ident) == (
+        200,
+        TEXT,
+        "STATUS_WAIT_CODE",
+    )
     clock.advance(6)
     _, _, body = await call(shop, action="getStatus", id=ident)
     stored = await engine_of(shop).store.get(ident)
     assert stored is not None and len(stored.messages) == 1
     sms = stored.messages[0]
     assert body == f"STATUS_OK:{sms.code}"
-    assert sms.text == f"Telegram code: {sms.code}\n\nYou can also tap on this link to log in: t.me/login/{sms.code}"
+    assert (
+        sms.text
+        == f"Telegram code: {sms.code}\n\nYou can also tap on this link to log in: t.me/login/{sms.code}"
+    )
     assert await call(shop, action="getStatusV2", id=ident) == (200, JSON, json.dumps(
         {"verificationType": 0, "sms": {"dateTime": _local(clock.now), "code": sms.code,
          "text": sms.text}, "call": None}, ensure_ascii=False, separators=(",", ":")))  # fmt: skip
-    assert await call(shop, action="getFullSms", id=ident) == (200, TEXT, f"FULL_SMS:{sms.text}")
-    assert await call(shop, action="setStatus", id=ident, status=3) == (200, TEXT, "ACCESS_RETRY_GET")
-    assert await call(shop, action="getStatus", id=ident) == (200, TEXT, f"STATUS_WAIT_RETRY:{sms.code}")
+    assert await call(shop, action="getFullSms", id=ident) == (
+        200,
+        TEXT,
+        f"FULL_SMS:{sms.text}",
+    )
+    assert await call(shop, action="setStatus", id=ident, status=3) == (
+        200,
+        TEXT,
+        "ACCESS_RETRY_GET",
+    )
+    assert await call(shop, action="getStatus", id=ident) == (
+        200,
+        TEXT,
+        f"STATUS_WAIT_RETRY:{sms.code}",
+    )
     assert await call(shop, action="getStatusV2", id=ident) == (
         200, JSON, '{"verificationType":0,"sms":null,"call":null}',
     )  # fmt: skip
@@ -187,18 +253,26 @@ async def test_status_actions_through_a_whole_activation(shop: TestClient, clock
     _, _, body = await call(shop, action="getStatus", id=ident)
     assert len(stored.messages) == 2 and body == f"STATUS_OK:{stored.messages[1].code}"
     assert stored.messages[1].code != sms.code
-    assert await call(shop, action="setStatus", id=ident, status=6) == (200, TEXT, "ACCESS_ACTIVATION")
+    assert await call(shop, action="setStatus", id=ident, status=6) == (
+        200,
+        TEXT,
+        "ACCESS_ACTIVATION",
+    )
     for action in ("getStatus", "getStatusV2", "getFullSms"):
         assert await call(shop, action=action, id=ident) == (200, TEXT, "STATUS_CANCEL")
 
 
-@pytest.mark.parametrize("action", ["getStatus", "getStatusV2", "getFullSms", "setStatus"])
+@pytest.mark.parametrize(
+    "action", ["getStatus", "getStatusV2", "getFullSms", "setStatus"]
+)
 @pytest.mark.parametrize(
     ("ident", "body"),
     [("", "WRONG_ACTIVATION_ID"), ("12a", "WRONG_ACTIVATION_ID"), ("-5", "WRONG_ACTIVATION_ID"),
      ("1" * 40, "WRONG_ACTIVATION_ID"), ("999999", "NO_ACTIVATION")],
 )  # fmt: skip
-async def test_activation_id_errors(shop: TestClient, action: str, ident: str, body: str) -> None:
+async def test_activation_id_errors(
+    shop: TestClient, action: str, ident: str, body: str
+) -> None:
     assert await call(shop, action=action, id=ident, status=8) == (200, TEXT, body)
 
 
@@ -218,8 +292,16 @@ async def test_other_keys_activation_is_invisible(shop: TestClient) -> None:
 async def test_lifetime_reads_cancel(shop: TestClient, clock: FakeClock) -> None:
     ident = await buy(shop, "tg")
     clock.advance(1201)
-    assert await call(shop, action="getStatus", id=ident) == (200, TEXT, "STATUS_CANCEL")
-    assert await call(shop, action="setStatus", id=ident, status=8) == (200, TEXT, "ACCESS_CANCEL")
+    assert await call(shop, action="getStatus", id=ident) == (
+        200,
+        TEXT,
+        "STATUS_CANCEL",
+    )
+    assert await call(shop, action="setStatus", id=ident, status=8) == (
+        200,
+        TEXT,
+        "ACCESS_CANCEL",
+    )
     assert await call(shop, action="getBalance") == (200, TEXT, "ACCESS_BALANCE:82.00")
     assert await engine_of(shop).run_outbox() == 1  # the expiry's upstream cancel
     assert await call(shop, action="getBalance") == (200, TEXT, "ACCESS_BALANCE:100.00")
@@ -265,22 +347,40 @@ async def test_lifecycle(
     for step in steps:
         if step == "code":
             clock.advance(6)
-            assert (await call(shop, action="getStatus", id=ident))[2].startswith("STATUS_OK:")
+            assert (await call(shop, action="getStatus", id=ident))[2].startswith(
+                "STATUS_OK:"
+            )
         else:
-            assert (await call(shop, action="setStatus", id=ident, status=step))[2].startswith("ACCESS_")
-    assert await call(shop, action="setStatus", id=ident, status=status) == (200, TEXT, body)
+            assert (await call(shop, action="setStatus", id=ident, status=step))[
+                2
+            ].startswith("ACCESS_")
+    assert await call(shop, action="setStatus", id=ident, status=status) == (
+        200,
+        TEXT,
+        body,
+    )
     stored = await engine_of(shop).store.get(ident)
     assert stored is not None and stored.state == after
 
 
-async def test_early_cancel_window(start_app: StartApp, store_path: str, clock: FakeClock) -> None:
+async def test_early_cancel_window(
+    start_app: StartApp, store_path: str, clock: FakeClock
+) -> None:
     raw = sandbox_raw(store_path, activation={"lifetime": 1200, "early_cancel": 120})
     client = await start_app(parse_config(raw))
     ident = await buy(client)
     clock.advance(119)
-    assert await call(client, action="setStatus", id=ident, status=8) == (200, TEXT, "EARLY_CANCEL_DENIED")
+    assert await call(client, action="setStatus", id=ident, status=8) == (
+        200,
+        TEXT,
+        "EARLY_CANCEL_DENIED",
+    )
     clock.advance(1)
-    assert await call(client, action="setStatus", id=ident, status=8) == (200, TEXT, "ACCESS_CANCEL")
+    assert await call(client, action="setStatus", id=ident, status=8) == (
+        200,
+        TEXT,
+        "ACCESS_CANCEL",
+    )
     stored = await engine_of(client).store.get(ident)
     assert stored is not None and stored.state == CANCELLED
 
@@ -297,7 +397,11 @@ async def test_get_prices(shop: TestClient) -> None:
     _, ctype, body = await call(shop, action="getPrices")
     assert (ctype, json.loads(body)) == (JSON, {"0": expected, "10": expected})
     assert await call(shop, action="getPrices", country=187) == (200, JSON, "{}")
-    assert await call(shop, action="getPrices", country=10, service="zz") == (200, JSON, "{}")
+    assert await call(shop, action="getPrices", country=10, service="zz") == (
+        200,
+        JSON,
+        "{}",
+    )
 
 
 async def test_get_numbers_status(shop: TestClient) -> None:
@@ -305,7 +409,9 @@ async def test_get_numbers_status(shop: TestClient) -> None:
     assert (ctype, json.loads(body)) == (JSON, {**LEGACY, "tg_0": "420", "wa_0": "0"})
     _, _, body = await call(shop, action="getNumbersStatus", country=187)
     assert json.loads(body) == LEGACY
-    _, _, body = await call(shop, action="getNumbersStatus")  # default: first country (0)
+    _, _, body = await call(
+        shop, action="getNumbersStatus"
+    )  # default: first country (0)
     assert json.loads(body) == {**LEGACY, "tg_0": "420", "wa_0": "0"}
 
 
@@ -343,7 +449,11 @@ async def test_get_active_activations(shop: TestClient, clock: FakeClock) -> Non
     assert stored is not None and other is not None
     _, ctype, body = await call(shop, action="getActiveActivations")
     data = json.loads(body)
-    assert ctype == JSON and data["status"] == "success" and data["data"] == data["activeActivations"]
+    assert (
+        ctype == JSON
+        and data["status"] == "success"
+        and data["data"] == data["activeActivations"]
+    )
     assert data["activeActivations"] == [
         {"activationId": str(first), "serviceCode": "tg", "phoneNumber": stored.phone,
          "activationCost": 18.0, "activationStatus": "2", "smsCode": [stored.code],
@@ -371,13 +481,19 @@ async def test_get_active_activations(shop: TestClient, clock: FakeClock) -> Non
 async def test_hosts_trick_and_paths(shop: TestClient, path: str, host: str) -> None:
     resp = await shop.get(path, params={"api_key": KEY, "action": "getBalance"},
                           headers={"Host": host})  # fmt: skip
-    assert (resp.status, resp.content_type, await resp.text()) == (200, TEXT, "ACCESS_BALANCE:100.00")
+    assert (resp.status, resp.content_type, await resp.text()) == (
+        200,
+        TEXT,
+        "ACCESS_BALANCE:100.00",
+    )
 
 
 async def test_post_form_body(shop: TestClient) -> None:
     resp = await shop.post(API, data={"api_key": KEY, "action": "getNumber", "service": "tg",
                                       "country": "10"})  # fmt: skip
-    assert resp.status == 200 and (await resp.text()).startswith("ACCESS_NUMBER:100000:")
+    assert resp.status == 200 and (await resp.text()).startswith(
+        "ACCESS_NUMBER:100000:"
+    )
 
 
 async def test_post_with_query_string_and_empty_body(shop: TestClient) -> None:
@@ -404,7 +520,9 @@ async def test_unencoded_values_and_trailing_separators(shop: TestClient) -> Non
 
 
 async def test_oversized_body_is_a_token_not_an_error(shop: TestClient) -> None:
-    resp = await shop.post(API, data={"api_key": KEY, "action": "getBalance", "pad": "x" * 70000})
+    resp = await shop.post(
+        API, data={"api_key": KEY, "action": "getBalance", "pad": "x" * 70000}
+    )
     assert resp.status in (200, 413)
     if resp.status == 200:
         assert await resp.text() == "ERROR_SQL"
@@ -412,6 +530,12 @@ async def test_oversized_body_is_a_token_not_an_error(shop: TestClient) -> None:
 
 async def test_no_trailing_newline_anywhere(shop: TestClient) -> None:
     ident = await buy(shop)
-    for action in ("getBalance", "getStatus", "getStatusV2", "getPrices", "getCountries"):
+    for action in (
+        "getBalance",
+        "getStatus",
+        "getStatusV2",
+        "getPrices",
+        "getCountries",
+    ):
         _, _, body = await call(shop, action=action, id=ident)
         assert body == body.strip()

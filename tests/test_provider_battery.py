@@ -62,12 +62,19 @@ class Stack:
 
     async def buy(self) -> tuple[int, str]:
         """getNumber tg/Vietnam; returns (local id, upstream id)."""
-        status, ctype, body = await call(self.client, action="getNumber", service="tg", country=10)
-        assert (status, ctype) == (200, TEXT) and body.startswith("ACCESS_NUMBER:"), body
+        status, ctype, body = await call(
+            self.client, action="getNumber", service="tg", country=10
+        )
+        assert (status, ctype) == (200, TEXT) and body.startswith("ACCESS_NUMBER:"), (
+            body
+        )
         ident = int(body.split(":")[1])
         stored = await self.engine.store.get(ident)
         assert stored is not None and body == f"ACCESS_NUMBER:{ident}:{stored.phone}"
-        assert stored.phone.startswith(self.backend.phone_prefix) and stored.phone.isdigit()
+        assert (
+            stored.phone.startswith(self.backend.phone_prefix)
+            and stored.phone.isdigit()
+        )
         assert stored.upstream_id in self.fake.orders
         return ident, stored.upstream_id
 
@@ -78,11 +85,15 @@ class Stack:
         return body
 
     async def set_status(self, ident: int, status: int) -> str:
-        _, _, body = await call(self.client, action="setStatus", id=ident, status=status)
+        _, _, body = await call(
+            self.client, action="setStatus", id=ident, status=status
+        )
         return body
 
     def buy_calls(self) -> int:
-        return sum(1 for path in self.fake.paths_called() if path == self.backend.buy_path)
+        return sum(
+            1 for path in self.fake.paths_called() if path == self.backend.buy_path
+        )
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -110,11 +121,17 @@ async def stack(
 
 
 async def test_balance(stack: Stack) -> None:
-    assert await call(stack.client, action="getBalance") == (200, TEXT, stack.backend.balance)
+    assert await call(stack.client, action="getBalance") == (
+        200,
+        TEXT,
+        stack.backend.balance,
+    )
 
 
 async def test_prices_and_stock(stack: Stack) -> None:
-    status, ctype, body = await call(stack.client, action="getPrices", country=10, service="tg")
+    status, ctype, body = await call(
+        stack.client, action="getPrices", country=10, service="tg"
+    )
     assert (status, ctype) == (200, "application/json")
     import json
 
@@ -127,7 +144,9 @@ async def test_prices_and_stock(stack: Stack) -> None:
 async def test_buy_poll_code_finish(stack: Stack) -> None:
     ident, upstream = await stack.buy()
     assert await stack.status(ident) == "STATUS_WAIT_CODE"
-    stack.fake.deliver(upstream, "Telegram code: 54321. Do not give it to anyone", "54321")
+    stack.fake.deliver(
+        upstream, "Telegram code: 54321. Do not give it to anyone", "54321"
+    )
     assert await stack.status(ident) == "STATUS_OK:54321"
     assert await stack.set_status(ident, 6) == "ACCESS_ACTIVATION"
     assert await stack.status(ident) == "STATUS_CANCEL"
@@ -171,9 +190,15 @@ async def test_retry_gets_a_second_code(stack: Stack) -> None:
         ("bad_token", "NO_NUMBERS", "ERROR_SQL"),
     ],
 )
-async def test_refusals(stack: Stack, scenario: str, number: str, balance: str | None) -> None:
+async def test_refusals(
+    stack: Stack, scenario: str, number: str, balance: str | None
+) -> None:
     stack.fake.scenario = scenario
-    assert await call(stack.client, action="getNumber", service="tg", country=10) == (200, TEXT, number)
+    assert await call(stack.client, action="getNumber", service="tg", country=10) == (
+        200,
+        TEXT,
+        number,
+    )
     assert await stack.engine.store.count() == 0
     if balance is not None:
         assert await call(stack.client, action="getBalance") == (200, TEXT, balance)
@@ -211,7 +236,13 @@ async def test_unreachable_upstream(stack: Stack, aiohttp_server: Any) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    for attr in ("base_url", "activation_url", "_base_url", "_activation_url", "_rent_url"):
+    for attr in (
+        "base_url",
+        "activation_url",
+        "_base_url",
+        "_activation_url",
+        "_rent_url",
+    ):
         if hasattr(provider, attr):
             setattr(provider, attr, f"http://127.0.0.1:{port}")
     assert await call(stack.client, action="getNumber", service="tg", country=10) == (
@@ -278,15 +309,24 @@ async def test_published_client_whole_flow(stack: Stack) -> None:
     assert balance == {"balance": stack.backend.balance.split(":")[1]}
     number = await asyncio.to_thread(api.getNumber, service="tg", country=10)
     stored = await stack.engine.store.get(number["activation_id"])
-    assert stored is not None and number == {"activation_id": stored.id, "phone": int(stored.phone)}
+    assert stored is not None and number == {
+        "activation_id": stored.id,
+        "phone": int(stored.phone),
+    }
     stack.clock.advance(10)
     assert await asyncio.to_thread(api.getStatus, id=stored.id) == "STATUS_WAIT_CODE"
     stack.fake.deliver(stored.upstream_id, "Telegram code 77881", "77881")
     stack.clock.advance(10)
     assert await asyncio.to_thread(api.getStatus, id=stored.id) == "STATUS_OK:77881"
-    assert await asyncio.to_thread(api.setStatus, id=stored.id, status=6) == "ACCESS_ACTIVATION"
+    assert (
+        await asyncio.to_thread(api.setStatus, id=stored.id, status=6)
+        == "ACCESS_ACTIVATION"
+    )
     second = await asyncio.to_thread(api.getNumber, service="tg", country=10)
-    assert await asyncio.to_thread(api.setStatus, id=second["activation_id"], status=8) == "ACCESS_CANCEL"
+    assert (
+        await asyncio.to_thread(api.setStatus, id=second["activation_id"], status=8)
+        == "ACCESS_CANCEL"
+    )
     assert [a.state for a in await stack.engine.store.for_key(stored.key_id, open_only=False)] == [
         FINISHED, CANCELLED,
     ]  # fmt: skip
@@ -309,7 +349,9 @@ async def test_catalog_is_cached_for_its_ttl(stack: Stack) -> None:
     assert catalog_calls() > after_first
 
 
-async def test_ready_reaches_the_upstream_where_it_means_something(stack: Stack) -> None:
+async def test_ready_reaches_the_upstream_where_it_means_something(
+    stack: Stack,
+) -> None:
     ident, upstream = await stack.buy()
     assert await stack.set_status(ident, 1) == "ACCESS_READY"
     calls = stack.fake.orders[upstream].calls
@@ -331,12 +373,18 @@ async def test_rejected_upstream_token_is_loud_in_the_log(
     ]
 
 
-async def test_check_config_ping(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_check_config_ping(
+    stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
     from compat_server.cli import ping
 
     config = stack.engine.config
     assert await ping(config) == 0
-    native = {"thuecodesim": "1000000 VND", "smsman": "799.70 RUB", "smspva": "10.5 USD"}[stack.name]
+    native = {
+        "thuecodesim": "1000000 VND",
+        "smsman": "799.70 RUB",
+        "smspva": "10.5 USD",
+    }[stack.name]
     shown = stack.backend.balance.split(":")[1]
     assert capsys.readouterr().out == (
         f"{stack.name}: reachable, token accepted, balance {native} = {shown} RUB, circuit closed\n"

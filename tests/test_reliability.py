@@ -11,7 +11,14 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from compat_server.config import parse_config
 from compat_server.engine import Engine
-from compat_server.store import CANCELLED, EXPIRED, FINISHED, RECONCILED, UNCERTAIN, WAIT_CODE
+from compat_server.store import (
+    CANCELLED,
+    EXPIRED,
+    FINISHED,
+    RECONCILED,
+    UNCERTAIN,
+    WAIT_CODE,
+)
 from tests.conftest import KEY, FakeClock, StartApp, call, engine_of
 from tests.fakes import smsman, smspva, thuecodesim
 
@@ -30,7 +37,9 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def config_for(store_path: str, providers: dict[str, Any], route: list[str], **extra: Any) -> Any:
+def config_for(
+    store_path: str, providers: dict[str, Any], route: list[str], **extra: Any
+) -> Any:
     raw: dict[str, Any] = {
         "store": {"path": store_path},
         "currency": {"display": "RUB", "rates": {"VND": "0.004", "USD": "90"}},
@@ -52,31 +61,63 @@ async def bought_from(client: TestClient, body: str) -> str:
 # ---- routing --------------------------------------------------------------------------
 
 
-async def test_ordered_fallback_on_no_numbers(start_app: StartApp, store_path: str) -> None:
-    client = await start_app(config_for(store_path, {"a": sandbox(10, count=0), "b": sandbox(20)}, ["a", "b"]))
+async def test_ordered_fallback_on_no_numbers(
+    start_app: StartApp, store_path: str
+) -> None:
+    client = await start_app(
+        config_for(
+            store_path, {"a": sandbox(10, count=0), "b": sandbox(20)}, ["a", "b"]
+        )
+    )
     _, _, body = await call(client, action="getNumber", service="tg", country=10)
     assert await bought_from(client, body) == "b"
     attempts = await engine_of(client).store.attempts(["refused", "confirmed"])
-    assert [(a.provider, a.state) for a in attempts] == [("a", "refused"), ("b", "confirmed")]
+    assert [(a.provider, a.state) for a in attempts] == [
+        ("a", "refused"),
+        ("b", "confirmed"),
+    ]
 
 
-async def test_fallback_on_no_balance_and_unknown_service(start_app: StartApp, store_path: str) -> None:
+async def test_fallback_on_no_balance_and_unknown_service(
+    start_app: StartApp, store_path: str
+) -> None:
     providers = {"poor": sandbox(10, balance=1), "other": {**sandbox(5), "countries": [0]},
                  "rich": sandbox(30)}  # fmt: skip
-    client = await start_app(config_for(store_path, providers, ["poor", "other", "rich"]))
+    client = await start_app(
+        config_for(store_path, providers, ["poor", "other", "rich"])
+    )
     _, _, body = await call(client, action="getNumber", service="tg", country=10)
     assert await bought_from(client, body) == "rich"
 
 
 async def test_route_answers_merge(start_app: StartApp, store_path: str) -> None:
-    client = await start_app(config_for(store_path, {"a": sandbox(10, balance=1), "b": sandbox(10, balance=2)}, ["a", "b"]))
-    assert await call(client, action="getNumber", service="tg", country=10) == (200, TEXT, "NO_BALANCE")
-    assert await call(client, action="getNumber", service="xx", country=10) == (200, TEXT, "BAD_SERVICE")
+    client = await start_app(
+        config_for(
+            store_path,
+            {"a": sandbox(10, balance=1), "b": sandbox(10, balance=2)},
+            ["a", "b"],
+        )
+    )
+    assert await call(client, action="getNumber", service="tg", country=10) == (
+        200,
+        TEXT,
+        "NO_BALANCE",
+    )
+    assert await call(client, action="getNumber", service="xx", country=10) == (
+        200,
+        TEXT,
+        "BAD_SERVICE",
+    )
 
 
 async def test_fallback_when_unreachable(start_app: StartApp, store_path: str) -> None:
-    down = {**smsman.provider_options(f"http://127.0.0.1:{closed_port()}"), "type": "smsman"}
-    client = await start_app(config_for(store_path, {"down": down, "sb": sandbox(10)}, ["down", "sb"]))
+    down = {
+        **smsman.provider_options(f"http://127.0.0.1:{closed_port()}"),
+        "type": "smsman",
+    }
+    client = await start_app(
+        config_for(store_path, {"down": down, "sb": sandbox(10)}, ["down", "sb"])
+    )
     _, _, body = await call(client, action="getNumber", service="tg", country=10)
     assert await bought_from(client, body) == "sb"
 
@@ -87,16 +128,24 @@ async def test_no_fallback_after_an_uncertain_buy(
     fake = smsman.FakeSmsman()
     server: TestServer = await aiohttp_server(fake.app)
     options = smsman.provider_options(str(server.make_url("")).rstrip("/"))
-    client = await start_app(config_for(store_path, {"sm": options, "sb": sandbox(10)}, ["sm", "sb"]))
+    client = await start_app(
+        config_for(store_path, {"sm": options, "sb": sandbox(10)}, ["sm", "sb"])
+    )
     fake.fault, fake.fault_paths = "after_500", {"/control/get-number"}
-    assert await call(client, action="getNumber", service="tg", country=10) == (200, TEXT, "NO_NUMBERS")
+    assert await call(client, action="getNumber", service="tg", country=10) == (
+        200,
+        TEXT,
+        "NO_NUMBERS",
+    )
     engine = engine_of(client)
     assert await engine.store.count() == 0  # the sandbox was never asked
     assert [a.provider for a in await engine.store.attempts([UNCERTAIN])] == ["sm"]
     assert len(fake.orders) == 1  # bought upstream, answer lost
 
 
-async def test_cheapest_strategy_and_service_routes(start_app: StartApp, store_path: str) -> None:
+async def test_cheapest_strategy_and_service_routes(
+    start_app: StartApp, store_path: str
+) -> None:
     providers = {"dear": sandbox(30), "cheap": sandbox(10), "wa_only": sandbox(50)}
     routes = [{"service": "wa", "providers": ["wa_only"]},
               {"service": "tg", "country": 10, "providers": ["dear", "cheap"], "strategy": "cheapest"}]  # fmt: skip
@@ -109,24 +158,43 @@ async def test_cheapest_strategy_and_service_routes(start_app: StartApp, store_p
     assert await bought_from(client, body) == "dear"  # no route matches: the key's list
 
 
-async def test_max_price_skips_dear_providers(start_app: StartApp, store_path: str) -> None:
-    client = await start_app(config_for(store_path, {"dear": sandbox(30), "cheap": sandbox(10)}, ["dear", "cheap"]))
-    _, _, body = await call(client, action="getNumber", service="tg", country=10, maxPrice="15")
+async def test_max_price_skips_dear_providers(
+    start_app: StartApp, store_path: str
+) -> None:
+    client = await start_app(
+        config_for(
+            store_path, {"dear": sandbox(30), "cheap": sandbox(10)}, ["dear", "cheap"]
+        )
+    )
+    _, _, body = await call(
+        client, action="getNumber", service="tg", country=10, maxPrice="15"
+    )
     assert await bought_from(client, body) == "cheap"
-    assert await call(client, action="getNumber", service="tg", country=10, maxPrice="5") == (200, TEXT, "NO_NUMBERS")
+    assert await call(
+        client, action="getNumber", service="tg", country=10, maxPrice="5"
+    ) == (200, TEXT, "NO_NUMBERS")
 
 
-async def test_markup_and_currency_conversion(start_app: StartApp, store_path: str, aiohttp_server: Any) -> None:
+async def test_markup_and_currency_conversion(
+    start_app: StartApp, store_path: str, aiohttp_server: Any
+) -> None:
     fake = thuecodesim.FakeThuecodesim()
     server: TestServer = await aiohttp_server(fake.app)
-    options = {**thuecodesim.provider_options(str(server.make_url("")).rstrip("/")), "markup": 1.25}
+    options = {
+        **thuecodesim.provider_options(str(server.make_url("")).rstrip("/")),
+        "markup": 1.25,
+    }
     client = await start_app(config_for(store_path, {"tcs": options}, ["tcs"]))
     # 1200 VND x 0.004 RUB/VND x 1.25 markup = 6.00 RUB
     assert await call(client, action="getPrices", country=10, service="tg") == (
         200, "application/json", '{"10":{"tg":{"cost":6.0,"count":100,"physicalCount":100}}}',
     )  # fmt: skip
     # the balance is money held, converted without markup: 1,000,000 VND = 4000 RUB
-    assert await call(client, action="getBalance") == (200, TEXT, "ACCESS_BALANCE:4000.00")
+    assert await call(client, action="getBalance") == (
+        200,
+        TEXT,
+        "ACCESS_BALANCE:4000.00",
+    )
     _, _, body = await call(client, action="getNumberV2", service="tg", country=10)
     assert '"activationCost":6.0,"currency":643' in body
 
@@ -136,7 +204,11 @@ async def test_markup_and_currency_conversion(start_app: StartApp, store_path: s
 
 @pytest.mark.parametrize("fault", ["after_500", "after_hang", "after_reset"])
 async def test_reconciler_cancels_a_purchase_whose_answer_was_lost(
-    start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock, fault: str
+    start_app: StartApp,
+    store_path: str,
+    aiohttp_server: Any,
+    clock: FakeClock,
+    fault: str,
 ) -> None:
     fake = smspva.FakeSmspva()
     fake.clock = clock  # type: ignore[attr-defined]
@@ -144,8 +216,16 @@ async def test_reconciler_cancels_a_purchase_whose_answer_was_lost(
     options = smspva.provider_options(str(server.make_url("")).rstrip("/"))
     client = await start_app(config_for(store_path, {"pva": options}, ["pva"]))
     engine = engine_of(client)
-    fake.fault, fake.fault_paths, fake.hang_seconds = fault, {"/activation/number/VN/opt29"}, 2
-    assert await call(client, action="getNumber", service="tg", country=10) == (200, TEXT, "NO_NUMBERS")
+    fake.fault, fake.fault_paths, fake.hang_seconds = (
+        fault,
+        {"/activation/number/VN/opt29"},
+        2,
+    )
+    assert await call(client, action="getNumber", service="tg", country=10) == (
+        200,
+        TEXT,
+        "NO_NUMBERS",
+    )
     [order_id] = list(fake.orders)
     fake.fault = None
     assert await engine.reconcile() == 1
@@ -169,7 +249,11 @@ async def test_reconciler_stores_thuecodesim_orphans(
     # the fake dates purchases by its own clock: align ours with it
     clock.now = fake.clock()  # type: ignore[attr-defined]
     fake.fault, fake.fault_paths = "after_500", {"/request/getv2"}
-    assert await call(client, action="getNumber", service="tg", country=10) == (200, TEXT, "NO_NUMBERS")
+    assert await call(client, action="getNumber", service="tg", country=10) == (
+        200,
+        TEXT,
+        "NO_NUMBERS",
+    )
     [request_id] = list(fake.orders)
     fake.fault = None
     assert await engine.reconcile() == 1
@@ -177,14 +261,18 @@ async def test_reconciler_stores_thuecodesim_orphans(
     assert (orphan.upstream_id, orphan.state) == (request_id, CANCELLED)
 
 
-async def test_reconciler_waits_for_buys_in_flight(start_app: StartApp, store_path: str) -> None:
+async def test_reconciler_waits_for_buys_in_flight(
+    start_app: StartApp, store_path: str
+) -> None:
     client = await start_app(config_for(store_path, {"sb": sandbox(10)}, ["sb"]))
     engine = engine_of(client)
-    order = (await engine.store.attempts([]))  # nothing yet
+    order = await engine.store.attempts([])  # nothing yet
     assert order == []
     from providers.base import Order
 
-    attempt = await engine.store.begin_purchase("k", "sb", Order("tg", 10), engine.clock())
+    attempt = await engine.store.begin_purchase(
+        "k", "sb", Order("tg", 10), engine.clock()
+    )
     engine.router.in_flight[attempt] = "sb"
     assert await engine.reconcile() == 0
     assert [a.state for a in await engine.store.attempts(["pending"])] == ["pending"]
@@ -211,11 +299,17 @@ async def test_circuit_opens_then_one_probe_decides(
     assert engine.health()["sm"] == "open"
     calls = len(fake.calls)
     _, _, body = await call(client, action="getNumber", service="tg", country=10)
-    assert await bought_from(client, body) == "sb" and len(fake.calls) == calls  # skipped
+    assert (
+        await bought_from(client, body) == "sb" and len(fake.calls) == calls
+    )  # skipped
     clock.advance(30)
     fake.fault = None
     # three numbers came from the sandbox (1000 - 3 x 10) + sms-man 799.70
-    assert await call(client, action="getBalance") == (200, TEXT, "ACCESS_BALANCE:1769.70")
+    assert await call(client, action="getBalance") == (
+        200,
+        TEXT,
+        "ACCESS_BALANCE:1769.70",
+    )
     assert engine.health()["sm"] == "closed"
     await asyncio.sleep(0.05)  # let the state change reach the store
     from compat_server.cli import recorded_circuits
@@ -252,7 +346,11 @@ async def test_outbox_backs_off_and_resumes_after_restart(
     ident = int(body.split(":")[1])
     upstream = (await engine_of(client).store.get(ident)).upstream_id  # type: ignore[union-attr]
     fake.fault = "html500"
-    assert await call(client, action="setStatus", id=ident, status=8) == (200, TEXT, "ACCESS_CANCEL")
+    assert await call(client, action="setStatus", id=ident, status=8) == (
+        200,
+        TEXT,
+        "ACCESS_CANCEL",
+    )
     engine = engine_of(client)
     waits = []
     for _ in range(4):
@@ -288,7 +386,11 @@ async def test_sweeper_cancels_upstream_what_got_no_code(
     assert first is not None and second is not None
     fake.deliver(second.upstream_id, "code 4455", "4455")
     clock.advance(10)
-    assert await call(client, action="getStatus", id=ids[1]) == (200, TEXT, "STATUS_OK:4455")
+    assert await call(client, action="getStatus", id=ids[1]) == (
+        200,
+        TEXT,
+        "STATUS_OK:4455",
+    )
     clock.advance(1200)
     assert await engine.sweep() == 2
     assert (first.state, second.state) == (EXPIRED, FINISHED)
@@ -307,7 +409,10 @@ async def test_concurrent_polls_share_one_upstream_request(
     fake = smsman.FakeSmsman()
     fake.fault, fake.fault_paths, fake.hang_seconds = "hang", {"/control/get-sms"}, 0.2
     server: TestServer = await aiohttp_server(fake.app)
-    options = {**smsman.provider_options(str(server.make_url("")).rstrip("/")), "poll_interval": 3}
+    options = {
+        **smsman.provider_options(str(server.make_url("")).rstrip("/")),
+        "poll_interval": 3,
+    }
     client = await start_app(config_for(store_path, {"sm": options}, ["sm"],
                                         upstream={"read_timeout": 2}))  # fmt: skip
     _, _, body = await call(client, action="getNumber", service="tg", country=10)
@@ -316,12 +421,16 @@ async def test_concurrent_polls_share_one_upstream_request(
     def polls() -> int:
         return fake.paths_called().count("/control/get-sms")
 
-    answers = await asyncio.gather(*[call(client, action="getStatus", id=ident) for _ in range(50)])
+    answers = await asyncio.gather(
+        *[call(client, action="getStatus", id=ident) for _ in range(50)]
+    )
     assert {a[2] for a in answers} == {"STATUS_WAIT_CODE"} and polls() == 1
     fake.fault = None
     for _ in range(5):  # a client hammering every 0.5 s: 2.5 s in, still one poll
         clock.advance(0.5)
-        await asyncio.gather(*[call(client, action="getStatus", id=ident) for _ in range(4)])
+        await asyncio.gather(
+            *[call(client, action="getStatus", id=ident) for _ in range(4)]
+        )
     assert polls() == 1
     clock.advance(0.5)
     await call(client, action="getStatus", id=ident)
@@ -333,7 +442,10 @@ async def test_smspva_polls_no_faster_than_every_five_seconds(
 ) -> None:
     fake = smspva.FakeSmspva()
     server: TestServer = await aiohttp_server(fake.app)
-    options = {**smspva.provider_options(str(server.make_url("")).rstrip("/")), "poll_interval": 1}
+    options = {
+        **smspva.provider_options(str(server.make_url("")).rstrip("/")),
+        "poll_interval": 1,
+    }
     client = await start_app(config_for(store_path, {"pva": options}, ["pva"]))
     _, _, body = await call(client, action="getNumber", service="tg", country=10)
     ident = int(body.split(":")[1])
@@ -361,14 +473,30 @@ async def test_thuecodesim_rerent_on_retry_tracks_the_new_order(
     first = activation.upstream_id
     fake.deliver(first, "Telegram code 11111", "11111")
     clock.advance(5)
-    assert await call(client, action="getStatus", id=ident) == (200, TEXT, "STATUS_OK:11111")
-    assert await call(client, action="setStatus", id=ident, status=3) == (200, TEXT, "ACCESS_RETRY_GET")
+    assert await call(client, action="getStatus", id=ident) == (
+        200,
+        TEXT,
+        "STATUS_OK:11111",
+    )
+    assert await call(client, action="setStatus", id=ident, status=3) == (
+        200,
+        TEXT,
+        "ACCESS_RETRY_GET",
+    )
     second = activation.upstream_id
     assert second != first and fake.orders[second].phone == fake.orders[first].phone
     assert activation.extra["previous_ids"] == first
-    assert await call(client, action="getStatus", id=ident) == (200, TEXT, "STATUS_WAIT_RETRY:11111")
+    assert await call(client, action="getStatus", id=ident) == (
+        200,
+        TEXT,
+        "STATUS_WAIT_RETRY:11111",
+    )
     fake.deliver(second, "Telegram code 22222", "22222")
     clock.advance(5)
-    assert await call(client, action="getStatus", id=ident) == (200, TEXT, "STATUS_OK:22222")
+    assert await call(client, action="getStatus", id=ident) == (
+        200,
+        TEXT,
+        "STATUS_OK:22222",
+    )
     # both upstream orders are known: the reconciler would never take either for an orphan
     assert {first, second} <= await engine.store.known_upstream_ids("tcs")

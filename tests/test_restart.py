@@ -9,7 +9,9 @@ from compat_server.store import MIGRATIONS, SCHEMA_VERSION, Store
 from tests.conftest import FakeClock, StartApp, call, engine_of, sandbox_raw
 
 
-async def test_activation_survives_restart(start_app: StartApp, store_path: str, clock: FakeClock) -> None:
+async def test_activation_survives_restart(
+    start_app: StartApp, store_path: str, clock: FakeClock
+) -> None:
     config = parse_config(sandbox_raw(store_path))
     first = await start_app(config)
     _, _, body = await call(first, action="getNumber", service="tg", country=10)
@@ -21,7 +23,11 @@ async def test_activation_survives_restart(start_app: StartApp, store_path: str,
     await first.close()
 
     again = await start_app(config)
-    assert await call(again, action="getStatus", id=ident) == (200, "text/plain", "STATUS_WAIT_CODE")
+    assert await call(again, action="getStatus", id=ident) == (
+        200,
+        "text/plain",
+        "STATUS_WAIT_CODE",
+    )
     assert await call(again, action="getStatus", id=second_body.split(":")[1]) == (
         200, "text/plain", "STATUS_CANCEL",
     )  # fmt: skip
@@ -38,7 +44,9 @@ async def test_activation_survives_restart(start_app: StartApp, store_path: str,
     assert body.split(":")[1] == str(int(ident) + 2)
 
 
-async def test_purchase_is_committed_before_the_answer(start_app: StartApp, store_path: str) -> None:
+async def test_purchase_is_committed_before_the_answer(
+    start_app: StartApp, store_path: str
+) -> None:
     client = await start_app(parse_config(sandbox_raw(store_path)))
     _, _, body = await call(client, action="getNumber", service="tg", country=10)
     _, ident, phone = body.split(":")
@@ -59,7 +67,9 @@ async def test_schema_version_is_recorded(store_path: str) -> None:
     finally:
         await store.close()
     with sqlite3.connect(store_path) as db:
-        assert db.execute("SELECT value FROM meta WHERE name='version'").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM meta WHERE name='version'").fetchone() == (
+            "2",
+        )
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
@@ -78,9 +88,14 @@ async def test_version_1_database_is_migrated(store_path: str) -> None:
     try:
         assert await store.schema_version() == 2
         kept = await store.get(100000)
-        assert kept is not None and (kept.phone, kept.state) == ("84900000000", "wait_code")
+        assert kept is not None and (kept.phone, kept.state) == (
+            "84900000000",
+            "wait_code",
+        )
         await store.save_health("sandbox", "open", 5, 2.0)
     finally:
         await store.close()
     with sqlite3.connect(store_path) as db:
-        assert db.execute("SELECT * FROM health").fetchall() == [("sandbox", "open", 5, 2.0)]
+        assert db.execute("SELECT * FROM health").fetchall() == [
+            ("sandbox", "open", 5, 2.0)
+        ]

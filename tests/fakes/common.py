@@ -97,7 +97,9 @@ class FakeUpstream:
                 return web.Response(status=200, body=b"")
             if fault == "malformed":
                 return web.Response(
-                    status=200, text='{"success": true, "data": {', content_type="application/json"
+                    status=200,
+                    text='{"success": true, "data": {',
+                    content_type="application/json",
                 )
             if fault == "hang":
                 await asyncio.sleep(self.hang_seconds)
