@@ -42,6 +42,7 @@ from compat_server.store import (
     WAIT_RETRY,
     Activation,
     Attempt,
+    OutboxOp,
     Store,
 )
 from providers.base import Clock, Offer, Order, Provider
@@ -125,6 +126,7 @@ class Engine:
         self._polls: dict[int, asyncio.Future[None]] = {}
         self._last_poll: dict[int, float] = {}
         self._outbox_wake = asyncio.Event()
+        self._delivering: set[int] = set()  # outbox ops being delivered right now
 
     @property
     def providers(self) -> Mapping[str, Provider]:
@@ -349,51 +351,58 @@ class Engine:
         """Deliver due queued calls once; returns how many were delivered."""
         delivered = 0
         for op in await self.store.due_ops(self.clock()):
-            if only is not None and op.activation_id != only:
+            if (
+                only is not None and op.activation_id != only
+            ) or op.id in self._delivering:
                 continue
-            activation = await self.store.get(op.activation_id)
-            provider = (
-                None if activation is None else self.providers.get(activation.provider)
-            )
-            if activation is None or provider is None:
-                await self.store.op_done(op.id)
-                continue
-            ref = activation.ref()
-            call = {
-                "cancel": provider.cancel,
-                "finish": provider.finish,
-                "ready": provider.ready,
-            }[op.op]
+            self._delivering.add(op.id)
             try:
-                await self.upstreams.call(
-                    activation.provider, op.op, functools.partial(call, ref)
-                )
-            except RETRYABLE as exc:
-                delay = min(
-                    self.config.outbox_interval * 2**op.attempts,
-                    self.config.outbox_max_backoff,
-                )
-                await self.store.op_failed(
-                    op.id, self.clock() + delay, type(exc).__name__
-                )
-                log.info(
-                    "outbox id=%d op=%s failed (%s), retry in %.0fs",
-                    activation.id,
-                    op.op,
-                    type(exc).__name__,
-                    delay,
-                )
-                continue
-            except ProviderError as exc:
-                log.warning(
-                    "outbox id=%d op=%s answered %s: treated as final",
-                    activation.id,
-                    op.op,
-                    type(exc).__name__,
-                )
-            await self.store.op_done(op.id)
-            delivered += 1
+                delivered += await self._deliver(op)
+            finally:
+                self._delivering.discard(op.id)
         return delivered
+
+    async def _deliver(self, op: OutboxOp) -> int:
+        """Make one queued upstream call; 1 if it is done, 0 if it was rescheduled."""
+        activation = await self.store.get(op.activation_id)
+        provider = (
+            None if activation is None else self.providers.get(activation.provider)
+        )
+        if activation is None or provider is None:
+            await self.store.op_done(op.id)
+            return 0
+        call = {
+            "cancel": provider.cancel,
+            "finish": provider.finish,
+            "ready": provider.ready,
+        }[op.op]
+        try:
+            await self.upstreams.call(
+                activation.provider, op.op, functools.partial(call, activation.ref())
+            )
+        except RETRYABLE as exc:
+            delay = min(
+                self.config.outbox_interval * 2**op.attempts,
+                self.config.outbox_max_backoff,
+            )
+            await self.store.op_failed(op.id, self.clock() + delay, type(exc).__name__)
+            log.info(
+                "outbox id=%d op=%s failed (%s), retry in %.0fs",
+                activation.id,
+                op.op,
+                type(exc).__name__,
+                delay,
+            )
+            return 0
+        except ProviderError as exc:
+            log.warning(
+                "outbox id=%d op=%s answered %s: treated as final",
+                activation.id,
+                op.op,
+                type(exc).__name__,
+            )
+        await self.store.op_done(op.id)
+        return 1
 
     async def sweep(self) -> int:
         """Expire every open activation past its lifetime; returns how many."""
@@ -451,9 +460,9 @@ class Engine:
                 )
                 return orphans
             owner: int | None = attempt.id
-            for purchase in found:
-                if purchase.upstream_id in known:
-                    continue
+            # one attempt bought at most one number: claim at most one unknown order,
+            # so numbers bought elsewhere on the same account (by hand, say) are spared
+            for purchase in [p for p in found if p.upstream_id not in known][:1]:
                 known.add(purchase.upstream_id)
                 activation = await self.store.complete_purchase(
                     owner,

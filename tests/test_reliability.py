@@ -500,3 +500,60 @@ async def test_thuecodesim_rerent_on_retry_tracks_the_new_order(
     )
     # both upstream orders are known: the reconciler would never take either for an orphan
     assert {first, second} <= await engine.store.known_upstream_ids("tcs")
+
+
+async def test_reconciler_claims_one_order_per_unknown_attempt(
+    start_app: StartApp, store_path: str, aiohttp_server: Any
+) -> None:
+    fake = smspva.FakeSmspva()
+    server: TestServer = await aiohttp_server(fake.app)
+    url = str(server.make_url("")).rstrip("/")
+    client = await start_app(
+        config_for(store_path, {"pva": smspva.provider_options(url)}, ["pva"])
+    )
+    engine = engine_of(client)
+    fake.fault, fake.fault_paths = "after_500", {"/activation/number/VN/opt29"}
+    assert await call(client, action="getNumber", service="tg", country=10) == (
+        200,
+        TEXT,
+        "NO_NUMBERS",
+    )
+    fake.fault = None
+    # the operator buys a number by hand on the same account, outside sms-compat
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        resp = await http.get(
+            f"{url}/activation/number/VN/opt29", headers={"apikey": smspva.API_KEY}
+        )
+    by_hand = str(
+        resp.json()["data"]["orderId"]
+        if "data" in resp.json()
+        else resp.json()["orderId"]
+    )
+    assert await engine.reconcile() == 1
+    assert await engine.run_outbox() == 1
+    states = {order_id: order.state for order_id, order in fake.orders.items()}
+    assert states[by_hand] != "cancelled"
+    assert sorted(states.values()).count("cancelled") == 1
+
+
+async def test_sweeper_resumes_after_restart(
+    start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock
+) -> None:
+    fake = smsman.FakeSmsman()
+    server: TestServer = await aiohttp_server(fake.app)
+    config = config_for(
+        store_path,
+        {"sm": smsman.provider_options(str(server.make_url("")).rstrip("/"))},
+        ["sm"],
+    )
+    first = await start_app(config)
+    _, _, body = await call(first, action="getNumber", service="tg", country=10)
+    upstream = (await engine_of(first).store.get(int(body.split(":")[1]))).upstream_id  # type: ignore[union-attr]
+    await first.close()
+    clock.advance(1300)  # the server was down when the lifetime ended
+    again = await start_app(config)
+    assert await engine_of(again).sweep() == 1
+    assert await engine_of(again).run_outbox() == 1
+    assert fake.orders[upstream].state == "cancelled"
