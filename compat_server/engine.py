@@ -45,7 +45,7 @@ from compat_server.store import (
     OutboxOp,
     Store,
 )
-from providers.base import Clock, Offer, Order, Provider
+from providers.base import Clock, Offer, Order, Provider, Purchase
 
 log = logging.getLogger("compat_server")
 
@@ -412,23 +412,28 @@ class Engine:
             await self.expire(activation)
         return len(due)
 
+    def _buying(self, provider: str) -> bool:
+        """A buy of this process is running on ``provider`` right now."""
+        return provider in self.router.in_flight.values()
+
     async def reconcile(self) -> int:
         """Look upstream for purchases of unknown outcome; returns orphans cancelled."""
         attempts = await self.store.attempts([UNCERTAIN, PENDING])
-        busy = set(self.router.in_flight.values())
-        by_provider: dict[str, list[Attempt]] = {}
+        groups: dict[tuple[str, str, int], list[Attempt]] = {}
         for attempt in attempts:
             if attempt.id in self.router.in_flight:
                 continue  # a buy of this process is still running
-            by_provider.setdefault(attempt.provider, []).append(attempt)
+            key = (attempt.provider, attempt.order.service, attempt.order.country)
+            groups.setdefault(key, []).append(attempt)
         orphans = 0
-        for name, group in by_provider.items():
-            if name in busy:
-                continue  # a concurrent buy could look like an orphan until it is stored
-            orphans += await self._reconcile_provider(name, group)
+        for (name, _, _), group in groups.items():
+            orphans += await self._reconcile_group(name, group)
+        if orphans:
+            self._outbox_wake.set()
         return orphans
 
-    async def _reconcile_provider(self, name: str, group: list[Attempt]) -> int:
+    async def _reconcile_group(self, name: str, group: list[Attempt]) -> int:
+        """One upstream lookup for attempts of one provider, service and country."""
         provider = self.providers.get(name)
         now = self.clock()
         if provider is None or not provider.can_lookup:
@@ -444,57 +449,71 @@ class Engine:
                         attempt.id, RECONCILED, "unresolved", now
                     )
             return 0
+        if self._buying(name):
+            return 0  # a concurrent buy could look like an orphan until it is stored
+        since = min(a.created_at for a in group) - 60
+        try:
+            found = await self.upstreams.call(
+                name,
+                "lookup",
+                functools.partial(provider.lookup_purchases, group[0].order, since),
+            )
+        except ProviderError as exc:
+            log.info(
+                "reconcile provider=%s lookup failed: %s", name, type(exc).__name__
+            )
+            return 0
+        # Checked again after the lookup, with no await before the claims are decided:
+        # any order in `found` was sold before the lookup answered, so its buy is either
+        # still in flight now (skip the round) or already stored (in `known` below).
+        if self._buying(name):
+            return 0
         known = await self.store.known_upstream_ids(name)
+        unknown = [p for p in found if p.upstream_id not in known]
         orphans = 0
         for attempt in group:
-            since = attempt.created_at - 60
-            try:
-                found = await self.upstreams.call(
-                    name,
-                    "lookup",
-                    functools.partial(provider.lookup_purchases, attempt.order, since),
-                )
-            except ProviderError as exc:
-                log.info(
-                    "reconcile provider=%s lookup failed: %s", name, type(exc).__name__
-                )
-                return orphans
-            owner: int | None = attempt.id
-            # one attempt bought at most one number: claim at most one unknown order,
-            # so numbers bought elsewhere on the same account (by hand, say) are spared
-            for purchase in [p for p in found if p.upstream_id not in known][:1]:
-                known.add(purchase.upstream_id)
-                activation = await self.store.complete_purchase(
-                    owner,
-                    attempt.key_id,
-                    name,
-                    type(provider).native_currency(provider.options),
-                    attempt.order,
-                    purchase,
-                    Decimal(0),
-                    now,
-                    self.config.lifetime,
-                    state=CANCELLED,
-                )
-                owner = None
-                await self.store.enqueue(activation.id, "cancel", now)
+            if unknown:
+                # one attempt bought at most one number: claim one order per attempt,
+                # so numbers bought elsewhere on the same account are spared
+                await self._claim_orphan(name, provider, attempt, unknown.pop(0), now)
                 orphans += 1
-                log.warning(
-                    "reconcile provider=%s found unowned purchase -> stored as id=%d"
-                    " and cancelled upstream",
-                    name,
-                    activation.id,
-                )
-            if owner is not None and now - attempt.created_at > RECONCILE_WINDOW:
+            elif now - attempt.created_at > RECONCILE_WINDOW:
                 await self.store.end_purchase(
                     attempt.id, RECONCILED, "nothing found", now
                 )
-            elif owner is not None and attempt.state == PENDING:
+            elif attempt.state == PENDING:
                 # a buy interrupted by a crash: from now on it is simply uncertain
                 await self.store.end_purchase(attempt.id, UNCERTAIN, "interrupted", now)
-        if orphans:
-            self._outbox_wake.set()
         return orphans
+
+    async def _claim_orphan(
+        self,
+        name: str,
+        provider: Provider,
+        attempt: Attempt,
+        purchase: Purchase,
+        now: float,
+    ) -> None:
+        """Store an unowned upstream order as a cancelled activation; queue its cancel."""
+        activation = await self.store.complete_purchase(
+            attempt.id,
+            attempt.key_id,
+            name,
+            type(provider).native_currency(provider.options),
+            attempt.order,
+            purchase,
+            Decimal(0),
+            now,
+            self.config.lifetime,
+            state=CANCELLED,
+        )
+        await self.store.enqueue(activation.id, "cancel", now)
+        log.warning(
+            "reconcile provider=%s found an unowned purchase: stored as id=%d,"
+            " cancel queued",
+            name,
+            activation.id,
+        )
 
     async def run_forever(
         self, name: str, interval: float, step: Callable[[], Awaitable[int]]

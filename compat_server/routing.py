@@ -27,7 +27,7 @@ from compat_server.errors import (
     UpstreamUnreachable,
 )
 from compat_server.store import REFUSED, UNCERTAIN, Activation, Store
-from providers.base import Clock, Offer, Order, Provider
+from providers.base import Clock, Offer, Order, Provider, Purchase
 
 log = logging.getLogger("compat_server")
 T = TypeVar("T")
@@ -254,52 +254,71 @@ class Router:
             attempt = await self.store.begin_purchase(
                 key.key_id, name, native, self.clock()
             )
+            # in flight until the activation is stored: the reconciler must never take
+            # a number this buy is about to own for an orphan
             self.in_flight[attempt] = name
             try:
-                purchase = await self.upstreams.call(
-                    name, "buy", functools.partial(provider.buy, native)
+                purchase = await self._buy_once(
+                    name, provider, native, attempt, refusals
                 )
-            except (
-                NoNumbers,
-                NoBalance,
-                UnknownService,
-                UpstreamUnreachable,
-                UpstreamAuth,
-            ) as exc:
-                await self.store.end_purchase(
-                    attempt, REFUSED, type(exc).__name__, self.clock()
-                )
-                refusals.append(exc)
-                log.info(
-                    "buy provider=%s refused=%s, trying next", name, type(exc).__name__
-                )
-                continue
-            except UpstreamUncertain as exc:
-                await self.store.end_purchase(
-                    attempt, UNCERTAIN, exc.detail, self.clock()
-                )
-                log.warning(
-                    "buy provider=%s outcome unknown (%s): not retried, queued for"
-                    " reconciliation as attempt %d",
-                    name,
-                    exc.detail,
+                if purchase is None:
+                    continue
+                return await self.store.complete_purchase(
                     attempt,
+                    key.key_id,
+                    name,
+                    type(provider).native_currency(provider.options),
+                    order,
+                    purchase,
+                    self.prices.display(name, purchase.price),
+                    self.clock(),
+                    self.config.lifetime,
                 )
-                raise NoNumbers(name, "purchase outcome unknown") from exc
             finally:
                 self.in_flight.pop(attempt, None)
-            return await self.store.complete_purchase(
-                attempt,
-                key.key_id,
-                name,
-                type(provider).native_currency(provider.options),
-                order,
-                purchase,
-                self.prices.display(name, purchase.price),
-                self.clock(),
-                self.config.lifetime,
-            )
         raise merge_refusals(refusals)
+
+    async def _buy_once(
+        self,
+        name: str,
+        provider: Provider,
+        order: Order,
+        attempt: int,
+        refusals: list[ProviderError],
+    ) -> Purchase | None:
+        """One paid call: the Purchase, or None after a definite refusal (recorded).
+
+        Raises NoNumbers when the outcome is unknown: the route stops there.
+        """
+        try:
+            return await self.upstreams.call(
+                name, "buy", functools.partial(provider.buy, order)
+            )
+        except (
+            NoNumbers,
+            NoBalance,
+            UnknownService,
+            UpstreamUnreachable,
+            UpstreamAuth,
+        ) as exc:
+            await self.store.end_purchase(
+                attempt, REFUSED, type(exc).__name__, self.clock()
+            )
+            refusals.append(exc)
+            log.info(
+                "buy provider=%s refused=%s, trying next", name, type(exc).__name__
+            )
+            return None
+        except UpstreamUncertain as exc:
+            await self.store.end_purchase(attempt, UNCERTAIN, exc.detail, self.clock())
+            log.warning(
+                "buy provider=%s outcome unknown (%s): not retried, queued for"
+                " reconciliation as attempt %d",
+                name,
+                exc.detail,
+                attempt,
+            )
+            raise NoNumbers(name, "purchase outcome unknown") from exc
 
 
 def merge_refusals(refusals: Sequence[ProviderError]) -> ProviderError:
