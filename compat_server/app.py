@@ -58,7 +58,8 @@ def create_app(
 
 def quiet_secret_loggers() -> None:
     """httpx/httpcore log full URLs (with upstream tokens) at INFO/DEBUG: keep them quiet."""
-    for name in ("httpx", "httpcore", "hpack"):
+    # aiosqlite logs every SQL parameter at DEBUG: phone numbers and SMS texts
+    for name in ("httpx", "httpcore", "hpack", "aiosqlite"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

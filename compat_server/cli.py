@@ -66,6 +66,8 @@ def serve_forever(
             access_log=None,
             print=None,
             handle_signals=True,
+            # answer long query strings ourselves instead of aiohttp's 400
+            handler_args={"max_line_size": 65536, "max_field_size": 65536},
         )
     except OSError as exc:
         print(

@@ -24,6 +24,9 @@ log = logging.getLogger("compat_server")
 MAX_BODY = 64 * 1024  # bytes of form body read at most
 MAX_VALUE = 1024  # characters per parameter value
 MAX_PARAMS = 64
+MAX_MONEY = (
+    Decimal(10) ** 9
+)  # a maxPrice above this is nonsense, and its arithmetic overflows
 
 TEXT = "text/plain"
 JSON = "application/json"
@@ -105,13 +108,32 @@ async def read_params(request: web.Request) -> dict[str, str]:
     for name, value in request.query.items():
         params.setdefault(name.strip(), value)
     if request.method == "POST" and request.can_read_body:
-        raw = await request.content.read(MAX_BODY + 1)
-        if len(raw) > MAX_BODY:
-            raise errors.BadParameter("body too large")
-        params.update(_parse_body(raw, request.content_type))
+        if request.content_type == "multipart/form-data":
+            try:
+                form = await request.post()  # bounded by the app's client_max_size
+            except Exception:  # aiohttp raises several kinds on a broken multipart body
+                raise errors.BadParameter("malformed or oversized multipart") from None
+            params.update({k.strip(): v for k, v in form.items() if isinstance(v, str)})
+        else:
+            raw = await request.content.read(MAX_BODY + 1)
+            if len(raw) > MAX_BODY:
+                raise errors.BadParameter("body too large")
+            params.update(_parse_body(raw, request.content_type))
     if len(params) > MAX_PARAMS:
         raise errors.BadParameter("too many parameters")
+    for name, value in params.items():
+        if not _encodable(name) or not _encodable(value):
+            # lone surrogates (a JSON "\ud800") cannot be stored or compared as UTF-8
+            raise errors.BadParameter("parameter is not valid text")
     return {k: v.strip() for k, v in params.items()}
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_body(raw: bytes, content_type: str) -> dict[str, str]:
@@ -120,8 +142,8 @@ def _parse_body(raw: bytes, content_type: str) -> dict[str, str]:
     if "json" in content_type:
         try:
             data = json.loads(raw)
-        except ValueError:
-            raise errors.BadParameter("body is not JSON") from None
+        except (ValueError, RecursionError):
+            raise errors.BadParameter("body is not JSON (or nested too deep)") from None
         if not isinstance(data, dict):
             raise errors.BadParameter("JSON body is not an object")
         return {str(k): _scalar(v) for k, v in data.items()}
@@ -178,7 +200,7 @@ def money_param(params: Mapping[str, str], *names: str) -> Decimal | None:
         value = Decimal(raw)
     except ArithmeticError:
         raise errors.BadParameter(names[0]) from None
-    if not value.is_finite() or value < 0:
+    if not value.is_finite() or value < 0 or value > MAX_MONEY:
         raise errors.BadParameter(names[0])
     return value
 

@@ -539,3 +539,26 @@ async def test_no_trailing_newline_anywhere(shop: TestClient) -> None:
     ):
         _, _, body = await call(shop, action=action, id=ident)
         assert body == body.strip()
+
+
+async def test_post_multipart_form(shop: TestClient) -> None:
+    import aiohttp
+
+    form = aiohttp.FormData()
+    for name, value in (("api_key", KEY), ("action", "getBalance")):
+        form.add_field(name, value)
+    resp = await shop.post(API, data=form)
+    assert (resp.status, await resp.text()) == (200, "ACCESS_BALANCE:100.00")
+
+
+@pytest.mark.parametrize(
+    "body",
+    ['{"api_key":"\\ud800","action":"getBalance"}', "[" * 5000,
+     f'{{"api_key":"{KEY}","action":"getNumber","service":"tg","operator":"m\\udc80"}}'],
+)  # fmt: skip
+async def test_unusable_json_bodies_buy_nothing(shop: TestClient, body: str) -> None:
+    resp = await shop.post(API, data=body, headers={"Content-Type": "application/json"})
+    assert (resp.status, await resp.text()) == (200, "ERROR_SQL")
+    assert (
+        await engine_of(shop).store.attempts(["pending", "confirmed", "refused"]) == []
+    )
