@@ -11,6 +11,7 @@ import abc
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -113,9 +114,11 @@ class Provider(abc.ABC):
         self.http = http
         self.clock = clock
         # instance values shadow the class defaults; tests set min_interval: 0
-        self.min_interval = float(options.get("min_interval", type(self).min_interval))
-        self.poll_interval = float(
-            options.get("poll_interval", self.default_poll_interval)
+        self.min_interval = number_option(
+            name, options, "min_interval", type(self).min_interval
+        )
+        self.poll_interval = number_option(
+            name, options, "poll_interval", self.default_poll_interval
         )
         self._pace_lock = asyncio.Lock()
         self._last_call = 0.0
@@ -304,6 +307,29 @@ def as_text(value: Any) -> str:
 def digits(value: Any) -> str:
     """Only the decimal digits of a value ("+84 98-7" -> "84987")."""
     return "".join(ch for ch in as_text(value) if ch.isdigit())
+
+
+def number_option(
+    name: str, options: Mapping[str, Any], key: str, default: float
+) -> float:
+    """A non-negative number option (YAML number or numeric text), or ConfigError."""
+    value = options.get(key, default)
+    number = as_decimal(value)
+    if number is None or number < 0:
+        raise ConfigError(
+            f"providers.{name}.{key}: must be a number >= 0, got {value!r}"
+        )
+    return float(number)
+
+
+def url_option(name: str, options: Mapping[str, Any], key: str, default: str) -> str:
+    """An http(s) URL without its trailing slash, or ConfigError naming the place."""
+    value = options.get(key, default)
+    if not isinstance(value, str) or not re.match(
+        r"^https?://[^/\s]+\S*$", value.strip()
+    ):
+        raise ConfigError(f"providers.{name}.{key}: must be an http(s) URL")
+    return value.strip().rstrip("/")
 
 
 def require_option(name: str, options: Mapping[str, Any], key: str) -> str:

@@ -55,7 +55,9 @@ from providers.base import (
     as_int,
     as_text,
     digits,
+    number_option,
     require_option,
+    url_option,
 )
 from providers.otp import extract_code
 
@@ -122,13 +124,10 @@ class SmsmanProvider(Provider):
         http: httpx.AsyncClient,
         clock: Clock = time.time,
     ) -> None:
-        for key in ("min_interval", "poll_interval"):
-            if key in options:
-                _number_option(name, options, key, 0.0)
         super().__init__(name, options, http, clock)
         self.token = require_option(name, options, "token")
-        self.base_url = _url_option(name, options, "base_url", DEFAULT_BASE_URL)
-        self.catalog_ttl = _number_option(
+        self.base_url = url_option(name, options, "base_url", DEFAULT_BASE_URL)
+        self.catalog_ttl = number_option(
             name, options, "catalog_ttl", DEFAULT_CATALOG_TTL
         )
         self.service_ids = _service_option(name, options)
@@ -467,28 +466,6 @@ def _is_offer(item: Any) -> bool:
 
 
 # ---- options ---------------------------------------------------------------------
-
-
-def _number_option(
-    name: str, options: Mapping[str, Any], key: str, default: float
-) -> float:
-    """A non-negative number (YAML number or numeric string), or ConfigError."""
-    if key not in options:
-        return default
-    value = as_decimal(options[key])
-    if value is None or value < 0:
-        raise ConfigError(
-            f"providers.{name}.{key}: expected a number >= 0, got {options[key]!r}"
-        )
-    return float(value)
-
-
-def _url_option(name: str, options: Mapping[str, Any], key: str, default: str) -> str:
-    """An http(s) URL without its trailing slash, or ConfigError."""
-    value = options.get(key, default)
-    if not isinstance(value, str) or not re.match(r"https?://[^/\s]+", value.strip()):
-        raise ConfigError(f"providers.{name}.{key}: expected an http(s) URL")
-    return value.strip().rstrip("/")
 
 
 def _service_option(name: str, options: Mapping[str, Any]) -> dict[str, str]:

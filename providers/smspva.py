@@ -52,7 +52,9 @@ from providers.base import (
     as_int,
     as_text,
     digits,
+    number_option,
     require_option,
+    url_option,
 )
 from providers.otp import extract_code
 
@@ -114,9 +116,6 @@ class SmspvaProvider(Provider):
         http: httpx.AsyncClient,
         clock: Clock = time.time,
     ) -> None:
-        for key in ("min_interval", "poll_interval"):
-            if key in options:
-                _seconds(name, options, key, 0.0)
         super().__init__(name, options, http, clock)
         self.poll_interval = max(self.poll_interval, POLL_FLOOR)
         self.api_key = require_option(name, options, "api_key")
@@ -126,13 +125,13 @@ class SmspvaProvider(Provider):
                 f"providers.{name}.api: {api!r} is not one of {', '.join(APIS)}"
             )
         self.api: str = api
-        self.activation_url = _url(
+        self.activation_url = url_option(
             name, options, "activation_url", "https://api.smspva.com"
         )
-        self.base_url = _url(name, options, "base_url", "https://smspva.com")
+        self.base_url = url_option(name, options, "base_url", "https://smspva.com")
         self.dtype, self.dcount = _rent_period(name, options.get("rent"))
         self.rent_days = RENT_DAYS[self.dtype] * self.dcount
-        self.catalog_ttl = _seconds(name, options, "catalog_ttl", 60.0)
+        self.catalog_ttl = number_option(name, options, "catalog_ttl", 60.0)
         self.services = {
             **SERVICES,
             **_service_overrides(name, options.get("services")),
@@ -564,25 +563,6 @@ class SmspvaProvider(Provider):
 
 
 # ---- option parsing ------------------------------------------------------------------
-
-
-def _seconds(name: str, options: Mapping[str, Any], key: str, default: float) -> float:
-    """A non-negative number of seconds, or ConfigError."""
-    value = options.get(key, default)
-    number = as_decimal(value)
-    if number is None or number < 0:
-        raise ConfigError(f"providers.{name}.{key}: {value!r} is not seconds >= 0")
-    return float(number)
-
-
-def _url(name: str, options: Mapping[str, Any], key: str, default: str) -> str:
-    """An http(s) base URL without the trailing slash, or ConfigError."""
-    value = options.get(key, default)
-    if not isinstance(value, str) or not value.strip().startswith(
-        ("http://", "https://")
-    ):
-        raise ConfigError(f"providers.{name}.{key}: {value!r} is not an http(s) URL")
-    return value.strip().rstrip("/")
 
 
 def _rent_period(name: str, value: Any) -> tuple[str, int]:

@@ -47,7 +47,9 @@ from providers.base import (
     as_int,
     as_text,
     digits,
+    number_option,
     require_option,
+    url_option,
 )
 from providers.otp import extract_code
 
@@ -166,18 +168,12 @@ class ThuecodesimProvider(Provider):
         http: httpx.AsyncClient,
         clock: Clock = time.time,
     ) -> None:
-        for key in ("poll_interval", "min_interval"):
-            if key in options:
-                _number_option(name, options, key, 0.0)
         super().__init__(name, options, http, clock)
         self.token = require_option(name, options, "token")
-        base_url = options.get("base_url", DEFAULT_BASE_URL)
-        if not isinstance(base_url, str) or not re.match(r"^https?://\S+$", base_url):
-            raise ConfigError(f"providers.{name}.base_url: must be an http(s) URL")
-        self.base_url = base_url.rstrip("/")
+        self.base_url = url_option(name, options, "base_url", DEFAULT_BASE_URL)
         self.rerent_on_retry = _bool_option(name, options, "rerent_on_retry", False)
-        self.catalog_ttl = _number_option(name, options, "catalog_ttl", 60.0)
-        stock = _number_option(name, options, "nominal_stock", 100)
+        self.catalog_ttl = number_option(name, options, "catalog_ttl", 60.0)
+        stock = number_option(name, options, "nominal_stock", 100)
         if stock != int(stock):
             raise ConfigError(f"providers.{name}.nominal_stock: must be an integer")
         self.nominal_stock = int(stock)
@@ -524,17 +520,6 @@ def classify_failure(message: str) -> type[ProviderError]:
 def _vietnam_day(moment: float) -> date:
     """The calendar day in Vietnam at an epoch time."""
     return datetime.fromtimestamp(moment, VIETNAM_TZ).date()
-
-
-def _number_option(
-    name: str, options: Mapping[str, Any], key: str, default: float
-) -> float:
-    """A non-negative number option, or ConfigError naming the place."""
-    value = options.get(key, default)
-    number = as_decimal(value)
-    if number is None or number < 0:
-        raise ConfigError(f"providers.{name}.{key}: must be a number >= 0: {value!r}")
-    return float(number)
 
 
 def _bool_option(
