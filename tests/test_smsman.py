@@ -21,6 +21,7 @@ from compat_server.errors import (
 )
 from providers.base import ActivationRef, Offer, Order, PollResult, Purchase, Sms
 from providers.smsman import SmsmanProvider
+from tests.conftest import FakeClock
 from tests.fakes.smsman import TOKEN, FakeSmsman, provider_options
 
 TG_VN = Order(service="tg", country=10)
@@ -28,14 +29,7 @@ TG_RU = Order(service="tg", country=0)
 NOW = 1_700_000_000.0
 
 
-class Clock:
-    """A clock the test steps by hand."""
-
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> float:
-        return self.now
+Clock = FakeClock  # the shared steppable clock (tests/conftest.py)
 
 
 @pytest.fixture
@@ -57,7 +51,7 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(NOW)
 
 
 Make = Callable[..., SmsmanProvider]

@@ -26,6 +26,7 @@ from compat_server.errors import (
 from providers.base import ActivationRef, Offer, Order, PollResult, Purchase
 from providers.otp import extract_code
 from providers.smspva import SmspvaProvider
+from tests.conftest import FakeClock
 from tests.fakes.smspva import API_KEY, FakeSmspva, FakeSmspvaOrder, provider_options
 
 TG_VN = Order(service="tg", country=10)
@@ -35,19 +36,12 @@ WEEK = 7 * 86400
 BOTH = pytest.mark.parametrize("api", ["activation", "rent"])
 
 
-class Clock:
-    """A clock the test steps by hand, shared by the fake and the provider."""
-
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> float:
-        return self.now
+Clock = FakeClock  # the shared steppable clock (tests/conftest.py)
 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(NOW)
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from providers.thuecodesim import (
     name_key,
     parse_created_time,
 )
+from tests.conftest import FakeClock
 from tests.fakes.thuecodesim import TOKEN, FakeThuecodesim, provider_options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,14 +46,7 @@ TG_VN = Order(service="tg", country=10)
 TG_LA = Order(service="tg", country=25)
 
 
-class StepClock:
-    """A clock tests move by hand."""
-
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+StepClock = FakeClock  # the shared steppable clock (tests/conftest.py)
 
 
 @dataclass
@@ -82,7 +76,7 @@ async def stack(
     aiohttp_server: Callable[..., Awaitable[Any]], http: httpx.AsyncClient
 ) -> Stack:
     fake = FakeThuecodesim()
-    clock = StepClock()
+    clock = StepClock(NOW)
     fake.clock = clock
     server = await aiohttp_server(fake.app)
     return Stack(fake, str(server.make_url("")), clock, http)
