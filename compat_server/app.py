@@ -173,14 +173,15 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         outcome = "ERROR_SQL"
         raise
     finally:
-        log.info(
-            "action=%s key=%s provider=%s outcome=%s ms=%.1f",
-            _printable(action),
-            alias,
-            call.provider if call else "-",
-            outcome,
-            (time.perf_counter() - started) * 1000,
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "action=%s key=%s provider=%s outcome=%s ms=%.1f",
+                _printable(action),
+                alias,
+                call.provider if call else "-",
+                outcome,
+                (time.perf_counter() - started) * 1000,
+            )
 
 
 def _printable(text: str) -> str:

@@ -7,6 +7,7 @@ place. Every error is a :class:`ConfigError` with a one-line message.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -49,7 +50,7 @@ class KeyConfig:
     routes: tuple[RouteConfig, ...] = ()
     default_country: int | None = None
 
-    @property
+    @functools.cached_property
     def key_id(self) -> str:
         """A stable, non-secret identity for the store (a hash of the key)."""
         return key_id(self.key)

@@ -314,6 +314,7 @@ class Engine:
             await self.store.set_state(
                 activation, FINISHED, self.clock(), outbox="finish"
             )
+        self._last_poll.pop(activation.id, None)
         await self._drain_now(activation.id)
 
     async def cancel(self, activation: Activation) -> None:
