@@ -6,6 +6,7 @@ tokens) and build replies only through ``dialect`` helpers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -40,6 +41,8 @@ class Call:
 
 
 Action = Callable[[Call], Awaitable[Reply]]
+
+PRICES_DEADLINE = 5.0  # seconds getPrices without a country waits for catalogs
 
 
 @lru_cache(maxsize=1)
@@ -258,6 +261,22 @@ async def _stock(call: Call, country: int) -> dict[str, tuple[Decimal, int]]:
     return merged
 
 
+async def _stocks(
+    call: Call, countries: list[int]
+) -> dict[int, dict[str, tuple[Decimal, int]]]:
+    """Stock of several countries, fetched side by side within PRICES_DEADLINE.
+
+    Countries whose catalog is not in within the deadline are left out of this answer;
+    their fetches go on in the background and fill the cache for the next call (a
+    provider that paces its calls could otherwise keep getPrices busy for minutes).
+    """
+    if len(countries) == 1:
+        return {countries[0]: await _stock(call, countries[0])}
+    tasks = {c: asyncio.ensure_future(_stock(call, c)) for c in countries}
+    await asyncio.wait(tasks.values(), timeout=PRICES_DEADLINE)
+    return {c: t.result() for c, t in tasks.items() if t.done() and not t.exception()}
+
+
 async def _countries(call: Call) -> list[int]:
     found: set[int] = set()
     for name in call.engine.key_providers(call.key):
@@ -270,10 +289,11 @@ async def get_prices(call: Call) -> Reply:
     country = dialect.country_param(call.params)
     service = param(call.params, "service").lower()
     countries = [country] if country is not None else await _countries(call)
+    stocks = await _stocks(call, countries)
     result: dict[str, Any] = {}
     for country_id in countries:
         services = {}
-        for code, (price, count) in sorted((await _stock(call, country_id)).items()):
+        for code, (price, count) in sorted(stocks.get(country_id, {}).items()):
             if service and code != service:
                 continue
             services[code] = {

@@ -53,6 +53,7 @@ log = logging.getLogger("compat_server")
 RETRYABLE = (UpstreamUnreachable, UpstreamUncertain, UpstreamAuth)
 RECONCILE_WINDOW = 900.0  # seconds an unknown purchase is looked for upstream
 INLINE_TIMEOUT = 5.0  # seconds a setStatus waits for the upstream before queueing
+POLL_WAIT = 2.0  # seconds a getStatus waits for an upstream poll before answering
 
 
 class TtlCache:
@@ -119,7 +120,6 @@ class Engine:
         self._background: set[asyncio.Future[None]] = set()
         self.prices = Prices(config, providers)
         self.catalog = TtlCache(config.catalog_ttl, clock)
-        self.balances = TtlCache(min(config.catalog_ttl, 5.0), clock)
         self.router = Router(
             config, store, self.upstreams, self.prices, self.offers, clock
         )
@@ -161,20 +161,27 @@ class Engine:
 
         Raises the last ProviderError when no provider answers.
         """
+        names = self.key_providers(key)
+        answers = await asyncio.gather(
+            *(
+                self.upstreams.call(n, "balance", self.providers[n].balance)
+                for n in names
+            ),
+            return_exceptions=True,
+        )
         total = Decimal(0)
+        failure: BaseException | None = None
         answered = False
-        failure: ProviderError | None = None
-        for name in self.key_providers(key):
-            provider = self.providers[name]
-            try:
-                native = await self.upstreams.call(name, "balance", provider.balance)
-            except ProviderError as exc:
-                failure = exc
+        for name, answer in zip(names, answers, strict=True):
+            if isinstance(answer, BaseException):
+                failure = answer
                 continue
             answered = True
-            total += native * self.prices.balance_factor(name)
+            total += answer * self.prices.balance_factor(name)
         if not answered:
-            raise failure or UpstreamUnreachable("route", "no provider")
+            if isinstance(failure, ProviderError):
+                raise failure
+            raise UpstreamUnreachable("route", "no provider answered")
         return total
 
     # ---- purchase and status ------------------------------------------------------------
@@ -206,7 +213,12 @@ class Engine:
             future = asyncio.ensure_future(self._poll(activation, provider))
             self._polls[activation.id] = future
             future.add_done_callback(lambda _: self._polls.pop(activation.id, None))
-        await asyncio.shield(future)
+        try:
+            # a slow upstream must not make getStatus slow: past POLL_WAIT the client
+            # gets the stored state, and the poll finishes in the background
+            await asyncio.wait_for(asyncio.shield(future), POLL_WAIT)
+        except asyncio.TimeoutError:
+            log.info("poll id=%d slow upstream: answered from the store", activation.id)
 
     async def _poll(self, activation: Activation, provider: Provider) -> None:
         ref = activation.ref()

@@ -557,3 +557,60 @@ async def test_sweeper_resumes_after_restart(
     assert await engine_of(again).sweep() == 1
     assert await engine_of(again).run_outbox() == 1
     assert fake.orders[upstream].state == "cancelled"
+
+
+async def test_slow_upstream_poll_does_not_hold_get_status(
+    start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    import time
+
+    from compat_server import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "POLL_WAIT", 0.2)
+    fake = smsman.FakeSmsman()
+    server: TestServer = await aiohttp_server(fake.app)
+    options = smsman.provider_options(str(server.make_url("")).rstrip("/"))
+    client = await start_app(
+        config_for(store_path, {"sm": options}, ["sm"], upstream={"read_timeout": 5})
+    )
+    _, _, body = await call(client, action="getNumber", service="tg", country=10)
+    ident = int(body.split(":")[1])
+    upstream = (await engine_of(client).store.get(ident)).upstream_id  # type: ignore[union-attr]
+    fake.deliver(upstream, "code 5151", "5151")
+    fake.fault, fake.fault_paths, fake.hang_seconds = "hang", {"/control/get-sms"}, 0.6
+    started = time.perf_counter()
+    assert await call(client, action="getStatus", id=ident) == (
+        200,
+        TEXT,
+        "STATUS_WAIT_CODE",
+    )
+    assert time.perf_counter() - started < 0.5
+    await asyncio.sleep(0.6)  # the poll completes in the background...
+    assert await call(client, action="getStatus", id=ident) == (
+        200,
+        TEXT,
+        "STATUS_OK:5151",
+    )
+
+
+async def test_balance_skips_a_failing_provider(
+    start_app: StartApp, store_path: str, aiohttp_server: Any
+) -> None:
+    fake = smsman.FakeSmsman()
+    server: TestServer = await aiohttp_server(fake.app)
+    options = smsman.provider_options(str(server.make_url("")).rstrip("/"))
+    client = await start_app(
+        config_for(store_path, {"sm": options, "sb": sandbox(10)}, ["sm", "sb"])
+    )
+    assert await call(client, action="getBalance") == (
+        200,
+        TEXT,
+        "ACCESS_BALANCE:1799.70",
+    )
+    fake.fault = "html500"
+    assert await call(client, action="getBalance") == (
+        200,
+        TEXT,
+        "ACCESS_BALANCE:1000.00",
+    )
