@@ -63,11 +63,9 @@ def serve_forever(
             create_app(config),
             host=host,
             port=port,
-            access_log=None,
+            access_log=None,  # its lines carry the full URL, api_key included
             print=None,
             handle_signals=True,
-            # answer long query strings ourselves instead of aiohttp's 400
-            handler_args={"max_line_size": 65536, "max_field_size": 65536},
         )
     except OSError as exc:
         print(

@@ -499,3 +499,51 @@ def test_config_errors_leak_nothing(
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("sms-compat: config error: ")
     capture.assert_clean(out, err)
+
+
+def test_real_serve_process_logs_no_secret(tmp_path: Path) -> None:
+    """The production entry point, as a process: its whole output never shows the key."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    secret = "Real-Serve-Secret-Key-0123456789abcdef"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"store: {{path: {tmp_path / 'store.sqlite3'}}}\n"
+        f"keys: [{{key: {secret}, alias: prod-check, providers: [sb]}}]\n"
+        "providers: {sb: {type: sandbox, sms_delay: 0}}\n",
+        encoding="utf-8",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "compat_server", "serve", "--config", str(config),
+         "--port", str(port), "--log-level", "DEBUG"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/stubs/handler_api.php?api_key={secret}&action="
+    try:
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(base + "getBalance", timeout=1) as resp:
+                    assert resp.read() == b"ACCESS_BALANCE:1000.00"
+                break
+            except OSError:
+                time.sleep(0.1)
+        with urllib.request.urlopen(
+            base + "getNumber&service=tg&country=10", timeout=5
+        ) as resp:
+            ident = resp.read().decode().split(":")[1]
+        with urllib.request.urlopen(base + f"getStatus&id={ident}", timeout=5) as resp:
+            assert resp.read().decode().startswith("STATUS_OK:")
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=20)
+    assert "action=getNumber key=prod-check provider=sb outcome=ACCESS_NUMBER" in output
+    assert "Failed to create request handler" not in output
+    for fragment in (secret, secret[:8], secret[-8:], "api_key="):
+        assert fragment not in output
