@@ -264,14 +264,9 @@ class Engine:
         if not activation.is_open:
             return StatusView(activation.state)
         messages = activation.messages
-        if activation.state == WAIT_RETRY or (
-            activation.state == CODE and len(messages) <= activation.retry_mark
-        ):
-            previous = (
-                messages[activation.retry_mark - 1].code
-                if activation.retry_mark
-                else ""
-            )
+        if activation.state == WAIT_RETRY:
+            # the code the client turned down: the newest one when it asked again
+            previous = messages[activation.retry_mark - 1].code
             return StatusView(WAIT_RETRY, previous_code=previous)
         if activation.state == CODE and messages:
             last = messages[-1]
@@ -561,6 +556,3 @@ class Engine:
     def health(self) -> dict[str, str]:
         """Circuit state per provider."""
         return {name: b.state for name, b in self.upstreams.breakers.items()}
-
-
-__all__ = ["Engine", "StatusView", "TtlCache", "CODE", "WAIT_RETRY", "RECONCILED"]
