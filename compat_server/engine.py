@@ -54,6 +54,7 @@ RETRYABLE = (UpstreamUnreachable, UpstreamUncertain, UpstreamAuth)
 RECONCILE_WINDOW = 900.0  # seconds an unknown purchase is looked for upstream
 INLINE_TIMEOUT = 5.0  # seconds a setStatus waits for the upstream before queueing
 POLL_WAIT = 2.0  # seconds a getStatus waits for an upstream poll before answering
+PRUNE_AFTER = 7 * 86400.0  # seconds refused attempts and delivered calls are kept
 
 
 class TtlCache:
@@ -127,6 +128,7 @@ class Engine:
         self._last_poll: dict[int, float] = {}
         self._outbox_wake = asyncio.Event()
         self._delivering: set[int] = set()  # outbox ops being delivered right now
+        self._pruned_at = 0.0
 
     @property
     def providers(self) -> Mapping[str, Provider]:
@@ -413,11 +415,19 @@ class Engine:
         return 1
 
     async def sweep(self) -> int:
-        """Expire every open activation past its lifetime; returns how many."""
+        """Expire every open activation past its lifetime; returns how many.
+
+        Once an hour it also prunes bookkeeping older than PRUNE_AFTER (attempts that
+        bought nothing, delivered outbox calls), so a client hammering getNumber on
+        NO_NUMBERS does not grow the store forever.
+        """
         now = self.clock()
         due = [a for a in self.store.open_activations() if a.expires_at <= now]
         for activation in due:
             await self.expire(activation)
+        if now - self._pruned_at >= 3600:
+            self._pruned_at = now
+            await self.store.prune(now - PRUNE_AFTER)
         return len(due)
 
     def _buying(self, provider: str) -> bool:

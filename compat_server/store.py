@@ -547,6 +547,21 @@ class Store:
             self._cache.pop(activation.id, None)
             self._locks.pop(activation.id, None)
 
+    async def prune(self, before: float) -> int:
+        """Forget attempts that bought nothing, and delivered calls, older than ``before``."""
+        async with self._write:
+            cur = await self._db.execute(
+                "DELETE FROM purchases WHERE state=? AND updated_at<?",
+                (REFUSED, before),
+            )
+            removed = cur.rowcount
+            cur = await self._db.execute(
+                "DELETE FROM outbox WHERE done=1 AND created_at<?", (before,)
+            )
+            removed += cur.rowcount
+            await self._db.commit()
+        return removed
+
     # ---- provider health ----------------------------------------------------------------
 
     async def save_health(

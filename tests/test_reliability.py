@@ -614,3 +614,24 @@ async def test_balance_skips_a_failing_provider(
         TEXT,
         "ACCESS_BALANCE:1000.00",
     )
+
+
+async def test_sweeper_prunes_old_bookkeeping(
+    start_app: StartApp, store_path: str, clock: FakeClock
+) -> None:
+    client = await start_app(
+        config_for(store_path, {"sb": sandbox(10, count=0)}, ["sb"])
+    )
+    engine = engine_of(client)
+    for _ in range(3):
+        assert await call(client, action="getNumber", service="tg", country=10) == (
+            200,
+            TEXT,
+            "NO_NUMBERS",
+        )
+    assert len(await engine.store.attempts(["refused"])) == 3
+    await engine.sweep()  # first sweep prunes nothing younger than a week
+    assert len(await engine.store.attempts(["refused"])) == 3
+    clock.advance(8 * 86400)
+    await engine.sweep()
+    assert await engine.store.attempts(["refused"]) == []
