@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -49,6 +50,17 @@ def config_for(
     }
     raw.update(extra)
     return parse_config(raw)
+
+
+async def serve(
+    aiohttp_server: Any,
+    make: Callable[[], Any],
+    options: Callable[[str], dict[str, Any]],
+) -> tuple[Any, dict[str, Any]]:
+    """Serve a fake upstream on loopback; (fake, provider options pointing at it)."""
+    fake = make()
+    server: TestServer = await aiohttp_server(fake.app)
+    return fake, options(str(server.make_url("")).rstrip("/"))
 
 
 async def bought_from(client: TestClient, body: str) -> str:
@@ -125,9 +137,9 @@ async def test_fallback_when_unreachable(start_app: StartApp, store_path: str) -
 async def test_no_fallback_after_an_uncertain_buy(
     start_app: StartApp, store_path: str, aiohttp_server: Any
 ) -> None:
-    fake = smsman.FakeSmsman()
-    server: TestServer = await aiohttp_server(fake.app)
-    options = smsman.provider_options(str(server.make_url("")).rstrip("/"))
+    fake, options = await serve(
+        aiohttp_server, smsman.FakeSmsman, smsman.provider_options
+    )
     client = await start_app(
         config_for(store_path, {"sm": options, "sb": sandbox(10)}, ["sm", "sb"])
     )
@@ -178,10 +190,11 @@ async def test_max_price_skips_dear_providers(
 async def test_markup_and_currency_conversion(
     start_app: StartApp, store_path: str, aiohttp_server: Any
 ) -> None:
-    fake = thuecodesim.FakeThuecodesim()
-    server: TestServer = await aiohttp_server(fake.app)
+    fake, base = await serve(
+        aiohttp_server, thuecodesim.FakeThuecodesim, thuecodesim.provider_options
+    )
     options = {
-        **thuecodesim.provider_options(str(server.make_url("")).rstrip("/")),
+        **base,
         "markup": 1.25,
     }
     client = await start_app(config_for(store_path, {"tcs": options}, ["tcs"]))
@@ -241,9 +254,9 @@ async def test_reconciler_cancels_a_purchase_whose_answer_was_lost(
 async def test_reconciler_stores_thuecodesim_orphans(
     start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock
 ) -> None:
-    fake = thuecodesim.FakeThuecodesim()
-    server: TestServer = await aiohttp_server(fake.app)
-    options = thuecodesim.provider_options(str(server.make_url("")).rstrip("/"))
+    fake, options = await serve(
+        aiohttp_server, thuecodesim.FakeThuecodesim, thuecodesim.provider_options
+    )
     client = await start_app(config_for(store_path, {"tcs": options}, ["tcs"]))
     engine = engine_of(client)
     # the fake dates purchases by its own clock: align ours with it
@@ -287,9 +300,9 @@ async def test_reconciler_waits_for_buys_in_flight(
 async def test_circuit_opens_then_one_probe_decides(
     start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock
 ) -> None:
-    fake = smsman.FakeSmsman()
-    server: TestServer = await aiohttp_server(fake.app)
-    options = smsman.provider_options(str(server.make_url("")).rstrip("/"))
+    fake, options = await serve(
+        aiohttp_server, smsman.FakeSmsman, smsman.provider_options
+    )
     client = await start_app(config_for(store_path, {"sm": options, "sb": sandbox(10)}, ["sm", "sb"],
                                         breaker={"failures": 2, "cooldown": 30}))  # fmt: skip
     engine = engine_of(client)
@@ -336,9 +349,9 @@ async def test_half_open_failure_reopens(clock: FakeClock) -> None:
 async def test_outbox_backs_off_and_resumes_after_restart(
     start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock
 ) -> None:
-    fake = smsman.FakeSmsman()
-    server: TestServer = await aiohttp_server(fake.app)
-    options = smsman.provider_options(str(server.make_url("")).rstrip("/"))
+    fake, options = await serve(
+        aiohttp_server, smsman.FakeSmsman, smsman.provider_options
+    )
     config = config_for(store_path, {"sm": options}, ["sm"],
                         workers={"outbox_interval": 2, "outbox_max_backoff": 8})  # fmt: skip
     client = await start_app(config)
@@ -373,9 +386,9 @@ async def test_outbox_backs_off_and_resumes_after_restart(
 async def test_sweeper_cancels_upstream_what_got_no_code(
     start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock
 ) -> None:
-    fake = smsman.FakeSmsman()
-    server: TestServer = await aiohttp_server(fake.app)
-    options = smsman.provider_options(str(server.make_url("")).rstrip("/"))
+    fake, options = await serve(
+        aiohttp_server, smsman.FakeSmsman, smsman.provider_options
+    )
     client = await start_app(config_for(store_path, {"sm": options}, ["sm"]))
     engine: Engine = engine_of(client)
     ids = []
@@ -440,10 +453,9 @@ async def test_concurrent_polls_share_one_upstream_request(
 async def test_smspva_polls_no_faster_than_every_five_seconds(
     start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock
 ) -> None:
-    fake = smspva.FakeSmspva()
-    server: TestServer = await aiohttp_server(fake.app)
+    fake, base = await serve(aiohttp_server, smspva.FakeSmspva, smspva.provider_options)
     options = {
-        **smspva.provider_options(str(server.make_url("")).rstrip("/")),
+        **base,
         "poll_interval": 1,
     }
     client = await start_app(config_for(store_path, {"pva": options}, ["pva"]))
@@ -460,9 +472,11 @@ async def test_smspva_polls_no_faster_than_every_five_seconds(
 async def test_thuecodesim_rerent_on_retry_tracks_the_new_order(
     start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock
 ) -> None:
-    fake = thuecodesim.FakeThuecodesim()
-    server: TestServer = await aiohttp_server(fake.app)
-    options = {**thuecodesim.provider_options(str(server.make_url("")).rstrip("/")),
+    fake, base = await serve(
+        aiohttp_server, thuecodesim.FakeThuecodesim, thuecodesim.provider_options
+    )
+    options = {
+        **base,
                "rerent_on_retry": True}  # fmt: skip
     client = await start_app(config_for(store_path, {"tcs": options}, ["tcs"]))
     engine = engine_of(client)
@@ -568,9 +582,9 @@ async def test_slow_upstream_poll_does_not_hold_get_status(
     from compat_server import engine as engine_module
 
     monkeypatch.setattr(engine_module, "POLL_WAIT", 0.2)
-    fake = smsman.FakeSmsman()
-    server: TestServer = await aiohttp_server(fake.app)
-    options = smsman.provider_options(str(server.make_url("")).rstrip("/"))
+    fake, options = await serve(
+        aiohttp_server, smsman.FakeSmsman, smsman.provider_options
+    )
     client = await start_app(
         config_for(store_path, {"sm": options}, ["sm"], upstream={"read_timeout": 5})
     )
@@ -597,9 +611,9 @@ async def test_slow_upstream_poll_does_not_hold_get_status(
 async def test_balance_skips_a_failing_provider(
     start_app: StartApp, store_path: str, aiohttp_server: Any
 ) -> None:
-    fake = smsman.FakeSmsman()
-    server: TestServer = await aiohttp_server(fake.app)
-    options = smsman.provider_options(str(server.make_url("")).rstrip("/"))
+    fake, options = await serve(
+        aiohttp_server, smsman.FakeSmsman, smsman.provider_options
+    )
     client = await start_app(
         config_for(store_path, {"sm": options, "sb": sandbox(10)}, ["sm", "sb"])
     )
