@@ -317,16 +317,20 @@ async def get_numbers_status(call: Call) -> Reply:
     return counts
 
 
+@lru_cache(maxsize=1)
+def _country_rows() -> dict[int, dict[str, Any]]:
+    """sms-activate's country table keyed by id."""
+    return {row["id"]: row for row in reference()["countries"]}
+
+
 def _country_name(country: int) -> str:
-    for row in reference()["countries"]:
-        if row["id"] == country:
-            return str(row["eng"])
-    return str(country)
+    row = _country_rows().get(country)
+    return str(row["eng"]) if row else str(country)
 
 
 async def get_countries(call: Call) -> Reply:
     """Countries the key's providers serve, keyed by id."""
-    rows = {row["id"]: row for row in reference()["countries"]}
+    rows = _country_rows()
     result = {}
     for country in await _countries(call):
         row = rows.get(country, {"eng": str(country), "rus": str(country)})
