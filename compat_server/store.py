@@ -200,6 +200,7 @@ class Store:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=FULL")
             await db.execute("PRAGMA foreign_keys=ON")
+            db.row_factory = aiosqlite.Row
             store = cls(db)
             await store._migrate()
             await store._load_open()
@@ -251,7 +252,6 @@ class Store:
             self._cache[activation.id] = activation
 
     async def _fetch(self, query: str, args: Iterable[Any]) -> list[Activation]:
-        self._db.row_factory = aiosqlite.Row
         async with self._db.execute(query, tuple(args)) as cur:
             rows = list(await cur.fetchall())
         result = []
