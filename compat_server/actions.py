@@ -7,6 +7,7 @@ tokens) and build replies only through ``dialect`` helpers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -22,12 +23,13 @@ from compat_server.dialect import Reply, Token, money, money_number, param, toke
 from compat_server.engine import Engine
 from compat_server.errors import (
     BadStatus,
+    ClientGone,
     NoActivation,
     NoNumbers,
     UnknownService,
 )
 from compat_server.store import CODE, WAIT_CODE, WAIT_RETRY, Activation
-from providers.base import Order
+from providers.base import BACKGROUND, BUDGET, CLIENT, Order
 
 
 @dataclass
@@ -111,17 +113,49 @@ async def _order(call: Call) -> Order:
     )
 
 
+async def _buy(call: Call) -> Activation:
+    """Buy for the caller; a number whose client left meanwhile is released.
+
+    The purchase runs in its own task: a handler cancelled by a disconnect never
+    interrupts a paid call half-way (its outcome would be unknown), and the number
+    that call bought is handed to Engine.abandoned instead of being kept silently.
+    """
+    engine = call.engine
+    order = await _order(call)
+    alive = BUDGET.get().alive
+    task = asyncio.ensure_future(engine.buy(call.key, order))
+    try:
+        activation = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(functools.partial(_abandon_later, engine))
+        raise
+    call.provider = activation.provider
+    if not alive():
+        await engine.abandoned(activation)
+        raise ClientGone(activation.provider, f"id={activation.id}")
+    return activation
+
+
+def _abandon_later(engine: Engine, task: asyncio.Task[Activation]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    future = asyncio.ensure_future(engine.abandoned(task.result()))
+    _PENDING.add(future)
+    future.add_done_callback(_PENDING.discard)
+
+
+_PENDING: set[asyncio.Future[None]] = set()  # abandoned() calls that outlive a handler
+
+
 async def get_number(call: Call) -> Reply:
     """``ACCESS_NUMBER:<id>:<phone>``; the activation is stored before this returns."""
-    activation = await call.engine.buy(call.key, await _order(call))
-    call.provider = activation.provider
+    activation = await _buy(call)
     return token(Token.ACCESS_NUMBER, activation.id, activation.phone)
 
 
 async def get_number_v2(call: Call) -> Reply:
     """getNumberV2 JSON with the documented field types."""
-    activation = await call.engine.buy(call.key, await _order(call))
-    call.provider = activation.provider
+    activation = await _buy(call)
     return {
         "activationId": activation.id,
         "phoneNumber": activation.phone,
@@ -246,12 +280,14 @@ async def get_active_activations(call: Call) -> Reply:
 # ---- catalog -------------------------------------------------------------------------
 
 
-async def _stock(call: Call, country: int) -> dict[str, tuple[Decimal, int]]:
+async def _stock(
+    call: Call, country: int, priority: int = CLIENT
+) -> dict[str, tuple[Decimal, int]]:
     """service -> (lowest display price, total count) over the key's providers."""
     engine = call.engine
     merged: dict[str, tuple[Decimal, int]] = {}
     for name in engine.key_providers(call.key):
-        for offer in await engine.offers(name, country):
+        for offer in await engine.offers(name, country, priority):
             price = engine.prices.display(name, offer.price)
             if offer.service in merged:
                 old_price, old_count = merged[offer.service]
@@ -272,7 +308,8 @@ async def _stocks(
     """
     if len(countries) == 1:
         return {countries[0]: await _stock(call, countries[0])}
-    tasks = {c: asyncio.ensure_future(_stock(call, c)) for c in countries}
+    # a sweep no client should wait on: paced behind purchases, polls and balances
+    tasks = {c: asyncio.ensure_future(_stock(call, c, BACKGROUND)) for c in countries}
     await asyncio.wait(tasks.values(), timeout=PRICES_DEADLINE)
     return {c: t.result() for c, t in tasks.items() if t.done() and not t.exception()}
 

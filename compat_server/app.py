@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from compat_server.engine import Engine
 from compat_server.errors import BadAction, BadKey, CompatError, NoKey
 from compat_server.store import Store
 from providers import get_provider_class
-from providers.base import Clock, Provider
+from providers.base import BUDGET, Budget, Clock, Provider
 
 log = logging.getLogger("compat_server")
 
@@ -146,6 +147,14 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     alias = "-"
     call: Call | None = None
     outcome = "?"
+    # every upstream call made for this request must start before the deadline, and
+    # none starts once the client has gone (see providers.base.Budget)
+    scope = BUDGET.set(
+        Budget(
+            deadline=time.monotonic() + request.app[CONFIG].request_deadline,
+            alive=functools.partial(_connected, request),
+        )
+    )
     try:
         params = await dialect.read_params(request)
         action = dialect.param(params, "action")[:40] or "-"
@@ -173,6 +182,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         outcome = "ERROR_SQL"
         raise
     finally:
+        BUDGET.reset(scope)
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "action=%s key=%s provider=%s outcome=%s ms=%.1f",
@@ -182,6 +192,12 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
                 outcome,
                 (time.perf_counter() - started) * 1000,
             )
+
+
+def _connected(request: web.Request) -> bool:
+    """Whether the client of ``request`` is still connected."""
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
 
 
 def _printable(text: str) -> str:

@@ -96,6 +96,9 @@ class Config:
     rates: Mapping[str, Decimal] = field(default_factory=dict)
     connect_timeout: float = 5.0
     read_timeout: float = 20.0
+    # seconds a client request may wait for its upstream calls to start; a purchase
+    # that cannot be sent by then answers NO_NUMBERS and buys nothing
+    request_deadline: float = 20.0
     catalog_ttl: float = 60.0
     breaker_failures: int = 5
     breaker_cooldown: float = 30.0
@@ -280,6 +283,9 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
             upstream.get("connect_timeout", 5), "upstream.connect_timeout"
         ),
         read_timeout=_float(upstream.get("read_timeout", 20), "upstream.read_timeout"),
+        request_deadline=_positive(
+            server.get("request_deadline", 20), "server.request_deadline"
+        ),
         catalog_ttl=_float(upstream.get("catalog_ttl", 60), "upstream.catalog_ttl"),
         breaker_failures=_int(breaker.get("failures", 5), "breaker.failures"),
         breaker_cooldown=_float(breaker.get("cooldown", 30), "breaker.cooldown"),
@@ -404,6 +410,13 @@ def _float(value: Any, where: str) -> float:
         raise ConfigError(f"{where}: must be a number") from None
     if result < 0:
         raise ConfigError(f"{where}: must not be negative")
+    return result
+
+
+def _positive(value: Any, where: str) -> float:
+    result = _float(value, where)
+    if result <= 0:
+        raise ConfigError(f"{where}: must be more than 0")
     return result
 
 

@@ -76,11 +76,13 @@ ERROR_TOKENS: Mapping[type[errors.CompatError], Token] = {
     errors.EarlyCancelDenied: Token.EARLY_CANCEL_DENIED,
     errors.WrongExceptionPhone: Token.WRONG_EXCEPTION_PHONE,
     errors.BadParameter: Token.ERROR_SQL,
+    errors.ClientGone: Token.NO_NUMBERS,  # never read; logged as the outcome
     errors.NoNumbers: Token.NO_NUMBERS,
     errors.NoBalance: Token.NO_BALANCE,
     errors.UnknownService: Token.BAD_SERVICE,
     errors.UpstreamAuth: Token.ERROR_SQL,
     errors.UpstreamUnreachable: Token.ERROR_SQL,
+    errors.NotSent: Token.ERROR_SQL,
     errors.UpstreamUncertain: Token.ERROR_SQL,
 }
 

@@ -13,8 +13,11 @@ cancels what nobody owns. All three resume from the store after a restart.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -45,7 +48,17 @@ from compat_server.store import (
     OutboxOp,
     Store,
 )
-from providers.base import Clock, Offer, Order, Provider, Purchase
+from providers.base import (
+    BACKGROUND,
+    BUDGET,
+    CLIENT,
+    Budget,
+    Clock,
+    Offer,
+    Order,
+    Provider,
+    Purchase,
+)
 
 log = logging.getLogger("compat_server")
 
@@ -58,28 +71,64 @@ PRUNE_AFTER = 7 * 86400.0  # seconds refused attempts and delivered calls are ke
 
 
 class TtlCache:
-    """Async results cached per key for ``ttl`` seconds; concurrent misses share one call."""
+    """Async results cached per key for ``ttl`` seconds, served stale while refreshed.
+
+    A fresh value is returned as is. An expired one is returned at once while a
+    background refresh (lowest priority, no client deadline) fetches the next; only a
+    key never loaded makes its caller wait, and never past ``wait`` seconds or the
+    caller's deadline. Concurrent misses share one load, which runs detached from the
+    request that started it, so a client that leaves wastes no upstream call. A failed
+    load keeps the last good value (retried after ``failure_ttl``), else ``default``.
+    """
 
     def __init__(self, ttl: float, clock: Clock, failure_ttl: float = 5.0) -> None:
         self.ttl = ttl
         self.failure_ttl = failure_ttl
         self.clock = clock
-        self._values: dict[Any, tuple[float, Any]] = {}
-        self._inflight: dict[Any, asyncio.Future[Any]] = {}
+        self._values: dict[Any, tuple[float, Any]] = {}  # key -> (fresh until, value)
+        self._inflight: dict[Any, asyncio.Task[Any]] = {}
 
     async def get(
-        self, key: Any, load: Callable[[], Awaitable[Any]], default: Any
+        self,
+        key: Any,
+        load: Callable[[], Awaitable[Any]],
+        default: Any,
+        *,
+        priority: int = CLIENT,
+        wait: float = math.inf,
     ) -> Any:
-        """The cached value, or ``load()``; on failure ``default`` (cached briefly)."""
+        """The cached value (fresh or stale), or the first ``load()``; else ``default``."""
         hit = self._values.get(key)
-        if hit is not None and hit[0] > self.clock():
+        if hit is not None:
+            if hit[0] <= self.clock():
+                self._start(key, load, default, BACKGROUND)
             return hit[1]
-        future = self._inflight.get(key)
-        if future is None:
-            future = asyncio.ensure_future(self._load(key, load, default))
-            self._inflight[key] = future
-            future.add_done_callback(lambda _: self._inflight.pop(key, None))
-        return await asyncio.shield(future)
+        task = self._start(key, load, default, priority)
+        timeout = min(wait, BUDGET.get().deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(task), None if math.isinf(timeout) else max(0, timeout)
+            )
+        except TimeoutError:
+            return default  # the load goes on and fills the cache for the next caller
+
+    def _start(
+        self,
+        key: Any,
+        load: Callable[[], Awaitable[Any]],
+        default: Any,
+        priority: int,
+    ) -> asyncio.Task[Any]:
+        task = self._inflight.get(key)
+        if task is None:
+            context = contextvars.copy_context()
+            context.run(BUDGET.set, Budget(priority=priority))  # no client's deadline
+            task = asyncio.get_running_loop().create_task(
+                self._load(key, load, default), context=context
+            )
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return task
 
     async def _load(
         self, key: Any, load: Callable[[], Awaitable[Any]], default: Any
@@ -87,8 +136,10 @@ class TtlCache:
         try:
             value = await load()
         except ProviderError:
-            self._values[key] = (self.clock() + self.failure_ttl, default)
-            return default
+            previous = self._values.get(key)
+            kept = default if previous is None else previous[1]
+            self._values[key] = (self.clock() + self.failure_ttl, kept)
+            return kept
         self._values[key] = (self.clock() + self.ttl, value)
         return value
 
@@ -129,6 +180,7 @@ class Engine:
         self._outbox_wake = asyncio.Event()
         self._delivering: set[int] = set()  # outbox ops being delivered right now
         self._pruned_at = 0.0
+        self.abandoned_count = 0  # purchases whose client left before the answer
 
     @property
     def providers(self) -> Mapping[str, Provider]:
@@ -144,8 +196,14 @@ class Engine:
 
     # ---- catalog and money --------------------------------------------------------------
 
-    async def offers(self, name: str, country: int) -> list[Offer]:
-        """A provider's offers in a country (cached; [] when it is unavailable)."""
+    async def offers(
+        self, name: str, country: int, priority: int = CLIENT
+    ) -> list[Offer]:
+        """A provider's offers in a country (cached, stale while refreshed; [] if none).
+
+        ``priority`` BACKGROUND is for sweeps no client waits on (getPrices without a
+        country), so they never hold up purchases, polls or balances.
+        """
         provider = self.providers[name]
         if country not in provider.countries():
             return []
@@ -155,6 +213,7 @@ class Engine:
                 name, "catalog", lambda: provider.catalog(country)
             ),
             [],
+            priority=priority,
         )
         return result
 
@@ -259,6 +318,41 @@ class Engine:
                     activation, FINISHED, self.clock(), outbox="finish"
                 )
         self._last_poll.pop(activation.id, None)
+        self._outbox_wake.set()
+
+    async def abandoned(self, activation: Activation) -> None:
+        """The client that bought ``activation`` left before its answer was sent.
+
+        Where the upstream can cancel, the number is cancelled there (its money comes
+        back); where it cannot, it stays open for the key's getActiveActivations and
+        the operator is warned with its id. Either way it is counted in the log.
+        """
+        self.abandoned_count += 1
+        provider = self.providers[activation.provider]
+        if not type(provider).can_cancel:
+            log.warning(
+                "id=%d provider=%s client left before its number was delivered:"
+                " kept open (this provider cannot cancel), see getActiveActivations"
+                " (abandoned so far: %d)",
+                activation.id,
+                activation.provider,
+                self.abandoned_count,
+            )
+            return
+        async with self.store.lock(activation.id):
+            if activation.state != WAIT_CODE:
+                return
+            await self.store.set_state(
+                activation, CANCELLED, self.clock(), outbox="cancel"
+            )
+        self._last_poll.pop(activation.id, None)
+        log.warning(
+            "id=%d provider=%s client left before its number was delivered:"
+            " cancel queued upstream (abandoned so far: %d)",
+            activation.id,
+            activation.provider,
+            self.abandoned_count,
+        )
         self._outbox_wake.set()
 
     def view(self, activation: Activation) -> StatusView:

@@ -12,13 +12,15 @@
     │   ├── WrongActivationId   id missing or not a number
     │   ├── EarlyCancelDenied   cancel inside the configured early window
     │   ├── WrongExceptionPhone phoneException malformed
-    │   └── BadParameter        any other malformed parameter
+    │   ├── BadParameter        any other malformed parameter
+    │   └── ClientGone          the client left before its answer (nobody reads it)
     └── ProviderError           raised only in providers/ (and the router)
         ├── NoNumbers           definite refusal: nothing in stock / limit reached
         ├── NoBalance           definite refusal: upstream balance too low
         ├── UnknownService      definite refusal: service or country not offered
         ├── UpstreamAuth        the upstream rejected *our* token (operator's fault)
         ├── UpstreamUnreachable the request provably never reached the upstream
+        │   └── NotSent         ... because its deadline passed or its client left
         └── UpstreamUncertain   the request may have reached the upstream
 
 Each class maps to exactly one dialect token in ``compat_server.dialect.ERROR_TOKENS``.
@@ -71,6 +73,15 @@ class BadParameter(RequestError):
     """A parameter has a malformed value (answered as ERROR_SQL, like the original)."""
 
 
+class ClientGone(RequestError):
+    """The client disconnected before its answer was ready; nobody will read it."""
+
+    def __init__(self, provider: str = "", detail: str = "") -> None:
+        super().__init__(f"{provider}: {detail}" if detail else provider)
+        self.provider = provider
+        self.detail = detail
+
+
 class ProviderError(CompatError):
     """A failure reported by, or on the way to, an upstream provider."""
 
@@ -98,6 +109,10 @@ class UpstreamAuth(ProviderError):
 
 class UpstreamUnreachable(ProviderError):
     """The request never reached the upstream (refused, DNS, circuit open)."""
+
+
+class NotSent(UpstreamUnreachable):
+    """The call was never sent: its deadline passed or its client left (not a fault)."""
 
 
 class UpstreamUncertain(ProviderError):

@@ -20,6 +20,7 @@ from compat_server.config import Config, KeyConfig, RouteConfig
 from compat_server.errors import (
     NoBalance,
     NoNumbers,
+    NotSent,
     ProviderError,
     UnknownService,
     UpstreamAuth,
@@ -27,12 +28,34 @@ from compat_server.errors import (
     UpstreamUnreachable,
 )
 from compat_server.store import REFUSED, UNCERTAIN, Activation, Store
-from providers.base import Clock, Offer, Order, Provider, Purchase
+from providers.base import (
+    BACKGROUND,
+    BUDGET,
+    CLIENT,
+    PAID,
+    Clock,
+    Offer,
+    Order,
+    Provider,
+    Purchase,
+)
 
 log = logging.getLogger("compat_server")
 T = TypeVar("T")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+
+# Upstream operations that spend or give back money: paced ahead of everything else.
+PAID_OPS = frozenset({"buy", "cancel", "finish", "retry"})
+
+
+def priority_of(op: str, current: int) -> int:
+    """The pacing priority of one upstream operation started with ``current``."""
+    if op in PAID_OPS:
+        return PAID
+    if op == "lookup":
+        return BACKGROUND
+    return max(current, CLIENT)
 
 
 class Breaker:
@@ -73,6 +96,10 @@ class Breaker:
         self._probing = False
         if self.state != CLOSED:
             self._set(CLOSED)
+
+    def release(self) -> None:
+        """The call allowed by :meth:`allow` was never sent: nothing learned."""
+        self._probing = False
 
     def failure(self) -> None:
         """The upstream did not answer usefully."""
@@ -121,8 +148,16 @@ class Upstreams:
             raise UpstreamUnreachable(name, "circuit open")
         started = time.perf_counter()
         outcome = "ok"
+        budget = BUDGET.get()
+        scope = BUDGET.set(replace(budget, priority=priority_of(op, budget.priority)))
         try:
             result = await fn()
+        except NotSent as exc:
+            # nothing was sent: not the upstream's fault, the breaker is not told
+            # (a half-open probe that never went out leaves the probe to the next call)
+            breaker.release()
+            outcome = f"NotSent({exc.detail})"
+            raise
         except (UpstreamUnreachable, UpstreamUncertain) as exc:
             breaker.failure()
             outcome = type(exc).__name__
@@ -149,6 +184,7 @@ class Upstreams:
             breaker.success()
             return result
         finally:
+            BUDGET.reset(scope)
             log.debug(
                 "upstream provider=%s op=%s outcome=%s ms=%.1f",
                 name,

@@ -10,7 +10,11 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import contextvars
+import heapq
+import itertools
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -22,11 +26,121 @@ import httpx
 
 from compat_server.errors import (
     ConfigError,
+    NotSent,
     UpstreamUncertain,
     UpstreamUnreachable,
 )
 
 Clock = Callable[[], float]
+
+# Scheduling priorities of upstream calls, most urgent first: calls that spend or give
+# back money, then what a waiting client asked for, then background refreshes.
+PAID, CLIENT, BACKGROUND = 0, 1, 2
+
+
+def _always() -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the caller of an upstream call can afford: a start deadline and a pulse.
+
+    ``deadline`` is a ``time.monotonic()`` instant by which the call must have been sent;
+    ``alive`` says whether anybody still wants the answer (the client is connected).
+    The app sets one per request (see :data:`BUDGET`); background work has none.
+    """
+
+    deadline: float = math.inf
+    alive: Callable[[], bool] = _always
+    priority: int = CLIENT
+
+    def check(self, provider: str) -> None:
+        """Raise NotSent if the call should not start any more."""
+        if not self.alive():
+            raise NotSent(provider, "client gone")
+        if time.monotonic() >= self.deadline:
+            raise NotSent(provider, "deadline passed")
+
+
+# The budget of the work running now; contextvars follow it into the tasks it starts.
+BUDGET: contextvars.ContextVar[Budget] = contextvars.ContextVar(
+    "sms_compat_budget",
+    default=Budget(),  # noqa: B039 - frozen, so immutable
+)
+
+
+class Pacer:
+    """Spaces the calls to one upstream ``interval`` seconds apart, most urgent first.
+
+    Waiters start by (priority, arrival). One whose deadline passes, or whose client
+    leaves, while it waits gets NotSent and sends nothing; it never takes a slot.
+    """
+
+    def __init__(self, provider: str, interval: float) -> None:
+        self.provider = provider
+        self.interval = interval
+        self._waiting: list[tuple[int, int, asyncio.Future[None], Budget]] = []
+        self._arrival = itertools.count()
+        self._next = 0.0  # monotonic instant the next call may start
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a slot now."""
+        return sum(1 for _, _, f, _ in self._waiting if not f.done())
+
+    async def slot(self, budget: Budget) -> None:
+        """Return when this call may be sent; NotSent if it may not be sent any more."""
+        budget.check(self.provider)
+        if self.interval <= 0:
+            return
+        now = time.monotonic()
+        if not self.queued and now >= self._next:
+            self._next = now + self.interval
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(
+            self._waiting, (budget.priority, next(self._arrival), future, budget)
+        )
+        self._arm()
+        timeout = budget.deadline - now
+        try:
+            await asyncio.wait_for(future, None if math.isinf(timeout) else timeout)
+        except TimeoutError:
+            raise NotSent(
+                self.provider, "deadline passed waiting to be paced"
+            ) from None
+        finally:
+            if not future.done():
+                future.cancel()  # left while waiting: the dispatcher skips it
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None or not self._waiting:
+            return
+        delay = max(0.0, self._next - time.monotonic())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        if now < self._next:
+            self._arm()
+            return
+        while self._waiting:
+            _, _, future, budget = heapq.heappop(self._waiting)
+            if future.done():
+                continue
+            try:
+                budget.check(self.provider)
+            except NotSent as exc:
+                future.set_exception(exc)
+                continue
+            future.set_result(None)
+            self._next = now + self.interval
+            break
+        self._arm()
 
 
 @dataclass(frozen=True)
@@ -101,6 +215,7 @@ class Provider(abc.ABC):
     min_interval: float = 0.0  # seconds between two upstream calls (per instance)
     default_poll_interval: ClassVar[float] = 3.0
     can_lookup: ClassVar[bool] = False  # lookup_purchases() is implemented
+    can_cancel: ClassVar[bool] = True  # cancel() releases the number (and its money)
 
     def __init__(
         self,
@@ -120,8 +235,7 @@ class Provider(abc.ABC):
         self.poll_interval = number_option(
             name, options, "poll_interval", self.default_poll_interval
         )
-        self._pace_lock = asyncio.Lock()
-        self._last_call = 0.0
+        self.pacer = Pacer(name, self.min_interval)
 
     @classmethod
     def validate_options(cls, name: str, options: Mapping[str, Any]) -> None:
@@ -195,14 +309,12 @@ class Provider(abc.ABC):
     # ---- shared HTTP helper ---------------------------------------------------------
 
     async def _pace(self) -> None:
-        """Keep at least ``min_interval`` seconds between two calls to this upstream."""
-        if self.min_interval <= 0:
-            return
-        async with self._pace_lock:
-            wait = self._last_call + self.min_interval - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            self._last_call = time.monotonic()
+        """Wait for this call's slot (``min_interval`` apart, most urgent first).
+
+        Raises NotSent, before anything is sent, when the caller's deadline passes or
+        its client leaves while it waits.
+        """
+        await self.pacer.slot(BUDGET.get())
 
     async def _request_json(
         self,

@@ -160,6 +160,7 @@ class ThuecodesimProvider(Provider):
     currency: ClassVar[str] = "VND"
     secret_fields: ClassVar[tuple[str, ...]] = ("token",)
     can_lookup: ClassVar[bool] = True
+    can_cancel: ClassVar[bool] = False  # no cancel endpoint: a number bought is spent
 
     def __init__(
         self,

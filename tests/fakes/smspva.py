@@ -45,6 +45,8 @@ def provider_options(url: str, api: str = "activation") -> dict[str, Any]:
         "api": api,
         "activation_url": url,
         "base_url": url,
+        # unpaced for the tests that are about something else; smspva's real 4.5 s
+        # spacing is the condition tests/test_pacing.py runs under
         "min_interval": 0,
         "poll_interval": 5,
     }
