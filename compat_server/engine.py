@@ -127,6 +127,7 @@ class Engine:
         self._polls: dict[int, asyncio.Future[None]] = {}
         self._last_poll: dict[int, float] = {}
         self._outbox_wake = asyncio.Event()
+        self.router.wake_outbox = self._outbox_wake.set  # an over-limit buy's cancel
         self._delivering: set[int] = set()  # outbox ops being delivered right now
         self._pruned_at = 0.0
 

@@ -51,6 +51,10 @@ class Purchase:
     price: Decimal  # native currency
     operator: str = "any"
     extra: Mapping[str, str] = field(default_factory=dict)
+    # lookups only: when the upstream says the order was made (epoch seconds, None if
+    # it does not say), and how far off that may be (an upstream clock of unknown zone)
+    created_at: float | None = None
+    created_skew: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ class Provider(abc.ABC):
     min_interval: float = 0.0  # seconds between two upstream calls (per instance)
     default_poll_interval: ClassVar[float] = 3.0
     can_lookup: ClassVar[bool] = False  # lookup_purchases() is implemented
+    can_cancel: ClassVar[bool] = True  # cancel() releases a number upstream
 
     def __init__(
         self,
@@ -169,6 +174,18 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     async def catalog(self, country: int) -> list[Offer]:
         """Services on sale in an sms-activate country, native prices; [] if none."""
+
+    async def quote(self, order: Order) -> Offer | None:
+        """The order's service and country as sold upstream right now; None if not.
+
+        Read-only, asked before a paid call with a price limit, so it must not answer
+        from a cache older than the call. This default reads ``catalog()``: a
+        provider that caches its catalogue overrides it.
+        """
+        for offer in await self.catalog(order.country):
+            if offer.service == order.service:
+                return offer
+        return None
 
     @abc.abstractmethod
     def countries(self) -> list[int]:

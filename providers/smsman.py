@@ -230,6 +230,24 @@ class SmsmanProvider(Provider):
         """``set-status reject`` (refunded upstream if no SMS came); idempotent."""
         await self._set_status(ref, "reject")
 
+    async def quote(self, order: Order) -> Offer | None:
+        """The cost on sale now: ``get-prices`` of the order's country, fetched again.
+
+        The refreshed list is also what ``buy`` then reports as the cost.
+        """
+        try:
+            application_id = await self._application_id(order.service)
+        except UnknownService:
+            return None
+        country_id = await self._country_id(order.country)
+        if country_id is None:
+            return None
+        self._prices.pop(country_id, None)
+        found = (await self._prices_for(country_id)).get(application_id)
+        if found is None:
+            return None
+        return Offer(service=order.service, price=found[0], count=found[1])
+
     async def catalog(self, country: int) -> list[Offer]:
         """``get-prices`` for one country, ids turned into codes; cached for the TTL."""
         country_id = await self._country_id(country)
