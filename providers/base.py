@@ -199,6 +199,12 @@ class Provider(abc.ABC):
         """Orders made upstream for this order since ``since`` (for reconciliation)."""
         return []
 
+    def note_orders(self, created: Mapping[str, float]) -> None:  # noqa: B027
+        """Orders of ours (upstream id -> when we bought them), told before a lookup.
+
+        A provider whose upstream clock is uncertain may calibrate on them.
+        """
+
     def describe(self) -> str:
         """One line for logs and check-config, secrets masked."""
         parts = [f"type={self.type_name}"]

@@ -322,6 +322,7 @@ class SmspvaProvider(Provider):
                     upstream_id=order_id,
                     phone=self._dial(where or iso, order.country) + number,
                     price=self._known_price(iso, opt) or Decimal(0),
+                    created_at=created,
                 )
             )
         return found
@@ -550,6 +551,12 @@ class SmspvaProvider(Provider):
                     phone=ccode + digits(item.get("pnumber")),
                     price=self._known_price(iso, opt) or Decimal(0),
                     extra={"until": "" if until is None else str(until)},
+                    # orders carry no creation time: until minus the period, which
+                    # the samples show rounded to the minute
+                    created_at=None
+                    if until is None
+                    else until - self.rent_days * 86400.0,
+                    created_skew=60.0,
                 )
             )
         return found

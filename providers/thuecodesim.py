@@ -334,6 +334,11 @@ class ThuecodesimProvider(Provider):
             for code, entry in chosen.items()
         ]
 
+    def note_orders(self, created: Mapping[str, float]) -> None:
+        """Our orders teach the offset when a history answer lists them."""
+        if self.utc_offset is None:
+            self._bought.update(created)
+
     async def lookup_purchases(self, order: Order, since: float) -> list[Purchase]:
         """History sessions of this service and country made since ``since``.
 
