@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Generic, TypeVar
@@ -168,7 +168,11 @@ class SmsmanProvider(Provider):
             raise UnknownService(self.name, f"country {order.country} not served")
         params = {"country_id": country_id, "application_id": application_id}
         if order.max_price is not None:
-            params["maxPrice"] = str(order.max_price)
+            # the limit in our currency, rounded down so that it still holds (a
+            # converted limit has many digits); currency is on the newer API page
+            limit = order.max_price.quantize(Decimal("0.01"), rounding=ROUND_DOWN)
+            params["maxPrice"] = str(limit)
+            params["currency"] = self.currency
         body = await self._get("get-number", params)
         if not isinstance(body, dict):
             raise UpstreamUncertain(self.name, "get-number: answer is not an object")

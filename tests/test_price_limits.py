@@ -162,7 +162,24 @@ async def test_smsman_passes_the_limit_upstream_and_stores_the_fresh_cost(
     )
     assert await stored(client, body) == (Decimal(10), Decimal("10.00"), WAIT_CODE)
     [(_, params)] = [c for c in fake.calls if c[0] == "/control/get-number"]
-    assert params["maxPrice"] == "15"
+    assert (params["maxPrice"], params["currency"]) == ("15.00", "RUB")
+
+
+async def test_smsman_limit_upstream_is_rounded_down_in_its_currency(
+    start_app: StartApp, store_path: str, aiohttp_server: Any
+) -> None:
+    """A converted limit has many digits: sent to cents, rounded so it still holds."""
+    fake, options = await serve(
+        aiohttp_server, smsman.FakeSmsman, smsman.provider_options
+    )
+    client = await start_app(config_for(store_path, {**options, "markup": 1.5}))
+    # 12.5 RUB x 1.5 markup = 18.75 shown; a limit of 20 is 13.333... RUB upstream
+    _, _, body = await call(
+        client, action="getNumber", service="tg", country=10, maxPrice="20"
+    )
+    assert await stored(client, body) == (Decimal("12.5"), Decimal("18.75"), WAIT_CODE)
+    [(_, params)] = [c for c in fake.calls if c[0] == "/control/get-number"]
+    assert (params["maxPrice"], params["currency"]) == ("13.33", "RUB")
 
 
 # ---- smspva: both APIs, activation v2 and rental --------------------------------------
