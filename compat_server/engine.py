@@ -131,6 +131,7 @@ class Engine:
         self.router.wake_outbox = self._outbox_wake.set  # an over-limit buy's cancel
         self._delivering: set[int] = set()  # outbox ops being delivered right now
         self._pruned_at = 0.0
+        self._timeless: set[tuple[str, str]] = set()  # orders logged as unclaimable
 
     @property
     def providers(self) -> Mapping[str, Provider]:
@@ -547,11 +548,16 @@ class Engine:
         """Whether an upstream order could be the one this attempt bought."""
         if purchase.created_at is None:
             # no time: it cannot be told from a number bought elsewhere
-            log.info(
-                "reconcile provider=%s order %s has no creation time: not claimed",
-                provider.name,
-                purchase.upstream_id,
-            )
+            seen = (provider.name, purchase.upstream_id)
+            if seen not in self._timeless:  # once, not every round
+                self._timeless.add(seen)
+                log.warning(
+                    "reconcile provider=%s upstream_id=%s has no creation time: not"
+                    " claimed for attempt %d, check it by hand",
+                    provider.name,
+                    purchase.upstream_id,
+                    attempt.id,
+                )
             return False
         # the paid call started after the attempt was written and ended within the
         # upstream timeouts (a smspva rental is two calls, each paced)

@@ -252,8 +252,11 @@ async def test_a_failing_quote_buys_nothing_and_routes_on(
             "keys": [{"key": KEY, "alias": "limits", "providers": ["up", "sb"]}],
             "providers": {
                 "up": options,
-                "sb": {"type": "sandbox", "countries": [10],
-                       "services": {"tg": {"price": 20, "count": 5}}},  # fmt: skip
+                "sb": {
+                    "type": "sandbox",
+                    "countries": [10],
+                    "services": {"tg": {"price": 20, "count": 5}},
+                },  # fmt: skip
             },
         }
     )

@@ -12,6 +12,7 @@ The fakes date their orders by the test clock, so time is stepped, never slept.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -240,3 +241,30 @@ async def test_after_a_restart_our_open_orders_teach_the_upstream_clock(
     assert [(a.phone, a.state) for a in await engine.store.for_key(key_id(KEY))] == [
         (ours, "wait_code")
     ]
+
+
+async def test_an_order_without_a_creation_time_is_never_claimed(
+    start_app: StartApp,
+    store_path: str,
+    aiohttp_server: Any,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """smspva's activation order list is undocumented: without a time, an order
+    cannot be told from one bought elsewhere, so it is reported, never cancelled.
+    (An activation order is charged only when an SMS comes.)"""
+    fake, _, options = await start_smspva(aiohttp_server, clock)
+    fake.orders_dated = False
+    client = await start_app(config_for(store_path, options))
+    engine = engine_of(client)
+    lost = await lose_a_purchase(client, fake, "/activation/number/VN/opt29")
+    with caplog.at_level(logging.WARNING, logger="compat_server"):
+        assert await engine.reconcile() == 0
+        clock.advance(30)
+        assert await engine.reconcile() == 0
+    assert [r.getMessage() for r in caplog.records if "creation" in r.getMessage()] == [
+        f"reconcile provider=up upstream_id={lost} has no creation time: not claimed"
+        " for attempt 1, check it by hand"
+    ]
+    assert fake.orders[lost].state == "waiting"
+    assert await orphans(client) == []

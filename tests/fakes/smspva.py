@@ -74,6 +74,7 @@ class FakeSmspva(FakeUpstream):
         self.next_id = 123456
         self.activation_stock = dict(ACTIVATION_STOCK)  # tests may move prices
         self.rent_stock = dict(RENT_STOCK)
+        self.orders_dated = True  # activation orders carry createdAt (undocumented)
         super().__init__()
 
     def setup_routes(self, app: web.Application) -> None:
@@ -252,8 +253,8 @@ class FakeSmspva(FakeUpstream):
                 "phoneNumber": int(order.phone),
                 "countryCode": order.country,
                 "service": order.service,
-                "createdAt": int(order.created),
                 "status": order.state,
+                **({"createdAt": int(order.created)} if self.orders_dated else {}),
             }
             for order in self.orders.values()
             if isinstance(order, FakeSmspvaOrder) and order.api == "activation"
