@@ -259,8 +259,10 @@ class ThuecodesimProvider(Provider):
         # number: it is not compared, so a wrong guess cannot stall every poll.
         status = as_int(data.get("Status"))
         if status == 0:
-            # still waiting: CreatedTime is the order's, whose creation we know
-            self._learn_offset(data.get("CreatedTime"), ref.created_at)
+            # still waiting: CreatedTime is the order's, whose creation we know,
+            # unless it is a re-rent (a later order under the same activation)
+            if not ref.extra.get("previous_ids"):
+                self._learn_offset(data.get("CreatedTime"), ref.created_at)
             return PollResult()
         if status == 2:
             return PollResult(closed=True)

@@ -268,3 +268,24 @@ async def test_an_order_without_a_creation_time_is_never_claimed(
     ]
     assert fake.orders[lost].state == "waiting"
     assert await orphans(client) == []
+
+
+async def test_thuecodesim_learns_the_upstream_clock_from_a_waiting_poll(
+    start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock
+) -> None:
+    fake, _, options = await start_thuecodesim(aiohttp_server, clock, UTC)
+    client = await start_app(config_for(store_path, options))
+    provider = engine_of(client).providers["up"]
+    # the session read after the purchase fails: nothing learned, the listed price kept
+    fake.fault, fake.fault_paths = "html500", {"/session/getv2"}
+    _, _, body = await call(client, action="getNumber", service="tg", country=10)
+    activation_id = body.split(":")[1]
+    assert provider.utc_offset is None  # type: ignore[attr-defined]
+    fake.fault = None
+    clock.advance(10)
+    assert await call(client, action="getStatus", id=activation_id) == (
+        200,
+        TEXT,
+        "STATUS_WAIT_CODE",
+    )
+    assert provider.utc_offset == 0.0  # type: ignore[attr-defined]
