@@ -65,6 +65,7 @@ log = logging.getLogger("compat_server")
 # Upstream failures after which a queued call is tried again; any other answer is final.
 RETRYABLE = (UpstreamUnreachable, UpstreamUncertain, UpstreamAuth)
 RECONCILE_WINDOW = 900.0  # seconds an unknown purchase is looked for upstream
+CLAIM_SLACK = 120.0  # seconds of clock difference between us and an upstream
 INLINE_TIMEOUT = 5.0  # seconds a setStatus waits for the upstream before queueing
 POLL_WAIT = 2.0  # seconds a getStatus waits for an upstream poll before answering
 PRUNE_AFTER = 7 * 86400.0  # seconds refused attempts and delivered calls are kept
@@ -178,9 +179,11 @@ class Engine:
         self._polls: dict[int, asyncio.Future[None]] = {}
         self._last_poll: dict[int, float] = {}
         self._outbox_wake = asyncio.Event()
+        self.router.wake_outbox = self._outbox_wake.set  # an over-limit buy's cancel
         self._delivering: set[int] = set()  # outbox ops being delivered right now
         self._pruned_at = 0.0
         self.abandoned_count = 0  # purchases whose client left before the answer
+        self._timeless: set[tuple[str, str]] = set()  # orders logged as unclaimable
 
     @property
     def providers(self) -> Mapping[str, Provider]:
@@ -564,6 +567,13 @@ class Engine:
         if self._buying(name):
             return 0  # a concurrent buy could look like an orphan until it is stored
         since = min(a.created_at for a in group) - 60
+        provider.note_orders(
+            {
+                a.upstream_id: a.created_at
+                for a in self.store.open_activations()
+                if a.provider == name
+            }
+        )
         try:
             found = await self.upstreams.call(
                 name,
@@ -582,12 +592,12 @@ class Engine:
             return 0
         known = await self.store.known_upstream_ids(name)
         unknown = [p for p in found if p.upstream_id not in known]
+        claims = self._match_claims(provider, group, unknown)
         orphans = 0
         for attempt in group:
-            if unknown:
-                # one attempt bought at most one number: claim one order per attempt,
-                # so numbers bought elsewhere on the same account are spared
-                await self._claim_orphan(name, provider, attempt, unknown.pop(0), now)
+            claimed = claims.get(attempt.id)
+            if claimed is not None:
+                await self._claim_orphan(name, provider, attempt, claimed, now)
                 orphans += 1
             elif now - attempt.created_at > RECONCILE_WINDOW:
                 await self.store.end_purchase(
@@ -597,6 +607,70 @@ class Engine:
                 # a buy interrupted by a crash: from now on it is simply uncertain
                 await self.store.end_purchase(attempt.id, UNCERTAIN, "interrupted", now)
         return orphans
+
+    def _match_claims(
+        self, provider: Provider, group: list[Attempt], unknown: list[Purchase]
+    ) -> dict[int, Purchase]:
+        """Attempt id -> the one unknown order it may have made, if any.
+
+        One attempt bought at most one number, and only one that fits it: sold
+        within the time its paid call could have taken, at no more than its price
+        limit, on no number prefix it excluded. Anything else (a number bought by
+        another tool on the same account, or by a later attempt) is never taken.
+        Among fitting orders an attempt takes the one made closest to its start.
+        """
+        taken: set[str] = set()
+        claims: dict[int, Purchase] = {}
+        for attempt in sorted(group, key=lambda a: a.created_at):
+            fitting = [
+                p
+                for p in unknown
+                if p.upstream_id not in taken and self._may_claim(provider, attempt, p)
+            ]
+            if fitting:
+                best = min(
+                    fitting,
+                    key=lambda p: abs((p.created_at or 0.0) - attempt.created_at),
+                )
+                taken.add(best.upstream_id)
+                claims[attempt.id] = best
+        return claims
+
+    def _may_claim(
+        self, provider: Provider, attempt: Attempt, purchase: Purchase
+    ) -> bool:
+        """Whether an upstream order could be the one this attempt bought."""
+        if purchase.created_at is None:
+            # no time: it cannot be told from a number bought elsewhere
+            seen = (provider.name, purchase.upstream_id)
+            if seen not in self._timeless:  # once, not every round
+                self._timeless.add(seen)
+                log.warning(
+                    "reconcile provider=%s upstream_id=%s has no creation time: not"
+                    " claimed for attempt %d, check it by hand",
+                    provider.name,
+                    purchase.upstream_id,
+                    attempt.id,
+                )
+            return False
+        # the paid call started after the attempt was written, no later than the
+        # request's deadline (the pacer refuses it after that), and ended within the
+        # upstream timeouts (a smspva rental is two calls, each paced)
+        timeouts = self.config.connect_timeout + self.config.read_timeout
+        longest = self.config.request_deadline + 2 * (timeouts + provider.min_interval)
+        earliest = attempt.created_at - CLAIM_SLACK
+        latest = attempt.created_at + longest + CLAIM_SLACK
+        if purchase.created_at + purchase.created_skew < earliest:
+            return False
+        if purchase.created_at - purchase.created_skew > latest:
+            return False
+        limit = attempt.order.max_price
+        if limit is not None and purchase.price > limit:
+            return False
+        phone = purchase.phone
+        return not (
+            phone and any(phone.startswith(p) for p in attempt.order.exclude_prefixes)
+        )
 
     async def _claim_orphan(
         self,

@@ -27,7 +27,7 @@ from compat_server.errors import (
     UpstreamUncertain,
     UpstreamUnreachable,
 )
-from compat_server.store import REFUSED, UNCERTAIN, Activation, Store
+from compat_server.store import CANCELLED, REFUSED, UNCERTAIN, Activation, Store
 from providers.base import (
     BACKGROUND,
     BUDGET,
@@ -45,8 +45,9 @@ T = TypeVar("T")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
-# Upstream operations that spend or give back money: paced ahead of everything else.
-PAID_OPS = frozenset({"buy", "cancel", "finish", "retry"})
+# Upstream operations that spend or give back money, and the fresh price check right
+# before a paid call: paced ahead of everything else.
+PAID_OPS = frozenset({"quote", "buy", "cancel", "finish", "retry"})
 
 
 def priority_of(op: str, current: int) -> int:
@@ -236,6 +237,7 @@ class Router:
         self.offers = offers
         self.clock = clock
         self.in_flight: dict[int, str] = {}  # attempt id -> provider, while buy() runs
+        self.wake_outbox: Callable[[], None] = lambda: None  # a cancel was queued
 
     def route(self, key: KeyConfig, service: str, country: int) -> RouteConfig:
         """The first matching route of the key, then the global ones, else the key's list."""
@@ -287,6 +289,10 @@ class Router:
                 native = replace(
                     order, max_price=order.max_price / self.prices.factor(name)
                 )
+            refusal = await self._quote_refusal(name, provider, order, native)
+            if refusal is not None:
+                refusals.append(refusal)
+                continue
             attempt = await self.store.begin_purchase(
                 key.key_id, name, native, self.clock()
             )
@@ -298,6 +304,10 @@ class Router:
                     name, provider, native, attempt, refusals
                 )
                 if purchase is None:
+                    continue
+                if await self._cancelled_over_limit(
+                    key, name, provider, order, purchase, attempt, refusals
+                ):
                     continue
                 return await self.store.complete_purchase(
                     attempt,
@@ -313,6 +323,96 @@ class Router:
             finally:
                 self.in_flight.pop(attempt, None)
         raise merge_refusals(refusals)
+
+    async def _quote_refusal(
+        self, name: str, provider: Provider, order: Order, native: Order
+    ) -> ProviderError | None:
+        """With a price limit: ask the upstream for the price now, right before buying.
+
+        A catalogue cached minutes ago says nothing about what the next paid call
+        costs. Returns the refusal (nothing was bought) when the price is above the
+        limit, the service is no longer sold, or the quote failed; None to go on.
+        """
+        if order.max_price is None:
+            return None
+        try:
+            offer = await self.upstreams.call(
+                name, "quote", functools.partial(provider.quote, native)
+            )
+        except ProviderError as exc:
+            log.info("buy provider=%s quote failed (%s)", name, type(exc).__name__)
+            if isinstance(exc, UpstreamUncertain):  # read-only: nothing was bought
+                return UpstreamUnreachable(name, f"quote: {exc.detail}")
+            return exc
+        if offer is None:
+            return NoNumbers(name, "no longer on sale")
+        price = self.prices.display(name, offer.price)
+        if price > order.max_price:
+            log.info(
+                "buy provider=%s price now %s above maxPrice %s: not bought",
+                name,
+                price,
+                order.max_price,
+            )
+            return NoNumbers(name, f"price {price} above {order.max_price}")
+        return None
+
+    async def _cancelled_over_limit(
+        self,
+        key: KeyConfig,
+        name: str,
+        provider: Provider,
+        order: Order,
+        purchase: Purchase,
+        attempt: int,
+        refusals: list[ProviderError],
+    ) -> bool:
+        """A number that cost more than the limit: cancelled if the upstream can.
+
+        True when it was stored as cancelled (its upstream cancel queued) and the
+        route goes on. A number that cannot be cancelled is paid for whatever we do,
+        so it goes to the client (who at least gets what was paid for) with a
+        warning; the cost stored is what was charged.
+        """
+        if order.max_price is None:
+            return False
+        cost = self.prices.display(name, purchase.price)
+        if cost <= order.max_price:
+            return False
+        if not type(provider).can_cancel:
+            log.warning(
+                "buy provider=%s upstream_id=%s charged %s above maxPrice %s after"
+                " its quote; it cannot be cancelled, so the client gets it",
+                name,
+                purchase.upstream_id,
+                cost,
+                order.max_price,
+            )
+            return False
+        activation = await self.store.complete_purchase(
+            attempt,
+            key.key_id,
+            name,
+            type(provider).native_currency(provider.options),
+            order,
+            purchase,
+            cost,
+            self.clock(),
+            self.config.lifetime,
+            state=CANCELLED,
+        )
+        await self.store.enqueue(activation.id, "cancel", self.clock())
+        self.wake_outbox()
+        log.warning(
+            "buy provider=%s charged %s above maxPrice %s: stored as id=%d, cancel"
+            " queued",
+            name,
+            cost,
+            order.max_price,
+            activation.id,
+        )
+        refusals.append(NoNumbers(name, f"charged {cost} above {order.max_price}"))
+        return True
 
     async def _buy_once(
         self,

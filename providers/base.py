@@ -165,6 +165,10 @@ class Purchase:
     price: Decimal  # native currency
     operator: str = "any"
     extra: Mapping[str, str] = field(default_factory=dict)
+    # lookups only: when the upstream says the order was made (epoch seconds, None if
+    # it does not say), and how far off that may be (an upstream clock of unknown zone)
+    created_at: float | None = None
+    created_skew: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,18 @@ class Provider(abc.ABC):
     async def catalog(self, country: int) -> list[Offer]:
         """Services on sale in an sms-activate country, native prices; [] if none."""
 
+    async def quote(self, order: Order) -> Offer | None:
+        """The order's service and country as sold upstream right now; None if not.
+
+        Read-only, asked before a paid call with a price limit, so it must not answer
+        from a cache older than the call. This default reads ``catalog()``: a
+        provider that caches its catalogue overrides it.
+        """
+        for offer in await self.catalog(order.country):
+            if offer.service == order.service:
+                return offer
+        return None
+
     @abc.abstractmethod
     def countries(self) -> list[int]:
         """sms-activate country ids this provider can serve."""
@@ -295,6 +311,12 @@ class Provider(abc.ABC):
     async def lookup_purchases(self, order: Order, since: float) -> list[Purchase]:
         """Orders made upstream for this order since ``since`` (for reconciliation)."""
         return []
+
+    def note_orders(self, created: Mapping[str, float]) -> None:  # noqa: B027
+        """Orders of ours (upstream id -> when we bought them), told before a lookup.
+
+        A provider whose upstream clock is uncertain may calibrate on them.
+        """
 
     def describe(self) -> str:
         """One line for logs and check-config, secrets masked."""

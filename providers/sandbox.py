@@ -105,6 +105,9 @@ class SandboxProvider(Provider):
             )
         self._countries = countries
         self._services = _services(name, options.get("services"))
+        # charged on top of the listed price: rehearses a price that moved between
+        # the quote and the purchase
+        self.price_drift = Decimal(str(_number(name, options, "price_drift", 0.0)))
         self._orders: dict[str, _Order] = {}
 
     @classmethod
@@ -125,6 +128,7 @@ class SandboxProvider(Provider):
             raise NoNumbers(self.name, order.service)
         if order.max_price is not None and price > order.max_price:
             raise NoNumbers(self.name, "price above maxPrice")
+        price += self.price_drift
         if self._balance < price:
             raise NoBalance(self.name, "sandbox balance")
         self._balance -= price
@@ -209,7 +213,7 @@ class SandboxProvider(Provider):
     async def lookup_purchases(self, order: Order, since: float) -> list[Purchase]:
         """Open sandbox orders for the service made since ``since``."""
         return [
-            Purchase(o.upstream_id, "", o.price)
+            Purchase(o.upstream_id, "", o.price, created_at=o.created)
             for o in self._orders.values()
             if o.service == order.service and o.created >= since and not o.closed
         ]

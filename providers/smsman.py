@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Generic, TypeVar
@@ -168,7 +168,11 @@ class SmsmanProvider(Provider):
             raise UnknownService(self.name, f"country {order.country} not served")
         params = {"country_id": country_id, "application_id": application_id}
         if order.max_price is not None:
-            params["maxPrice"] = str(order.max_price)
+            # the limit in our currency, rounded down so that it still holds (a
+            # converted limit has many digits); currency is on the newer API page
+            limit = order.max_price.quantize(Decimal("0.01"), rounding=ROUND_DOWN)
+            params["maxPrice"] = str(limit)
+            params["currency"] = self.currency
         body = await self._get("get-number", params)
         if not isinstance(body, dict):
             raise UpstreamUncertain(self.name, "get-number: answer is not an object")
@@ -229,6 +233,24 @@ class SmsmanProvider(Provider):
     async def cancel(self, ref: ActivationRef) -> None:
         """``set-status reject`` (refunded upstream if no SMS came); idempotent."""
         await self._set_status(ref, "reject")
+
+    async def quote(self, order: Order) -> Offer | None:
+        """The cost on sale now: ``get-prices`` of the order's country, fetched again.
+
+        The refreshed list is also what ``buy`` then reports as the cost.
+        """
+        try:
+            application_id = await self._application_id(order.service)
+        except UnknownService:
+            return None
+        country_id = await self._country_id(order.country)
+        if country_id is None:
+            return None
+        self._prices.pop(country_id, None)
+        found = (await self._prices_for(country_id)).get(application_id)
+        if found is None:
+            return None
+        return Offer(service=order.service, price=found[0], count=found[1])
 
     async def catalog(self, country: int) -> list[Offer]:
         """``get-prices`` for one country, ids turned into codes; cached for the TTL."""

@@ -248,6 +248,30 @@ class SmspvaProvider(Provider):
         if answer.code not in (OK, NOT_FOUND, CLOSED):
             raise self._activation_failure(answer, buying=False)
 
+    async def quote(self, order: Order) -> Offer | None:
+        """The price on sale now (``servicesprices`` or ``getdata`` fetched again).
+
+        The count is the last catalogue's: a price limit needs only the price, and
+        every extra call costs the pacing interval.
+        """
+        try:
+            iso, opt = self._resolve(order.country, order.service)
+        except UnknownService:
+            return None
+        if self.api == "rent":
+            self._rent_offers.pop(iso, None)
+            offer = (await self._rent_catalog(iso)).get(opt)
+            if offer is None:
+                return None
+            return Offer(service=order.service, price=offer[0], count=offer[1])
+        self._prices = None
+        price = (await self._activation_prices()).get((iso, opt))
+        if price is None:
+            return None
+        counts = self._counts.get(iso)
+        count = counts[1].get(opt, 0) if counts else 0
+        return Offer(service=order.service, price=price, count=count)
+
     async def catalog(self, country: int) -> list[Offer]:
         """Mapped services on sale in a country, USD price and stock; [] if none."""
         iso = self._iso(country)
@@ -298,6 +322,7 @@ class SmspvaProvider(Provider):
                     upstream_id=order_id,
                     phone=self._dial(where or iso, order.country) + number,
                     price=self._known_price(iso, opt) or Decimal(0),
+                    created_at=created,
                 )
             )
         return found
@@ -526,6 +551,12 @@ class SmspvaProvider(Provider):
                     phone=ccode + digits(item.get("pnumber")),
                     price=self._known_price(iso, opt) or Decimal(0),
                     extra={"until": "" if until is None else str(until)},
+                    # orders carry no creation time: until minus the period, which
+                    # the samples show rounded to the minute
+                    created_at=None
+                    if until is None
+                    else until - self.rent_days * 86400.0,
+                    created_skew=60.0,
                 )
             )
         return found

@@ -10,7 +10,9 @@ local, and a retry is either a new paid re-rent of the same number or nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
 import time
 import unicodedata
@@ -53,10 +55,19 @@ from providers.base import (
 )
 from providers.otp import extract_code
 
+log = logging.getLogger(__name__)
+
 VIETNAM_TZ = timezone(timedelta(hours=7))
 DEFAULT_BASE_URL = "https://api.thuecodesim.com"
 LOOKUP_SLACK = 120.0  # seconds of clock skew tolerated when matching history items
 HISTORY_LIMIT = 50
+# CreatedTime carries no zone. Vietnam time is what the seed's samples suggest, but the
+# upstream clock has been seen in UTC: until the offset is learned from a live answer
+# (an order whose creation time we know), any offset from UTC-12 to UTC+14 is possible.
+EARLIEST_OFFSET, LATEST_OFFSET = -12 * 3600.0, 14 * 3600.0
+OFFSET_STEP = 900.0  # zones are whole quarter hours
+OFFSET_FIT = 300.0  # a sample further than this from a quarter hour teaches nothing
+CHARGE_WAIT = 2.0  # seconds a purchase waits to read what it was charged
 
 _TIME = re.compile(
     r"^\s*(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}(?::\d{2})?)(?:\.(\d+))?"
@@ -89,8 +100,8 @@ def name_key(name: str) -> str:
     return "".join(ch for ch in fold(name) if ch.isalnum())
 
 
-def parse_created_time(value: Any) -> float | None:
-    """A thuecodesim timestamp (Vietnam time unless zoned) -> epoch seconds, or None."""
+def parse_wall_time(value: Any) -> tuple[float, bool] | None:
+    """A thuecodesim timestamp -> (seconds, zoned); a naive one is read as UTC."""
     match = _TIME.match(as_text(value))
     if match is None:
         return None
@@ -104,9 +115,19 @@ def parse_created_time(value: Any) -> float | None:
         moment = datetime.fromisoformat(text)
     except ValueError:
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=VIETNAM_TZ)
-    return moment.timestamp()
+    zoned = moment.tzinfo is not None
+    if not zoned:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp(), zoned
+
+
+def parse_created_time(value: Any) -> float | None:
+    """A thuecodesim timestamp (Vietnam time unless zoned) -> epoch seconds, or None."""
+    parsed = parse_wall_time(value)
+    if parsed is None:
+        return None
+    seconds, zoned = parsed
+    return seconds if zoned else seconds - VIETNAM_TZ.utcoffset(None).total_seconds()
 
 
 @dataclass(frozen=True)
@@ -180,6 +201,9 @@ class ThuecodesimProvider(Provider):
         self.nominal_stock = int(stock)
         self._aliases = _alias_table(name, options.get("services"))
         self._catalogs: dict[str, tuple[float, list[Entry]]] = {}
+        # seconds east of UTC of the upstream's CreatedTime, once a live answer told
+        self.utc_offset: float | None = None
+        self._bought: dict[str, float] = {}  # recent request ids -> when we bought them
 
     # ---- facts ---------------------------------------------------------------------
 
@@ -235,6 +259,10 @@ class ThuecodesimProvider(Provider):
         # number: it is not compared, so a wrong guess cannot stall every poll.
         status = as_int(data.get("Status"))
         if status == 0:
+            # still waiting: CreatedTime is the order's, whose creation we know,
+            # unless it is a re-rent (a later order under the same activation)
+            if not ref.extra.get("previous_ids"):
+                self._learn_offset(data.get("CreatedTime"), ref.created_at)
             return PollResult()
         if status == 2:
             return PollResult(closed=True)
@@ -247,12 +275,12 @@ class ThuecodesimProvider(Provider):
         if not code:
             # Done upstream but nothing usable: let the local deadline decide.
             return PollResult()
-        received_at = parse_created_time(data.get("CreatedTime"))
+        received_at = self._received_at(data.get("CreatedTime"), ref.created_at)
         sms = Sms(
             uid=f"{ref.upstream_id}:{code}",
             text=text,
             code=code,
-            received_at=self.clock() if received_at is None else received_at,
+            received_at=received_at,
         )
         return PollResult(messages=(sms,))
 
@@ -276,6 +304,22 @@ class ThuecodesimProvider(Provider):
     async def cancel(self, ref: ActivationRef) -> None:
         """Nothing to tell upstream: there is no cancel endpoint, nor a known refund."""
 
+    async def quote(self, order: Order) -> Offer | None:
+        """The price on sale now: the service list is fetched again, never cached.
+
+        The refreshed list is also what ``buy`` then reads, so its own price check
+        and the cost it reports see the same fresh price.
+        """
+        spec = COUNTRIES.get(order.country)
+        if spec is None or order.service not in self._aliases.values():
+            return None
+        self._catalogs.pop(spec.key, None)
+        try:
+            entry = self._pick(await self._entries(spec), order.service)
+        except UnknownService:
+            return None
+        return Offer(service=order.service, price=entry.price, count=self.nominal_stock)
+
     async def catalog(self, country: int) -> list[Offer]:
         """Every upstream service with an sms-activate code, at a nominal stock."""
         spec = COUNTRIES.get(country)
@@ -292,8 +336,18 @@ class ThuecodesimProvider(Provider):
             for code, entry in chosen.items()
         ]
 
+    def note_orders(self, created: Mapping[str, float]) -> None:
+        """Our orders teach the offset when a history answer lists them."""
+        if self.utc_offset is None:
+            self._bought.update(created)
+
     async def lookup_purchases(self, order: Order, since: float) -> list[Purchase]:
-        """History sessions of this service created since ``since`` (minus slack)."""
+        """History sessions of this service and country made since ``since``.
+
+        CreatedTime has no zone: until a live answer taught the offset, an item counts
+        if it could be that recent under any offset, and its ``created_skew`` says how
+        far its ``created_at`` may be off.
+        """
         spec = COUNTRIES.get(order.country)
         if spec is None:
             return []
@@ -303,23 +357,32 @@ class ThuecodesimProvider(Provider):
         except UnknownService:
             return []
         start = since - LOOKUP_SLACK
+        now = max(self.clock(), since)
+        if self.utc_offset is None:
+            first, last = _day(start, EARLIEST_OFFSET), _day(now, LATEST_OFFSET)
+        else:
+            first, last = _day(start, self.utc_offset), _day(now, self.utc_offset)
         params = {
             "service": entry.id,
             "limit": str(HISTORY_LIMIT),
-            "fromDate": _vietnam_day(start).isoformat(),
-            "toDate": _vietnam_day(max(self.clock(), since)).isoformat(),
+            "fromDate": first.isoformat(),
+            "toDate": last.isoformat(),
         }
         data = await self._call("/session/historyv2", params)
         items = list(data.values()) if isinstance(data, dict) else data
         if not isinstance(items, list):
             raise UpstreamUncertain(self.name, "history answer is not a list")
+        for item in items:  # orders bought here whose time we know teach the offset
+            if isinstance(item, dict) and as_text(item.get("ID")) in self._bought:
+                bought = self._bought[as_text(item.get("ID"))]
+                self._learn_offset(item.get("CreatedTime"), bought)
         found: list[Purchase] = []
         for item in items:
             if not isinstance(item, dict):
                 continue
-            created = parse_created_time(item.get("CreatedTime"))
+            created, skew = self._instant(item.get("CreatedTime"))
             upstream_id = as_text(item.get("ID"))
-            if created is None or created < start or not upstream_id:
+            if created is None or created + skew < start or not upstream_id:
                 continue
             if as_text(item.get("ServiceID")) not in ("", entry.id):
                 continue
@@ -341,11 +404,54 @@ class ThuecodesimProvider(Provider):
                         "country": spec.key,
                         "service_id": entry.id,
                     },
+                    created_at=created,
+                    created_skew=skew,
                 )
             )
         return found
 
     # ---- helpers -------------------------------------------------------------------
+
+    def _learn_offset(self, value: Any, created_at: float) -> None:
+        """Learn the zone of CreatedTime from an order created at a known time."""
+        parsed = parse_wall_time(value)
+        if parsed is None or parsed[1]:
+            return
+        diff = parsed[0] - created_at
+        offset = round(diff / OFFSET_STEP) * OFFSET_STEP
+        if abs(diff - offset) > OFFSET_FIT:
+            return
+        if not EARLIEST_OFFSET <= offset <= LATEST_OFFSET:
+            return
+        if offset != self.utc_offset:
+            log.info("%s: upstream CreatedTime is UTC%+.2gh", self.name, offset / 3600)
+            self.utc_offset = offset
+
+    def _instant(self, value: Any) -> tuple[float | None, float]:
+        """CreatedTime -> (epoch seconds, how far off they may be), (None, 0) if bad."""
+        parsed = parse_wall_time(value)
+        if parsed is None:
+            return None, 0.0
+        seconds, zoned = parsed
+        if zoned:
+            return seconds, 0.0
+        if self.utc_offset is not None:
+            return seconds - self.utc_offset, 0.0
+        # any offset: the true time lies in [wall - LATEST, wall - EARLIEST]
+        middle = (EARLIEST_OFFSET + LATEST_OFFSET) / 2
+        return seconds - middle, (LATEST_OFFSET - EARLIEST_OFFSET) / 2
+
+    def _received_at(self, value: Any, created_at: float) -> float:
+        """When an SMS came: CreatedTime in the learned (else Vietnam) zone, if it fits."""
+        now = self.clock()
+        if self.utc_offset is not None:
+            moment = self._instant(value)[0]
+        else:
+            moment = parse_created_time(value)
+        plausible = moment is not None and (
+            created_at - LOOKUP_SLACK <= moment <= now + LOOKUP_SLACK
+        )
+        return moment if plausible and moment is not None else now
 
     def _country(self, country: int) -> CountrySpec:
         """The upstream spelling of a country, or UnknownService."""
@@ -446,10 +552,13 @@ class ThuecodesimProvider(Provider):
             )
         if not request_id or not phone:
             raise UpstreamUncertain(self.name, "success without request_id or number")
+        self._bought[request_id] = self.clock()
+        while len(self._bought) > HISTORY_LIMIT:
+            del self._bought[next(iter(self._bought))]
         return Purchase(
             upstream_id=request_id,
             phone=phone,
-            price=entry.price,
+            price=await self._charged(request_id, entry.price),
             operator=operator,
             extra={
                 "rerent": rerent or phone,
@@ -457,6 +566,25 @@ class ThuecodesimProvider(Provider):
                 "service_id": entry.id,
             },
         )
+
+    async def _charged(self, request_id: str, listed: Decimal) -> Decimal:
+        """What a purchase cost: the session's ``Price``, else the listed price.
+
+        The purchase answer carries no price, and the list may have moved since it
+        was read; the session tells. Bounded in time, and any failure keeps the
+        listed price: the number is bought whatever this read says.
+        """
+        try:
+            data = await asyncio.wait_for(
+                self._call("/session/getv2", {"requestId": request_id}), CHARGE_WAIT
+            )
+        except (ProviderError, asyncio.TimeoutError):
+            return listed
+        if not isinstance(data, dict):
+            return listed
+        self._learn_offset(data.get("CreatedTime"), self._bought[request_id])
+        price = as_decimal(data.get("Price"))
+        return listed if price is None or price <= 0 else price
 
     def _networks(self, spec: CountrySpec, operators: tuple[str, ...]) -> list[str]:
         """Upstream networks to ask for ([] = any); NoNumbers for one not sold here."""
@@ -518,9 +646,9 @@ def classify_failure(message: str) -> type[ProviderError]:
     return NoNumbers
 
 
-def _vietnam_day(moment: float) -> date:
-    """The calendar day in Vietnam at an epoch time."""
-    return datetime.fromtimestamp(moment, VIETNAM_TZ).date()
+def _day(moment: float, offset: float) -> date:
+    """The calendar day at an epoch time in the zone ``offset`` seconds east of UTC."""
+    return datetime.fromtimestamp(moment, timezone(timedelta(seconds=offset))).date()
 
 
 def _bool_option(

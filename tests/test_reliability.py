@@ -223,8 +223,7 @@ async def test_reconciler_cancels_a_purchase_whose_answer_was_lost(
     clock: FakeClock,
     fault: str,
 ) -> None:
-    fake = smspva.FakeSmspva()
-    fake.clock = clock  # type: ignore[attr-defined]
+    fake = smspva.FakeSmspva(now=clock)  # dates orders by our clock
     server: TestServer = await aiohttp_server(fake.app)
     options = smspva.provider_options(str(server.make_url("")).rstrip("/"))
     client = await start_app(config_for(store_path, {"pva": options}, ["pva"]))
@@ -517,9 +516,9 @@ async def test_thuecodesim_rerent_on_retry_tracks_the_new_order(
 
 
 async def test_reconciler_claims_one_order_per_unknown_attempt(
-    start_app: StartApp, store_path: str, aiohttp_server: Any
+    start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock
 ) -> None:
-    fake = smspva.FakeSmspva()
+    fake = smspva.FakeSmspva(now=clock)  # dates orders by our clock
     server: TestServer = await aiohttp_server(fake.app)
     url = str(server.make_url("")).rstrip("/")
     client = await start_app(

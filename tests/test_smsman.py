@@ -135,7 +135,8 @@ async def test_buy_price_from_cached_catalog_and_max_price(
     purchase = await provider.buy(order)
 
     assert purchase.price == Decimal("12.5")
-    assert calls_to(fake, "get-number")[0]["maxPrice"] == "13"
+    assert calls_to(fake, "get-number")[0]["maxPrice"] == "13.00"
+    assert calls_to(fake, "get-number")[0]["currency"] == "RUB"
 
 
 async def test_buy_above_max_price_is_no_numbers(make: Make, fake: FakeSmsman) -> None:

@@ -227,7 +227,11 @@ async def test_buy_vietnam(stack: Stack) -> None:
     )
     assert len(order.phone) == 9 and len(purchase.phone) == 11
     assert stack.fake.balance == 1_000_000 - 1200
-    assert stack.fake.paths_called() == ["/service/getv2", "/request/getv2"]
+    assert stack.fake.paths_called() == [
+        "/service/getv2",
+        "/request/getv2",
+        "/session/getv2",  # what it was charged
+    ]
     assert last_params(stack.fake, "/request/getv2") == {
         "serviceId": "4",
         "country": "vn",
@@ -523,7 +527,11 @@ async def test_catalog_is_cached_for_its_ttl(stack: Stack) -> None:
     stack.clock.now += 59
     assert await provider.catalog(10) == first
     await provider.buy(TG_VN)
-    assert stack.fake.paths_called() == ["/service/getv2", "/request/getv2"]
+    assert stack.fake.paths_called() == [
+        "/service/getv2",
+        "/request/getv2",
+        "/session/getv2",
+    ]
     stack.clock.now += 2
     assert await provider.catalog(10) == first
     assert stack.fake.paths_called().count("/service/getv2") == 2
@@ -573,6 +581,7 @@ async def test_lookup_finds_a_purchase_made_under_after_500(stack: Stack) -> Non
             phone="84" + order.phone,
             price=Decimal(1200),
             extra={"rerent": "84" + order.phone, "country": "vn", "service_id": "4"},
+            created_at=since,  # the offset was learned from the earlier buys
         )
     ]
     assert last_params(stack.fake, "/session/historyv2") == {

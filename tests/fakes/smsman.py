@@ -16,6 +16,7 @@ client libraries (backends.md, section 2).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 import time
@@ -74,6 +75,10 @@ class FakeSmsman(FakeUpstream):
         self.prices_shape = "nested"  # "nested" (the seed) or "flat" ({app: {...}})
         self.send_sms_text = False  # also send "sms_text" (not in the seed)
         self.canned: dict[str, Any] = {}  # endpoint -> body served verbatim, no effects
+        self.prices = copy.deepcopy(PRICES)  # tests may move prices
+        # maxPrice is not in the seed (only on a newer page): an sms-man that ignores
+        # it is a field condition, so tests can switch it off
+        self.honours_max_price = True
         self._next_id = itertools.count(1001)
         self._seen: dict[str, int] = {}  # order id -> messages consumed by "ready"
 
@@ -119,7 +124,7 @@ class FakeSmsman(FakeUpstream):
     def _limits(self, params: dict[str, str]) -> web.Response:
         rows = [
             {"application_id": str(app), "country_id": str(country), "numbers": str(n)}
-            for country, apps in PRICES.items()
+            for country, apps in self.prices.items()
             for app, (_, n) in apps.items()
             if params.get("country_id") in (None, str(country))
             and params.get("application_id") in (None, str(app))
@@ -141,12 +146,16 @@ class FakeSmsman(FakeUpstream):
             return _error("wrong_country_id", {"country_id": "Not found"})
         if app not in APPLICATIONS:
             return _error("wrong_application_id", {"application_id": "Not found"})
-        offer = PRICES.get(country, {}).get(app)
+        offer = self.prices.get(country, {}).get(app)
         if offer is None or offer[1] <= 0:
             return _error("no_numbers", {"number": "No free numbers"})
         cost = Decimal(offer[0])
         max_price = params.get("maxPrice")
-        if max_price is not None and Decimal(max_price) < cost:
+        if (
+            max_price is not None
+            and self.honours_max_price
+            and Decimal(max_price) < cost
+        ):
             return _error("no_numbers", {"number": "No numbers at this price"})
         if self.balance < cost:
             return _error("balance", {"balance": "Not enough money"})
@@ -222,7 +231,7 @@ class FakeSmsman(FakeUpstream):
                 str(app): {"cost": cost, "count": count}
                 for app, (cost, count) in apps.items()
             }
-            for country, apps in PRICES.items()
+            for country, apps in self.prices.items()
             if wanted in (None, str(country))
         }
         if self.prices_shape == "flat" and wanted is not None:

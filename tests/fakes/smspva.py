@@ -74,6 +74,9 @@ class FakeSmspva(FakeUpstream):
         self.sms_style = "list"  # list | smslist
         self.method_faults: dict[str, str] = {}  # rent method -> html500 | after_500
         self.next_id = 123456
+        self.activation_stock = dict(ACTIVATION_STOCK)  # tests may move prices
+        self.rent_stock = dict(RENT_STOCK)
+        self.orders_dated = True  # activation orders carry createdAt (undocumented)
         super().__init__()
 
     def setup_routes(self, app: web.Application) -> None:
@@ -153,7 +156,10 @@ class FakeSmspva(FakeUpstream):
             return self._act(407, error="Your balance is too low")
         if self.scenario == "bad_service" or not service.startswith("opt"):
             return self._act(405, error="Invalid service")
-        if self.scenario == "no_numbers" or (country, service) not in ACTIVATION_STOCK:
+        if (
+            self.scenario == "no_numbers"
+            or (country, service) not in self.activation_stock
+        ):
             return self._act(502, error="Number not found")
         order_id = self._new_id()
         number = FIRST_NUMBER[country] + len(self.orders)
@@ -162,7 +168,7 @@ class FakeSmspva(FakeUpstream):
             service=service,
             country=country,
             phone=str(number),
-            price=ACTIVATION_STOCK[(country, service)],
+            price=self.activation_stock[(country, service)],
             created=self.now(),
             operator=request.match_info.get("operator", ""),
         )
@@ -223,7 +229,7 @@ class FakeSmspva(FakeUpstream):
             return refused
         data = [
             {"country": country, "service": service, "price": price}
-            for (country, service), price in ACTIVATION_STOCK.items()
+            for (country, service), price in self.activation_stock.items()
         ]
         return self._act(200, data)
 
@@ -234,7 +240,7 @@ class FakeSmspva(FakeUpstream):
         country = request.match_info["country"]
         data = {
             service: {"any": 40, "mts": 2}
-            for (where, service) in ACTIVATION_STOCK
+            for (where, service) in self.activation_stock
             if where == country
         }
         return self._act(200, data)
@@ -249,8 +255,8 @@ class FakeSmspva(FakeUpstream):
                 "phoneNumber": int(order.phone),
                 "countryCode": order.country,
                 "service": order.service,
-                "createdAt": int(order.created),
                 "status": order.state,
+                **({"createdAt": int(order.created)} if self.orders_dated else {}),
             }
             for order in self.orders.values()
             if isinstance(order, FakeSmspvaOrder) and order.api == "activation"
@@ -288,7 +294,7 @@ class FakeSmspva(FakeUpstream):
         """getdata: services of a country (no key needed)."""
         data = [
             {"name": "Telegram", "service": service, "price_day": price, "count": 5}
-            for (country, service), price in RENT_STOCK.items()
+            for (country, service), price in self.rent_stock.items()
             if country == query.get("country")
         ]
         return web.json_response({"status": 1, "data": data})
@@ -299,9 +305,9 @@ class FakeSmspva(FakeUpstream):
         days = RENT_DAYS.get(query.get("dtype", ""), 0) * int(query.get("dcount", "0"))
         if self.scenario == "bad_service" or not service.startswith("opt"):
             return _fail("Service not found")
-        if self.scenario == "no_numbers" or (country, service) not in RENT_STOCK:
+        if self.scenario == "no_numbers" or (country, service) not in self.rent_stock:
             return _fail("No free phone numbers, try later")
-        cost = RENT_STOCK[(country, service)] * days
+        cost = self.rent_stock[(country, service)] * days
         if self.scenario == "no_balance" or cost > self.balance:
             return _fail("Balance is not enough")
         if days <= 0:

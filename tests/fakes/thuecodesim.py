@@ -16,6 +16,7 @@ envelope). A wrong token gets the auth envelope whatever the scenario.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from collections.abc import Callable
@@ -112,9 +113,9 @@ def provider_options(url: str) -> dict[str, Any]:
     return {"type": TYPE, "token": TOKEN, "base_url": url, "min_interval": 0}
 
 
-def vietnam_time(moment: float) -> str:
+def vietnam_time(moment: float, tz: timezone = VIETNAM_TZ) -> str:
     """Epoch seconds -> the upstream's CreatedTime: Vietnam time, 2-digit fraction."""
-    local = datetime.fromtimestamp(moment, VIETNAM_TZ)
+    local = datetime.fromtimestamp(moment, tz)
     return local.strftime("%Y-%m-%dT%H:%M:%S") + f".{local.microsecond // 10000:02d}"
 
 
@@ -126,6 +127,11 @@ class FakeThuecodesim(FakeUpstream):
         self.balance = 1_000_000  # VND
         self.clock: Callable[[], float] = time.time
         self.field_list_types = False  # session types as the seed's field lists show
+        self.services = copy.deepcopy(SERVICES)  # tests may move prices
+        # service id -> new price, applied as a purchase arrives: a price that moved
+        # after the service list was read and before the request landed
+        self.reprice_on_request: dict[int, Any] = {}
+        self.tz = VIETNAM_TZ  # the zone of CreatedTime and of the history's dates
         self._ids = itertools.count(122314)
         self._serial = itertools.count(1234567)
 
@@ -182,9 +188,9 @@ class FakeThuecodesim(FakeUpstream):
         if refused is not None:  # a Response is a Mapping: empty means falsy
             return refused
         country = request.query.get("country", "vn")
-        if country not in SERVICES:
+        if country not in self.services:
             return self.fail("bad_country")
-        return self.ok(SERVICES[country])
+        return self.ok(self.services[country])
 
     async def _request(self, request: web.Request) -> web.Response:
         refused = self._refusal(request)
@@ -192,13 +198,22 @@ class FakeThuecodesim(FakeUpstream):
             return refused
         if self.scenario in FAILURES:
             return self.fail(self.scenario)
+        for rows in self.services.values():
+            for row in rows:
+                if row["id"] in self.reprice_on_request:
+                    row["price"] = self.reprice_on_request[row["id"]]
+        self.reprice_on_request = {}
         query = request.query
         number = "".join(ch for ch in query.get("number", "") if ch.isdigit())
         country = "la" if number.startswith("856") else query.get("country", "vn")
-        if country not in SERVICES:
+        if country not in self.services:
             return self.fail("bad_country")
         service = next(
-            (s for s in SERVICES[country] if str(s["id"]) == query.get("serviceId")),
+            (
+                s
+                for s in self.services[country]
+                if str(s["id"]) == query.get("serviceId")
+            ),
             None,
         )
         if service is None:
@@ -285,7 +300,7 @@ class FakeThuecodesim(FakeUpstream):
             return self.fail("error")
         items = []
         for order in sorted(self.orders.values(), key=lambda o: -o.created):
-            day = datetime.fromtimestamp(order.created, VIETNAM_TZ).date()
+            day = datetime.fromtimestamp(order.created, self.tz).date()
             if "service" in query and order.service != query["service"]:
                 continue
             data = self._session_data(order)
@@ -301,7 +316,7 @@ class FakeThuecodesim(FakeUpstream):
         """``/session/getv2`` data for an order, typed as the raw sample is."""
         iso, dial = COUNTRY[order.country]
         service = next(
-            s for s in SERVICES[order.country] if str(s["id"]) == order.service
+            s for s in self.services[order.country] if str(s["id"]) == order.service
         )
         status = {"waiting": 0, "received": 1}.get(order.state, 2)
         text: str | None = None
@@ -319,7 +334,7 @@ class FakeThuecodesim(FakeUpstream):
             "Phone": order.phone,
             "SmsContent": text,
             "IsSound": "true" if sound else "false",
-            "CreatedTime": vietnam_time(order.created),
+            "CreatedTime": vietnam_time(order.created, self.tz),
             "Code": code,
             "PhoneOriginal": ("0" if order.country == "vn" else dial) + order.phone,
             "CountryISO": iso,
