@@ -38,6 +38,7 @@ class Call:
     key: KeyConfig
     params: Mapping[str, str]
     provider: str = "-"  # filled in by handlers that touch one provider, for the log
+    activation: Activation | None = None  # bought or acted on, for the log
 
 
 Action = Callable[[Call], Awaitable[Reply]]
@@ -69,6 +70,7 @@ async def _activation(call: Call) -> Activation:
     if activation is None or activation.key_id != call.key.key_id:
         raise NoActivation(str(wanted))
     call.provider = activation.provider
+    call.activation = activation
     return activation
 
 
@@ -115,6 +117,7 @@ async def get_number(call: Call) -> Reply:
     """``ACCESS_NUMBER:<id>:<phone>``; the activation is stored before this returns."""
     activation = await call.engine.buy(call.key, await _order(call))
     call.provider = activation.provider
+    call.activation = activation
     return token(Token.ACCESS_NUMBER, activation.id, activation.phone)
 
 
@@ -122,6 +125,7 @@ async def get_number_v2(call: Call) -> Reply:
     """getNumberV2 JSON with the documented field types."""
     activation = await call.engine.buy(call.key, await _order(call))
     call.provider = activation.provider
+    call.activation = activation
     return {
         "activationId": activation.id,
         "phoneNumber": activation.phone,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -618,3 +618,55 @@ class Store:
                 (next_at, error[:200], op_id),
             )
             await self._db.commit()
+
+    # ---- money and figures for the operator ---------------------------------------------
+
+    async def spent(self, key_id: str) -> Decimal:
+        """Sum of ``cost`` of the key's activations not cancelled or expired."""
+        async with self._db.execute(
+            "SELECT cost FROM activations WHERE key_id=? AND state NOT IN (?,?)",
+            (key_id, CANCELLED, EXPIRED),
+        ) as cur:
+            rows = list(await cur.fetchall())
+        return sum((Decimal(row[0]) for row in rows), Decimal(0))
+
+    async def figures(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Aggregates for /metrics and the dashboard (one read, no secrets)."""
+        queries = {
+            "attempts": "SELECT state, detail, COUNT(*) FROM purchases"
+            " GROUP BY state, detail",
+            "outbox": "SELECT op, COUNT(*) FROM outbox WHERE done=0 GROUP BY op",
+        }
+        result: dict[str, list[tuple[Any, ...]]] = {}
+        for name in ("attempts", "outbox"):
+            async with self._db.execute(queries[name]) as cur:
+                result[name] = [tuple(row) for row in await cur.fetchall()]
+        return result
+
+    async def recent(
+        self, limit: int = 100, where: Mapping[str, str] | None = None
+    ) -> list[Activation]:
+        """The newest activations, optionally filtered by key_id, state, provider."""
+        clauses, args = [], []
+        for column in ("key_id", "state", "provider"):
+            value = (where or {}).get(column)
+            if value:
+                clauses.append(f"{column}=?")
+                args.append(value)
+        query = "SELECT * FROM activations"
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        query += " ORDER BY id DESC LIMIT ?"
+        found = await self._fetch(query, (*args, limit))
+        # open ones come from memory: the same objects the engine changes
+        return [self._cache.get(a.id, a) for a in found]
+
+    async def writable(self) -> bool:
+        """Whether a write transaction can be taken (for /readyz)."""
+        try:
+            async with self._write:
+                await self._db.execute("BEGIN IMMEDIATE")
+                await self._db.rollback()
+        except Exception:
+            return False
+        return True
