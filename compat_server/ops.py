@@ -95,6 +95,7 @@ def apply(engine: Engine, new: Config, http: Any) -> None:
     engine.config = new
     engine.upstreams.config = new
     engine.prices.config = new
+    engine.prices.providers = providers
     engine.router.config = new
     engine.catalog = TtlCache(new.catalog_ttl, engine.clock)
     fixed = [f for f in RESTART_FIELDS if getattr(old, f) != getattr(new, f)]
