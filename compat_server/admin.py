@@ -104,8 +104,7 @@ def _guard(handler: Handler, csrf: bool = False) -> Handler:
         if header.startswith("Bearer ") and hmac.compare_digest(
             header[7:].strip().encode(), token.encode()
         ):
-            request["admin_session"] = ""  # no ambient credential: no CSRF to fear
-            return await handler(request)
+            return await handler(request)  # no ambient credential: no CSRF to fear
         presented = request.query.get("token")
         if presented is not None and request.method == "GET":
             if not hmac.compare_digest(presented.encode(), token.encode()):
@@ -135,7 +134,6 @@ def _guard(handler: Handler, csrf: bool = False) -> Handler:
                 return _page_error(
                     403, "Stale form (CSRF token mismatch): reload the page."
                 )
-        request["admin_session"] = session
         return await handler(request)
 
     return guarded
@@ -148,7 +146,7 @@ def _page_error(status: int, text: str) -> web.Response:
 
 def _csrf(request: web.Request) -> str:
     token = _engine(request).config.admin_token or ""
-    return csrf_token(token, request.get("admin_session", ""))
+    return csrf_token(token, request.cookies.get(COOKIE, ""))
 
 
 # ---- pages -----------------------------------------------------------------------------
@@ -304,6 +302,10 @@ def _when(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
+def _money(amount: Decimal) -> str:
+    return str(amount.quantize(Decimal("0.01")))
+
+
 def _e(value: Any) -> str:
     return html.escape(str(value))
 
@@ -393,7 +395,15 @@ async def _providers(request: web.Request, engine: Engine) -> str:
     return _table(
         "Providers",
         "providers",
-        ["name", "type", "balance", "circuit", "calls", "errors", "mean latency"],
+        [
+            "name",
+            "type",
+            f"balance (up to {BALANCE_TTL:.0f} s old)",
+            "circuit",
+            "calls",
+            "errors",
+            "mean latency",
+        ],
         rows,
         "no providers",
     )
@@ -424,9 +434,9 @@ async def _keys(engine: Engine) -> str:
         rows.append(
             [
                 _e(key.alias),
-                _e(spent),
-                "-" if key.budget is None else _e(key.budget),
-                "-" if left is None else _e(left),
+                _money(spent),
+                "-" if key.budget is None else _money(key.budget),
+                "-" if left is None else _money(left),
                 str(open_now),
                 "-" if key.max_active is None else str(key.max_active),
             ]
