@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from importlib import resources
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
 
@@ -208,8 +209,8 @@ async def cancel(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     raw_id = str(form.get("id", ""))
     back = str(form.get("back", ""))
-    back = back if back.startswith("?") and "\n" not in back else ""
-    activation = await engine.store.get(int(raw_id)) if raw_id.isdigit() else None
+    wanted = int(raw_id) if raw_id.isdigit() and len(raw_id) <= 10 else None
+    activation = None if wanted is None else await engine.store.get(wanted)
     if activation is None:
         raise web.HTTPSeeOther(f"/admin/{_join(back, 'error=unknown')}")
     try:
@@ -223,10 +224,13 @@ async def cancel(request: web.Request) -> web.StreamResponse:
 
 
 def _join(back: str, extra: str) -> str:
-    kept = "&".join(
-        p
-        for p in back.lstrip("?").split("&")
-        if p and p.split("=")[0] in ("key", "state", "provider")
+    """``?`` + the page's filters (from ``back``, re-encoded) + ``extra``."""
+    kept = urlencode(
+        [
+            (k, v[:64])
+            for k, v in parse_qsl(back.lstrip("?"))
+            if k in ("key", "state", "provider")
+        ]
     )
     return "?" + "&".join(p for p in (kept, extra) if p)
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from compat_server.actions import Call
 
 log = logging.getLogger("compat_server")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Config fields read once at startup: a reload reports their change instead of using it.
 RESTART_FIELDS = (
@@ -184,13 +185,12 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(level: str, fmt: str) -> None:
     """Root logging for ``serve``: ``text`` (default) or ``json`` lines on stderr."""
+    number = getattr(logging, level.upper(), logging.INFO)
+    if fmt != "json":
+        logging.basicConfig(level=number, format=TEXT_FORMAT)
+        return
     handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        )
+    handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    root.setLevel(number)

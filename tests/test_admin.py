@@ -154,6 +154,19 @@ async def test_cancel_needs_the_csrf_token(
     )  # fmt: skip
     # already cancelled: cancelling again is harmless
     assert resp.headers["Location"] == f"/admin/?cancelled={ident}"
+    # nonsense ids and filters are answered with a notice, never a 500
+    for bad_id, back in (("9" * 5000, "?state=x%0d%0aSet-Cookie:a=b"), ("-1", "")):
+        resp = await client.post(
+            "/admin/cancel",
+            data={"id": bad_id, "csrf": csrf.group(1), "back": back},
+            allow_redirects=False,
+        )
+        assert resp.status == 303
+        assert resp.headers["Location"] in (
+            "/admin/?state=x%0D%0ASet-Cookie:a%3Db&error=unknown",
+            "/admin/?error=unknown",
+        )
+        assert "a=b" not in resp.headers.get("Set-Cookie", "")
 
 
 # .ci/run sets SMS_COMPAT_REQUIRE_BROWSER=1: there a missing chromium fails the test
@@ -169,6 +182,7 @@ async def test_dashboard_in_a_real_browser(
     start_app: StartApp, store_path: str, tmp_path: Path, clock: FakeClock
 ) -> None:
     import playwright.async_api as playwright_api
+
     client = await admin_app(start_app, store_path)
     _, _, body = await call(client, action="getNumber", service="tg", country=10)
     first = int(body.split(":")[1])
