@@ -191,6 +191,7 @@ class Store:
         self._cache: dict[int, Activation] = {}
         self._write = asyncio.Lock()
         self._locks: dict[int, asyncio.Lock] = {}
+        self._spent: dict[str, Decimal] = {}  # key_id -> spend, once read (see spent)
 
     @classmethod
     async def open(cls, path: str) -> Store:
@@ -407,6 +408,8 @@ class Store:
         )
         if activation.is_open:
             self._cache[activation.id] = activation
+        if state not in (CANCELLED, EXPIRED):
+            self._count_spend(key_id, cost)
         return activation
 
     async def attempts(self, states: Iterable[str]) -> list[Attempt]:
@@ -541,6 +544,10 @@ class Store:
                     (activation.id, outbox, now, now),
                 )
             await self._db.commit()
+        unspent = (CANCELLED, EXPIRED)
+        if (activation.state in unspent) != (state in unspent):
+            sign = 1 if state not in unspent else -1
+            self._count_spend(activation.key_id, sign * activation.cost)
         activation.state = state
         activation.updated_at = now
         if not activation.is_open:
@@ -622,13 +629,36 @@ class Store:
     # ---- money and figures for the operator ---------------------------------------------
 
     async def spent(self, key_id: str) -> Decimal:
-        """Sum of ``cost`` of the key's activations not cancelled or expired."""
-        async with self._db.execute(
-            "SELECT cost FROM activations WHERE key_id=? AND state NOT IN (?,?)",
-            (key_id, CANCELLED, EXPIRED),
-        ) as cur:
-            rows = list(await cur.fetchall())
-        return sum((Decimal(row[0]) for row in rows), Decimal(0))
+        """Sum of ``cost`` of the key's activations not cancelled or expired.
+
+        Costs are stored in whole cents (Prices.display), so the sum is taken in
+        integer cents inside SQLite (exact); it is read once per key, then kept in
+        memory and updated by every write that changes it.
+        """
+        cached = self._spent.get(key_id)
+        if cached is not None:
+            return cached
+        # under the write lock: no write can land between this read and the cache
+        # (writes update the cache right after releasing the lock, with no await)
+        async with self._write:
+            cached = self._spent.get(key_id)
+            if cached is not None:
+                return cached
+            async with self._db.execute(
+                "SELECT SUM(CAST(ROUND(CAST(cost AS REAL) * 100) AS INTEGER))"
+                " FROM activations WHERE key_id=? AND state NOT IN (?,?)",
+                (key_id, CANCELLED, EXPIRED),
+            ) as cur:
+                row = await cur.fetchone()
+            cents = row[0] if row is not None and row[0] is not None else 0
+            total = (Decimal(cents) / 100).quantize(Decimal("0.01"))
+            self._spent[key_id] = total
+        return total
+
+    def _count_spend(self, key_id: str, amount: Decimal) -> None:
+        """Keep a loaded spend total in step with a write (no-op until first read)."""
+        if key_id in self._spent:
+            self._spent[key_id] += amount
 
     async def figures(self) -> dict[str, list[tuple[Any, ...]]]:
         """Aggregates for /metrics and the dashboard (one read, no secrets)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from decimal import Decimal
 from typing import Any
 
 from compat_server.config import Config, parse_config
@@ -214,3 +215,41 @@ async def test_hidden_upstream_balance(start_app: StartApp, store_path: str) -> 
     # hidden, not refused: the key still buys
     _, _, body = await call(client, action="getNumber", service="tg", country=10)
     assert body.startswith("ACCESS_NUMBER:")
+
+
+def stored_spend(store_path: str, key_id: str) -> str:
+    """What the store holds, summed independently of the server."""
+    with sqlite3.connect(store_path) as db:
+        rows = db.execute(
+            "SELECT cost FROM activations WHERE key_id=?"
+            " AND state NOT IN ('cancelled','expired')",
+            (key_id,),
+        ).fetchall()
+    return str(sum((Decimal(cost) for (cost,) in rows), Decimal("0.00")))
+
+
+async def test_spend_in_memory_follows_every_transition(
+    start_app: StartApp, store_path: str, clock: FakeClock
+) -> None:
+    client = await start_app(budget_config(store_path, budget=1000))
+    engine = engine_of(client)
+    key = engine.config.keys[0]
+    assert str(await engine.store.spent(key.key_id)) == "0.00"  # loaded (and cached)
+    ids = []
+    for service in ("tg", "wa", "go", "fb", "ig", "tw"):
+        _, _, body = await call(client, action="getNumber", service=service, country=10)
+        ids.append(body.split(":")[1])
+        assert str(await engine.store.spent(key.key_id)) == stored_spend(
+            store_path, key.key_id
+        )
+    for ident in ids[:2]:
+        await call(client, action="setStatus", id=ident, status=8)
+    clock.advance(6)
+    await call(client, action="getStatus", id=ids[2])
+    await call(client, action="setStatus", id=ids[2], status=6)
+    clock.advance(1200)
+    await engine.sweep()
+    expected = stored_spend(store_path, key.key_id)
+    # tg and wa cancelled, go finished, fb, ig and tw expired: only go stays spent
+    assert expected == "12.50"
+    assert str(await engine.store.spent(key.key_id)) == expected
