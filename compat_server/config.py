@@ -397,8 +397,24 @@ def describe(config: Config) -> str:
         f"currency: {config.currency} rates="
         + (", ".join(f"{k}={v}" for k, v in sorted(config.rates.items())) or "-"),
     ]
+    if config.admin_token:
+        lines.append(f"admin: /admin/ token={mask(config.admin_token)}")
     for key in config.keys:
-        lines.append(f"key {key.alias}: {mask(key.key)} -> {', '.join(key.providers)}")
+        limits = "".join(
+            f" {name}={value}"
+            for name, value in (
+                ("budget", key.budget),
+                ("max_active", key.max_active),
+                (
+                    "show_upstream_balance",
+                    None if key.show_upstream_balance else "false",
+                ),
+            )
+            if value is not None
+        )
+        lines.append(
+            f"key {key.alias}: {mask(key.key)} -> {', '.join(key.providers)}{limits}"
+        )
         for route in key.routes:
             lines.append(f"  route {_route_text(route)}")
     for route in config.routes:

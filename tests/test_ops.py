@@ -291,3 +291,25 @@ def test_sighup_reloads_a_running_server(tmp_path: Path) -> None:
         f"{path}: line 2: expected the node content, but found '<stream end>'"
     ]
     assert "Traceback" not in log_path.read_text()
+
+
+def test_check_config_shows_limits_and_masks_the_admin_token(
+    store_path: str,
+) -> None:
+    from compat_server.config import describe
+
+    raw = sandbox_raw(
+        store_path,
+        admin={"token": "admin-token-0123456789abcdef"},
+        keys=[
+            {"key": KEY, "alias": "tester", "providers": ["sandbox"], "budget": "12.5",
+             "max_active": 3, "show_upstream_balance": False},
+        ],
+    )  # fmt: skip
+    text = describe(parse_config(raw))
+    assert "admin: /admin/ token=ad****" in text.splitlines()
+    assert (
+        "key tester: te**** -> sandbox budget=12.5 max_active=3 show_upstream_balance=false"
+        in text.splitlines()
+    )
+    assert "admin-token-0123" not in text
