@@ -75,7 +75,7 @@ def serve_forever(
 
     setup_logging(level, log_format)
     host = host or config.host
-    port = config.port if port is None else port
+    port = port or config.port
     print(f"sms-compat: serving http://{host}:{port}/stubs/handler_api.php", flush=True)
     try:
         web.run_app(

@@ -264,9 +264,13 @@ class Router:
                 refusals.append(exc)
                 continue
             native = replace(native, max_price=hold.cap(native.max_price))
-            attempt = await self.store.begin_purchase(
-                key.key_id, name, native, self.clock()
-            )
+            try:
+                attempt = await self.store.begin_purchase(
+                    key.key_id, name, native, self.clock()
+                )
+            except BaseException:
+                self.budgets.release(hold)
+                raise
             # in flight until the activation is stored: the reconciler must never take
             # a number this buy is about to own for an orphan
             self.in_flight[attempt] = name
