@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from decimal import Decimal
 from typing import Any
@@ -17,6 +18,7 @@ from tests.conftest import (
     engine_of,
     sandbox_raw,
 )
+from tests.fakes import thuecodesim
 
 TEXT = "text/plain"
 
@@ -253,3 +255,36 @@ async def test_spend_in_memory_follows_every_transition(
     # tg and wa cancelled, go finished, fb, ig and tw expired: only go stays spent
     assert expected == "12.50"
     assert str(await engine.store.spent(key.key_id)) == expected
+
+
+async def test_budget_over_http_in_a_foreign_currency(
+    start_app: StartApp, store_path: str, aiohttp_server: Any
+) -> None:
+    """thuecodesim's fake on loopback, priced in VND (its helper sets min_interval: 0:
+    this test is about money, not pacing)."""
+    fake = thuecodesim.FakeThuecodesim()
+    server = await aiohttp_server(fake.app)
+    options = {**thuecodesim.provider_options(str(server.make_url("")).rstrip("/"))}
+    options["markup"] = 1.25
+    raw = {
+        "store": {"path": store_path},
+        "currency": {"display": "RUB", "rates": {"VND": "0.004"}},
+        "keys": [{"key": KEY, "alias": "vn", "providers": ["tcs"], "budget": 15}],
+        "providers": {"tcs": options},
+    }
+    client = await start_app(parse_config(raw))
+    # 1200 VND x 0.004 x 1.25 = 6.00 RUB a number: two fit in 15.00, a third does not
+    for _ in range(2):
+        _, _, body = await call(client, action="getNumber", service="tg", country=10)
+        assert body.startswith("ACCESS_NUMBER:")
+    assert await call(client, action="getNumber", service="tg", country=10) == (
+        200, TEXT, "NO_BALANCE",
+    )  # fmt: skip
+    assert await call(client, action="getBalance") == (200, TEXT, "ACCESS_BALANCE:3.00")
+    assert fake.paths_called().count("/request/getv2") == 2
+    assert fake.balance == 1_000_000 - 2 * 1200
+    # the reservation went upstream as the price cap, in the provider's own currency
+    with sqlite3.connect(store_path) as db:
+        caps = [json.loads(o)["max_price"] for (o,) in db.execute(
+            "SELECT order_json FROM purchases ORDER BY id")]  # fmt: skip
+    assert caps == ["1200", "1200"]
