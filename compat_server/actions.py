@@ -40,6 +40,7 @@ class Call:
     key: KeyConfig
     params: Mapping[str, str]
     provider: str = "-"  # filled in by handlers that touch one provider, for the log
+    activation: Activation | None = None  # bought or acted on, for the log
 
 
 Action = Callable[[Call], Awaitable[Reply]]
@@ -71,6 +72,7 @@ async def _activation(call: Call) -> Activation:
     if activation is None or activation.key_id != call.key.key_id:
         raise NoActivation(str(wanted))
     call.provider = activation.provider
+    call.activation = activation
     return activation
 
 
@@ -130,6 +132,7 @@ async def _buy(call: Call) -> Activation:
         task.add_done_callback(functools.partial(_abandon_later, engine))
         raise
     call.provider = activation.provider
+    call.activation = activation
     if not alive():
         await engine.abandoned(activation)
         raise ClientGone(activation.provider, f"id={activation.id}")

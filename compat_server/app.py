@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator
 import httpx
 from aiohttp import web
 
-from compat_server import dialect
+from compat_server import admin, dialect, ops
 from compat_server.actions import ACTIONS, Call
 from compat_server.config import Config
-from compat_server.engine import Engine
+from compat_server.engine import Engine, TtlCache
 from compat_server.errors import BadAction, BadKey, CompatError, NoKey
+from compat_server.metrics import Metrics, healthz, metrics_handler, readyz
 from compat_server.store import Store
 from providers import get_provider_class
 from providers.base import BUDGET, Budget, Clock, Provider
@@ -28,6 +29,8 @@ HTTP = web.AppKey("http", httpx.AsyncClient)
 STORE = web.AppKey("store", Store)
 ENGINE = web.AppKey("engine", Engine)
 BACKGROUND = web.AppKey("background", bool)
+METRICS = web.AppKey("metrics", Metrics)
+ADMIN_CACHE = web.AppKey("admin_cache", TtlCache)  # balances shown on /admin/
 
 PATHS = ("/stubs/handler_api.php", "/stubs/handler_api")
 
@@ -38,11 +41,13 @@ def create_app(
     clock: Clock = time.time,
     http: httpx.AsyncClient | None = None,
     background: bool = True,
+    sighup: bool = False,
 ) -> web.Application:
     """Build the server; nothing touches the network or disk before startup.
 
     ``http`` lets tests and the benchmark share a client; ``background=False`` leaves
-    the outbox, sweeper and reconciler to be stepped by hand.
+    the outbox, sweeper and reconciler to be stepped by hand; ``sighup=True`` (the
+    ``serve`` command) re-reads the config file on SIGHUP.
     """
     quiet_secret_loggers()
     app = web.Application(
@@ -51,9 +56,17 @@ def create_app(
     app[CONFIG] = config
     app[CLOCK] = clock
     app[BACKGROUND] = background
+    app[METRICS] = Metrics(ACTIONS)
+    app[ADMIN_CACHE] = TtlCache(admin.BALANCE_TTL, clock)
     app.cleanup_ctx.extend([_http_client(http), _database, _engine, _background_tasks])
+    if sighup:
+        app.cleanup_ctx.append(ops.reload_on_sighup)
     for path in PATHS:
         app.router.add_route("*", path, handle_api)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    admin.add_routes(app)
     return app
 
 
@@ -109,7 +122,10 @@ def build_providers(
 async def _engine(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     providers = build_providers(config, app[HTTP], app[CLOCK])
-    app[ENGINE] = Engine(config, app[STORE], providers, app[CLOCK])
+    engine = app[ENGINE] = Engine(config, app[STORE], providers, app[CLOCK])
+    metrics = app[METRICS]
+    engine.upstreams.observe = metrics.upstream
+    engine.on_purchase = lambda key, a: metrics.purchase(key, a, engine.config.currency)
     for name, provider in providers.items():
         log.info("provider %s: %s", name, provider.describe())
     yield
@@ -183,14 +199,28 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         BUDGET.reset(scope)
+        elapsed = time.perf_counter() - started
+        request.app[METRICS].request(action, outcome, elapsed)
         if log.isEnabledFor(logging.INFO):
+            fields = ops.request_fields(request, call)
             log.info(
-                "action=%s key=%s provider=%s outcome=%s ms=%.1f",
+                "action=%s key=%s provider=%s outcome=%s ms=%.1f%s",
                 _printable(action),
                 alias,
                 call.provider if call else "-",
                 outcome,
-                (time.perf_counter() - started) * 1000,
+                elapsed * 1000,
+                ops.fields_text(fields),
+                extra={
+                    "fields": {
+                        "action": _printable(action),
+                        "key": alias,
+                        "provider": call.provider if call else "-",
+                        "outcome": outcome,
+                        "ms": round(elapsed * 1000, 1),
+                        **fields,
+                    }
+                },
             )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 import time
 from decimal import Decimal
@@ -20,12 +19,19 @@ EXIT_CONFIG = 2
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sms-compat`` console script."""
     parser = argparse.ArgumentParser(prog="sms-compat", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the handler_api.php server")
     serve.add_argument("--config", default="config.yaml")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="json: one object per line, with activation id, price, client address",
+    )
     check = sub.add_parser("check-config", help="validate the config, print it masked")
     check.add_argument("--config", default="config.yaml")
     check.add_argument(
@@ -42,25 +48,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.ping:
             return asyncio.run(ping(config))
         return 0
-    return serve_forever(config, args.host, args.port, args.log_level)
+    return serve_forever(config, args.host, args.port, args.log_level, args.log_format)
+
+
+def version() -> str:
+    """The installed package version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("sms-compat")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def serve_forever(
-    config: Config, host: str | None, port: int | None, level: str
+    config: Config,
+    host: str | None,
+    port: int | None,
+    level: str,
+    log_format: str = "text",
 ) -> int:
-    """Run the server until interrupted."""
+    """Run the server until interrupted (SIGHUP re-reads the config file)."""
     from compat_server.app import create_app
+    from compat_server.ops import setup_logging
 
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(level, log_format)
     host = host or config.host
     port = port or config.port
     print(f"sms-compat: serving http://{host}:{port}/stubs/handler_api.php", flush=True)
     try:
         web.run_app(
-            create_app(config),
+            create_app(config, sighup=True),
             host=host,
             port=port,
             access_log=None,  # its lines carry the full URL, api_key included

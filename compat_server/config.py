@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -40,6 +41,36 @@ CURRENCY_NUMBERS = {
 }
 
 
+# Options each section accepts; anything else is a typo and refused by name.
+SECTION_OPTIONS: dict[str, tuple[str, ...]] = {
+    "server": ("host", "port", "request_deadline"),
+    "store": ("path",),
+    "activation": ("lifetime", "early_cancel"),
+    "currency": ("display", "rates"),
+    "upstream": ("connect_timeout", "read_timeout", "catalog_ttl"),
+    "breaker": ("failures", "cooldown"),
+    "workers": (
+        "outbox_interval",
+        "outbox_max_backoff",
+        "sweep_interval",
+        "reconcile_interval",
+    ),
+    "admin": ("token",),
+}
+KEY_OPTIONS = (
+    "key",
+    "alias",
+    "providers",
+    "routes",
+    "default_country",
+    "budget",
+    "max_active",
+    "show_upstream_balance",
+)
+ROUTE_OPTIONS = ("providers", "service", "country", "strategy")
+BASE_PROVIDER_OPTIONS = ("min_interval", "poll_interval")  # read by Provider itself
+
+
 @dataclass(frozen=True)
 class KeyConfig:
     """One api_key clients may send, and where its purchases go."""
@@ -49,6 +80,9 @@ class KeyConfig:
     providers: tuple[str, ...]
     routes: tuple[RouteConfig, ...] = ()
     default_country: int | None = None
+    budget: Decimal | None = None  # display currency; None = no limit
+    max_active: int | None = None  # open activations at once; None = no limit
+    show_upstream_balance: bool = True
 
     @functools.cached_property
     def key_id(self) -> str:
@@ -106,6 +140,7 @@ class Config:
     outbox_max_backoff: float = 300.0
     sweep_interval: float = 5.0
     reconcile_interval: float = 10.0
+    admin_token: str | None = field(default=None, repr=False)
     source: str = ""
 
     def find_key(self, presented: str) -> KeyConfig | None:
@@ -196,6 +231,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
         "upstream",
         "breaker",
         "workers",
+        "admin",
     }
     for name in raw:
         if name not in allowed:
@@ -209,6 +245,9 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
     upstream = _section(raw, "upstream")
     breaker = _section(raw, "breaker")
     workers = _section(raw, "workers")
+    admin = _section(raw, "admin")
+    for section, names in SECTION_OPTIONS.items():
+        _known(_section(raw, section), names, section)
 
     providers: dict[str, ProviderConfig] = {}
     raw_providers = raw.get("providers") or {}
@@ -225,6 +264,11 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
             cls = get_provider_class(type_name)
         except ConfigError as exc:
             raise ConfigError(f"{where}.type: {exc}") from None
+        declared = cls.option_names
+        if declared is not None:
+            _known(
+                options, ("type", "markup", *BASE_PROVIDER_OPTIONS, *declared), where
+            )
         markup = _decimal(options.get("markup", 1), f"{where}.markup")
         if markup <= 0:
             raise ConfigError(f"{where}.markup: must be positive")
@@ -253,6 +297,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
         where = f"keys[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: must be a mapping")
+        _known(entry, KEY_OPTIONS, where)
         key = entry.get("key")
         if not isinstance(key, str) or not key.strip():
             raise ConfigError(f"{where}.key: missing")
@@ -262,15 +307,48 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
         if default_country is not None:
             default_country = _int(default_country, f"{where}.default_country")
         alias = str(entry.get("alias") or f"key{index + 1}")
-        keys.append(KeyConfig(key.strip(), alias, names, routes, default_country))
+        budget = None
+        if entry.get("budget") is not None:
+            budget = _decimal(entry["budget"], f"{where}.budget")
+            if budget < 0:
+                raise ConfigError(f"{where}.budget: must not be negative")
+        max_active = None
+        if entry.get("max_active") is not None:
+            max_active = _int(entry["max_active"], f"{where}.max_active", low=1)
+        show = entry.get("show_upstream_balance", True)
+        if not isinstance(show, bool):
+            raise ConfigError(f"{where}.show_upstream_balance: must be true or false")
+        keys.append(
+            KeyConfig(
+                key.strip(),
+                alias,
+                names,
+                routes,
+                default_country,
+                budget=budget,
+                max_active=max_active,
+                show_upstream_balance=show,
+            )
+        )
     if len({k.key for k in keys}) != len(keys):
         raise ConfigError("keys: the same key is listed twice")
+    if len({k.alias for k in keys}) != len(keys):
+        raise ConfigError(
+            "keys: the same alias is used twice (aliases name keys in logs and metrics)"
+        )
+    admin_token = admin.get("token")
+    if admin_token is not None and (
+        not isinstance(admin_token, str) or len(admin_token.strip()) < 16
+    ):
+        raise ConfigError("admin.token: must be a string of at least 16 characters")
 
     return Config(
         host=str(server.get("host", "127.0.0.1")),
-        port=_int(server.get("port", 8080), "server.port"),
+        port=_int(server.get("port", 8080), "server.port", low=0, high=65535),
         store_path=str(store.get("path", "sms-compat.sqlite3")),
-        lifetime=_float(activation.get("lifetime", 1200), "activation.lifetime"),
+        lifetime=_float(
+            activation.get("lifetime", 1200), "activation.lifetime", positive=True
+        ),
         early_cancel=_float(
             activation.get("early_cancel", 0), "activation.early_cancel"
         ),
@@ -280,27 +358,34 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
         currency=display,
         rates=rates,
         connect_timeout=_float(
-            upstream.get("connect_timeout", 5), "upstream.connect_timeout"
+            upstream.get("connect_timeout", 5),
+            "upstream.connect_timeout",
+            positive=True,
         ),
-        read_timeout=_float(upstream.get("read_timeout", 20), "upstream.read_timeout"),
+        read_timeout=_float(
+            upstream.get("read_timeout", 20), "upstream.read_timeout", positive=True
+        ),
         request_deadline=_positive(
             server.get("request_deadline", 20), "server.request_deadline"
         ),
         catalog_ttl=_float(upstream.get("catalog_ttl", 60), "upstream.catalog_ttl"),
-        breaker_failures=_int(breaker.get("failures", 5), "breaker.failures"),
+        breaker_failures=_int(breaker.get("failures", 5), "breaker.failures", low=1),
         breaker_cooldown=_float(breaker.get("cooldown", 30), "breaker.cooldown"),
         outbox_interval=_float(
-            workers.get("outbox_interval", 2), "workers.outbox_interval"
+            workers.get("outbox_interval", 2), "workers.outbox_interval", positive=True
         ),
         outbox_max_backoff=_float(
             workers.get("outbox_max_backoff", 300), "workers.outbox_max_backoff"
         ),
         sweep_interval=_float(
-            workers.get("sweep_interval", 5), "workers.sweep_interval"
+            workers.get("sweep_interval", 5), "workers.sweep_interval", positive=True
         ),
         reconcile_interval=_float(
-            workers.get("reconcile_interval", 10), "workers.reconcile_interval"
+            workers.get("reconcile_interval", 10),
+            "workers.reconcile_interval",
+            positive=True,
         ),
+        admin_token=None if admin_token is None else admin_token.strip(),
         source=source,
     )
 
@@ -318,8 +403,24 @@ def describe(config: Config) -> str:
         f"currency: {config.currency} rates="
         + (", ".join(f"{k}={v}" for k, v in sorted(config.rates.items())) or "-"),
     ]
+    if config.admin_token:
+        lines.append(f"admin: /admin/ token={mask(config.admin_token)}")
     for key in config.keys:
-        lines.append(f"key {key.alias}: {mask(key.key)} -> {', '.join(key.providers)}")
+        limits = "".join(
+            f" {name}={value}"
+            for name, value in (
+                ("budget", key.budget),
+                ("max_active", key.max_active),
+                (
+                    "show_upstream_balance",
+                    None if key.show_upstream_balance else "false",
+                ),
+            )
+            if value is not None
+        )
+        lines.append(
+            f"key {key.alias}: {mask(key.key)} -> {', '.join(key.providers)}{limits}"
+        )
         for route in key.routes:
             lines.append(f"  route {_route_text(route)}")
     for route in config.routes:
@@ -374,6 +475,7 @@ def _routes(
         here = f"{where}[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{here}: must be a mapping")
+        _known(entry, ROUTE_OPTIONS, here)
         strategy = str(entry.get("strategy", "ordered"))
         if strategy not in ("ordered", "cheapest"):
             raise ConfigError(f"{here}.strategy: must be ordered or cheapest")
@@ -392,24 +494,45 @@ def _routes(
     return tuple(routes)
 
 
-def _int(value: Any, where: str) -> int:
+def _known(options: Mapping[str, Any], known: Iterable[str], where: str) -> None:
+    """ConfigError naming the first option not in ``known`` (a typo, usually)."""
+    names = sorted(set(known))
+    for name in options:
+        if name not in names:
+            raise ConfigError(
+                f"{where}.{name}: unknown option (known: {', '.join(names)})"
+            )
+
+
+def _int(
+    value: Any, where: str, low: int | None = None, high: int | None = None
+) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ConfigError(f"{where}: must be a whole number")
     try:
-        return int(value)
+        result = int(value)
     except ValueError:
         raise ConfigError(f"{where}: must be a whole number") from None
+    if (low is not None and result < low) or (high is not None and result > high):
+        if high is None:
+            raise ConfigError(f"{where}: must be at least {low}, got {result}")
+        raise ConfigError(f"{where}: must be between {low} and {high}, got {result}")
+    return result
 
 
-def _float(value: Any, where: str) -> float:
+def _float(value: Any, where: str, positive: bool = False) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{where}: must be a number")
     try:
         result = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: must be a number") from None
+    if not math.isfinite(result):
+        raise ConfigError(f"{where}: must be a finite number")
     if result < 0:
         raise ConfigError(f"{where}: must not be negative")
+    if positive and result == 0:
+        raise ConfigError(f"{where}: must be greater than 0")
     return result
 
 

@@ -184,6 +184,7 @@ class Engine:
         self._pruned_at = 0.0
         self.abandoned_count = 0  # purchases whose client left before the answer
         self._timeless: set[tuple[str, str]] = set()  # orders logged as unclaimable
+        self.on_purchase: Callable[[KeyConfig, Activation], None] | None = None
 
     @property
     def providers(self) -> Mapping[str, Provider]:
@@ -225,6 +226,11 @@ class Engine:
 
         Raises the last ProviderError when no provider answers.
         """
+        left = await self.router.budgets.left(key)
+        if left is not None:
+            return left  # a key with a budget sees what is left of it
+        if not key.show_upstream_balance:
+            return Decimal(0)
         names = self.key_providers(key)
         answers = await asyncio.gather(
             *(
@@ -252,7 +258,10 @@ class Engine:
 
     async def buy(self, key: KeyConfig, order: Order) -> Activation:
         """Buy a number for the key (see Router.buy)."""
-        return await self.router.buy(key, order)
+        activation = await self.router.buy(key, order)
+        if self.on_purchase is not None:
+            self.on_purchase(key, activation)
+        return activation
 
     async def refresh(self, activation: Activation) -> None:
         """Bring an open activation up to date: expiry, then at most one poll per interval.

@@ -16,6 +16,7 @@ from dataclasses import replace
 from decimal import Decimal
 from typing import TypeVar
 
+from compat_server.budget import Budgets
 from compat_server.config import Config, KeyConfig, RouteConfig
 from compat_server.errors import (
     NoBalance,
@@ -137,6 +138,8 @@ class Upstreams:
             )
             for name in providers
         }
+        # (provider, op, outcome, seconds) of every call, for /metrics
+        self.observe: Callable[[str, str, str, float], None] | None = None
 
     async def call(self, name: str, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run one provider operation; the breaker sees the outcome.
@@ -186,12 +189,15 @@ class Upstreams:
             return result
         finally:
             BUDGET.reset(scope)
+            elapsed = time.perf_counter() - started
+            if self.observe is not None:
+                self.observe(name, op, outcome, elapsed)
             log.debug(
                 "upstream provider=%s op=%s outcome=%s ms=%.1f",
                 name,
                 op,
                 outcome,
-                (time.perf_counter() - started) * 1000,
+                elapsed * 1000,
             )
 
 
@@ -236,6 +242,7 @@ class Router:
         self.prices = prices
         self.offers = offers
         self.clock = clock
+        self.budgets = Budgets(store, prices)
         self.in_flight: dict[int, str] = {}  # attempt id -> provider, while buy() runs
         self.wake_outbox: Callable[[], None] = lambda: None  # a cancel was queued
 
@@ -293,9 +300,19 @@ class Router:
             if refusal is not None:
                 refusals.append(refusal)
                 continue
-            attempt = await self.store.begin_purchase(
-                key.key_id, name, native, self.clock()
-            )
+            try:  # a key's budget and max_active: money is held before the paid call
+                hold = await self.budgets.reserve(key, name, native, self._native_price)
+            except NoBalance as exc:
+                refusals.append(exc)
+                continue
+            native = replace(native, max_price=hold.cap(native.max_price))
+            try:
+                attempt = await self.store.begin_purchase(
+                    key.key_id, name, native, self.clock()
+                )
+            except BaseException:
+                self.budgets.release(hold)
+                raise
             # in flight until the activation is stored: the reconciler must never take
             # a number this buy is about to own for an orphan
             self.in_flight[attempt] = name
@@ -322,6 +339,7 @@ class Router:
                 )
             finally:
                 self.in_flight.pop(attempt, None)
+                self.budgets.release(hold)
         raise merge_refusals(refusals)
 
     async def _quote_refusal(
@@ -413,6 +431,12 @@ class Router:
         )
         refusals.append(NoNumbers(name, f"charged {cost} above {order.max_price}"))
         return True
+
+    async def _native_price(self, name: str, order: Order) -> Decimal | None:
+        for offer in await self.offers(name, order.country):
+            if offer.service == order.service:
+                return offer.price
+        return None
 
     async def _buy_once(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -191,6 +191,7 @@ class Store:
         self._cache: dict[int, Activation] = {}
         self._write = asyncio.Lock()
         self._locks: dict[int, asyncio.Lock] = {}
+        self._spent: dict[str, Decimal] = {}  # key_id -> spend, once read (see spent)
 
     @classmethod
     async def open(cls, path: str) -> Store:
@@ -407,6 +408,8 @@ class Store:
         )
         if activation.is_open:
             self._cache[activation.id] = activation
+        if state not in (CANCELLED, EXPIRED):
+            self._count_spend(key_id, cost)
         return activation
 
     async def attempts(self, states: Iterable[str]) -> list[Attempt]:
@@ -541,6 +544,10 @@ class Store:
                     (activation.id, outbox, now, now),
                 )
             await self._db.commit()
+        unspent = (CANCELLED, EXPIRED)
+        if (activation.state in unspent) != (state in unspent):
+            sign = 1 if state not in unspent else -1
+            self._count_spend(activation.key_id, sign * activation.cost)
         activation.state = state
         activation.updated_at = now
         if not activation.is_open:
@@ -618,3 +625,78 @@ class Store:
                 (next_at, error[:200], op_id),
             )
             await self._db.commit()
+
+    # ---- money and figures for the operator ---------------------------------------------
+
+    async def spent(self, key_id: str) -> Decimal:
+        """Sum of ``cost`` of the key's activations not cancelled or expired.
+
+        Costs are stored in whole cents (Prices.display), so the sum is taken in
+        integer cents inside SQLite (exact); it is read once per key, then kept in
+        memory and updated by every write that changes it.
+        """
+        cached = self._spent.get(key_id)
+        if cached is not None:
+            return cached
+        # under the write lock: no write can land between this read and the cache
+        # (writes update the cache right after releasing the lock, with no await)
+        async with self._write:
+            cached = self._spent.get(key_id)
+            if cached is not None:
+                return cached
+            async with self._db.execute(
+                "SELECT SUM(CAST(ROUND(CAST(cost AS REAL) * 100) AS INTEGER))"
+                " FROM activations WHERE key_id=? AND state NOT IN (?,?)",
+                (key_id, CANCELLED, EXPIRED),
+            ) as cur:
+                row = await cur.fetchone()
+            cents = row[0] if row is not None and row[0] is not None else 0
+            total = (Decimal(cents) / 100).quantize(Decimal("0.01"))
+            self._spent[key_id] = total
+        return total
+
+    def _count_spend(self, key_id: str, amount: Decimal) -> None:
+        """Keep a loaded spend total in step with a write (no-op until first read)."""
+        if key_id in self._spent:
+            self._spent[key_id] += amount
+
+    async def figures(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Aggregates for /metrics and the dashboard (one read, no secrets)."""
+        queries = {
+            "attempts": "SELECT state, detail, COUNT(*) FROM purchases"
+            " GROUP BY state, detail",
+            "outbox": "SELECT op, COUNT(*) FROM outbox WHERE done=0 GROUP BY op",
+        }
+        result: dict[str, list[tuple[Any, ...]]] = {}
+        for name in ("attempts", "outbox"):
+            async with self._db.execute(queries[name]) as cur:
+                result[name] = [tuple(row) for row in await cur.fetchall()]
+        return result
+
+    async def recent(
+        self, limit: int = 100, where: Mapping[str, str] | None = None
+    ) -> list[Activation]:
+        """The newest activations, optionally filtered by key_id, state, provider."""
+        clauses, args = [], []
+        for column in ("key_id", "state", "provider"):
+            value = (where or {}).get(column)
+            if value:
+                clauses.append(f"{column}=?")
+                args.append(value)
+        query = "SELECT * FROM activations"
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        query += " ORDER BY id DESC LIMIT ?"
+        found = await self._fetch(query, (*args, limit))
+        # open ones come from memory: the same objects the engine changes
+        return [self._cache.get(a.id, a) for a in found]
+
+    async def writable(self) -> bool:
+        """Whether a write transaction can be taken (for /readyz)."""
+        try:
+            async with self._write:
+                await self._db.execute("BEGIN IMMEDIATE")
+                await self._db.rollback()
+        except Exception:
+            return False
+        return True

@@ -216,6 +216,9 @@ class Provider(abc.ABC):
     type_name: ClassVar[str]  # registry key, e.g. "smsman"
     currency: ClassVar[str]  # native currency: "VND", "RUB", "USD"
     secret_fields: ClassVar[tuple[str, ...]] = ()  # option names that hold secrets
+    # Options this provider reads, besides type, markup, min_interval and poll_interval;
+    # the config refuses any other name (a typo). None: not declared, not checked.
+    option_names: ClassVar[tuple[str, ...] | None] = None
     min_interval: float = 0.0  # seconds between two upstream calls (per instance)
     default_poll_interval: ClassVar[float] = 3.0
     can_lookup: ClassVar[bool] = False  # lookup_purchases() is implemented

@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 
 from compat_server.errors import ConfigError, NoBalance, NoNumbers, UnknownService
 from providers.base import (
@@ -88,6 +88,14 @@ class SandboxProvider(Provider):
     currency = "RUB"
     default_poll_interval = 1.0
     can_lookup = True
+    option_names: ClassVar[tuple[str, ...] | None] = (
+        "currency",
+        "sms_delay",
+        "balance",
+        "countries",
+        "services",
+        "price_drift",
+    )
 
     def __init__(
         self, name: str, options: Mapping[str, Any], *args: Any, **kwargs: Any

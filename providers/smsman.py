@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import httpx
 
@@ -116,6 +116,13 @@ class SmsmanProvider(Provider):
     type_name = "smsman"
     currency = "RUB"
     secret_fields = ("token",)
+    option_names: ClassVar[tuple[str, ...] | None] = (
+        "token",
+        "base_url",
+        "catalog_ttl",
+        "services",
+        "countries",
+    )
 
     def __init__(
         self,

@@ -105,6 +105,16 @@ class SmspvaProvider(Provider):
     type_name: ClassVar[str] = "smspva"
     currency: ClassVar[str] = "USD"
     secret_fields: ClassVar[tuple[str, ...]] = ("api_key",)
+    option_names: ClassVar[tuple[str, ...] | None] = (
+        "api_key",
+        "api",
+        "activation_url",
+        "base_url",
+        "rent",
+        "catalog_ttl",
+        "services",
+        "countries",
+    )
     min_interval: float = 4.5  # [doc] keep 4-5 s between queries
     default_poll_interval: ClassVar[float] = POLL_FLOOR
     can_lookup: ClassVar[bool] = True

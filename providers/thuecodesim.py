@@ -180,6 +180,14 @@ class ThuecodesimProvider(Provider):
     type_name: ClassVar[str] = "thuecodesim"
     currency: ClassVar[str] = "VND"
     secret_fields: ClassVar[tuple[str, ...]] = ("token",)
+    option_names: ClassVar[tuple[str, ...] | None] = (
+        "token",
+        "base_url",
+        "rerent_on_retry",
+        "catalog_ttl",
+        "nominal_stock",
+        "services",
+    )
     can_lookup: ClassVar[bool] = True
     can_cancel: ClassVar[bool] = False  # no cancel endpoint: a number bought is spent
 

@@ -66,7 +66,7 @@ def test_check_config_masks_secrets(tmp_path: Path, capsys: pytest.CaptureFixtur
         ("providers: {a: {type: sandbox}}\nkeys: []\n", "config error: keys: define at least one client key"),
         ("providers: {a: {type: smsman, token: t}}\nkeys: [{key: k, providers: [a]}]\n",
          "config error: currency.rates.RUB: missing (provider a is priced in RUB, clients see USD)"),
-        ("bogus: 1\n", "config error: bogus: unknown section (known: activation, breaker, currency,"
+        ("bogus: 1\n", "config error: bogus: unknown section (known: activation, admin, breaker, currency,"
          " keys, providers, routes, server, store, upstream, workers)"),
     ],
 )  # fmt: skip
