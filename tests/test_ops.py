@@ -75,7 +75,7 @@ def test_sections_reject_typos_and_out_of_range(
     [
         ({"providers": {"sandbox": {"type": "sandbox", "sms_delai": 5}}},
          "providers.sandbox.sms_delai: unknown option (known: balance, countries, currency,"
-         " markup, min_interval, poll_interval, services, sms_delay, type)"),
+         " markup, min_interval, poll_interval, price_drift, services, sms_delay, type)"),
         ({"keys": [{"key": KEY, "providers": ["sandbox"], "budgett": 5}]},
          "keys[0].budgett: unknown option (known: alias, budget, default_country, key,"
          " max_active, providers, routes, show_upstream_balance)"),
