@@ -48,6 +48,7 @@ from compat_server.errors import (
     UnknownService,
     UpstreamAuth,
     UpstreamUncertain,
+    UpstreamUnreachable,
 )
 from providers.base import (
     ActivationRef,
@@ -194,7 +195,7 @@ class HandlerApiProvider(Provider):
         self._service_of = {theirs: ours for ours, theirs in self.services.items()}
         self._has_get_prices = True
         self._prices: dict[tuple[int, str], Decimal] = {}  # last seen, even stale
-        self._lookup_warned = False
+        self._lookup_warned: set[tuple[str, int, float]] = set()
 
     @classmethod
     def native_currency(cls, options: Mapping[str, Any]) -> str:
@@ -238,6 +239,7 @@ class HandlerApiProvider(Provider):
                 return self._purchase_v2(order, answer)
             log.info("%s: no getNumberV2 (BAD_ACTION): using getNumber", self.name)
             self.number_v2 = False  # nothing was bought: the v1 call is the one buy
+        await self._learn_price(order)
         answer = await self._call("getNumber", params)
         if answer.token != "ACCESS_NUMBER":
             self._raise_refusal("getNumber", answer)
@@ -305,12 +307,15 @@ class HandlerApiProvider(Provider):
         if answer.token == "NO_ACTIVATIONS":
             return []
         if answer.token == "BAD_ACTION":
-            if not self._lookup_warned:
-                self._lookup_warned = True
+            lost = (order.service, order.country, since)
+            if lost not in self._lookup_warned:  # once per lost purchase, not per round
+                self._lookup_warned.add(lost)
                 log.error(
-                    "%s: the clone has no getActiveActivations: a purchase whose"
+                    "%s: the clone has no getActiveActivations: a %s/%d purchase whose"
                     " answer was lost cannot be found, check the account by hand",
                     self.name,
+                    order.service,
+                    order.country,
                 )
             return []
         rows = _activation_rows(answer.data)
@@ -503,6 +508,18 @@ class HandlerApiProvider(Provider):
             if forward in ("", "0") and code and count is not None:
                 counts[code.lower()] = count
         return counts
+
+    async def _learn_price(self, order: Order) -> None:
+        """getNumber tells no price: read the catalogue first if it was never seen."""
+        if (order.country, order.service) in self._prices:
+            return
+        try:
+            await self.catalog(order.country)
+        except (UpstreamUncertain, UpstreamUnreachable) as exc:
+            # only the free look-up failed: nothing paid was sent, the route may go on
+            raise UpstreamUnreachable(
+                self.name, f"price look-up before buying failed: {exc.detail}"
+            ) from exc
 
     def _price(self, order: Order) -> Decimal:
         """The last known price (even stale); Decimal(0) when never seen."""

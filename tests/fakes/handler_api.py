@@ -26,6 +26,7 @@ scenario (``BANNED:<date>``).
 
 Answers the sources leave open are invented here and named: setStatus on a closed order
 answers BAD_STATUS; an unknown id NO_ACTIVATION; an unknown service BAD_SERVICE.
+``canned`` serves a verbatim answer for one action (for parsing tests).
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class FakeHandlerApi(FakeUpstream):
         self.aliases = False
         self.full_text = False
         self.bought: list[dict[str, str]] = []  # getNumber params of each sale
+        self.methods: list[tuple[str, bool]] = []  # (HTTP method, query string sent)
+        # action -> (HTTP status, body) served verbatim, no effects: parsing tests
+        self.canned: dict[str, tuple[int, str]] = {}
         self._next_id = itertools.count(3_936_040_355)
 
     def setup_routes(self, app: web.Application) -> None:
@@ -126,6 +130,10 @@ class FakeHandlerApi(FakeUpstream):
         params = dict(request.query)
         if request.method == "POST":
             params.update({k: str(v) for k, v in (await request.post()).items()})
+        self.methods.append((request.method, bool(request.query)))
+        if params.get("action", "") in self.canned:
+            status, body = self.canned[params["action"]]
+            return web.Response(status=status, text=body, content_type="text/html")
         if params.get("api_key") != API_KEY or self.scenario == "bad_token":
             return self.error("BAD_KEY")
         refused = self.check_extra(params)
