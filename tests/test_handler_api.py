@@ -10,6 +10,7 @@ lang/currency, POST, published clients, and a chain where the upstream is sms-co
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -562,6 +563,47 @@ async def test_sms_service_online_catalog_learns_its_action(start_clone: Start) 
     ]
 
 
+async def test_counts_missing_from_prices_come_from_numbers_status(
+    start_clone: Start,
+) -> None:
+    clone = await start_clone(fakes.FakeSms3t, fakes.sms3t_options)
+    clone.fake.canned["getPrices"] = (
+        200,
+        '{"10":{"tg":{"cost":15},"vk":{"cost":"6"}}}',
+    )
+    assert await clone.get(action="getPrices", country=10) == (
+        200,
+        "application/json",
+        '{"10":{"tg":{"cost":15.0,"count":86,"physicalCount":86},'
+        '"vk":{"cost":6.0,"count":149,"physicalCount":149}}}',
+    )
+    assert clone.fake.actions_called() == ["getPrices", "getNumbersStatus"]
+
+
+async def test_code_maps_translate_both_ways(start_clone: Start) -> None:
+    clone = await start_clone(
+        fakes.FakeSmsServiceOnline,
+        fakes.sms_service_online_options,
+        services={"zalo": "mj"},
+        operators={"viettel": "vtl"},
+        countries={10: "10"},
+    )
+    _, _, body = await clone.get(action="getPrices", country=10)
+    assert '"zalo":{"cost":3.0,"count":12,' in body and '"mj"' not in body
+    ident, upstream = await clone.buy(service="zalo", operator="viettel")
+    assert (clone.fake.bought[0]["service"], clone.fake.bought[0]["operator"]) == (
+        "mj",
+        "vtl",
+    )
+    assert clone.fake.orders[upstream].service == "mj"
+    assert await clone.get(action="getNumber", service="tg", country=0) == (
+        200,
+        TEXT,
+        "NO_NUMBERS",  # country 0 is not in the map: never asked upstream
+    )
+    assert len(clone.fake.bought) == 1
+
+
 async def test_no_get_active_activations_is_logged_once_per_lost_purchase(
     start_clone: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -675,6 +717,28 @@ async def test_aiosmsactivate_through_each_clone(
     assert await api.get_balance() == float(
         clone.fake.balance.quantize(Decimal("0.01"))
     )
+
+
+async def test_smsactivate_through_sms_activate(start_clone: Start) -> None:
+    """The official client; the battery runs it through sms3t and sms-service-online."""
+    from smsactivate.api import SMSActivateAPI
+
+    clone = await start_clone(fakes.FakeSmsActivate, fakes.sms_activate_options)
+    api = SMSActivateAPI(KEY)
+    api._SMSActivateAPI__api_url = str(clone.client.make_url("/stubs/handler_api.php"))  # type: ignore[attr-defined]
+    assert await asyncio.to_thread(api.getBalance) == {"balance": "17.15"}
+    bought = await asyncio.to_thread(api.getNumberV2, service="tg", country=10)
+    stored = await clone.engine.store.get(bought["activationId"])
+    assert stored is not None
+    assert (bought["phoneNumber"], bought["activationCost"]) == (stored.phone, 12.5)
+    clone.fake.deliver(stored.upstream_id, "Telegram code 30303", "30303")
+    clone.clock.advance(10)
+    assert await asyncio.to_thread(api.getStatus, id=stored.id) == "STATUS_OK:30303"
+    assert (
+        await asyncio.to_thread(api.setStatus, id=stored.id, status=6)
+        == "ACCESS_ACTIVATION"
+    )
+    assert clone.fake.orders[stored.upstream_id].state == "finished"
 
 
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
