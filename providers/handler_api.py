@@ -28,6 +28,7 @@ relies on, and what it tolerates:
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
@@ -64,6 +65,7 @@ from providers.base import (
     as_int,
     as_text,
     digits,
+    number_option,
     require_option,
     upstream_errors,
     url_option,
@@ -74,6 +76,11 @@ log = logging.getLogger(__name__)
 
 # sms-activate's id space (protocol.md 6.1), which the clones reuse
 DEFAULT_COUNTRIES = tuple(range(200))
+# Without a ``countries`` option one getPrices call fetches every country; the answer is
+# shared this long, so a getPrices of ours without a country makes one call, not 200.
+DEFAULT_TABLE_TTL = 10.0
+
+PriceRows = dict[str, tuple[Decimal, int | None]]  # their service -> (price, count)
 
 # tokens meaning "your account or our configuration", never the client's fault
 AUTH_TOKENS = frozenset(
@@ -114,6 +121,9 @@ CLOSED_TOKENS = frozenset(
 SET_STATUS_OK = frozenset(
     {"ACCESS_READY", "ACCESS_RETRY_GET", "ACCESS_ACTIVATION", "ACCESS_CANCEL"}
 )
+
+# ISO 4217 numeric codes clones put in getNumberV2's ``currency``
+ISO_NUMERIC = {"643": "RUB", "840": "USD", "978": "EUR", "156": "CNY", "704": "VND"}
 
 _TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _CODE_LIKE = re.compile(r"[0-9A-Za-z-]{1,16}")
@@ -193,7 +203,11 @@ class HandlerApiProvider(Provider):
         self.country_map = _country_option(name, options)
         self.timezone = _timezone_option(name, options)
         self._service_of = {theirs: ours for ours, theirs in self.services.items()}
+        self.table_ttl = number_option(name, options, "table_ttl", DEFAULT_TABLE_TTL)
         self._has_get_prices = True
+        self._whole_table = not self.country_map  # False once the clone shows it can't
+        self._table: tuple[float, dict[str, PriceRows]] | None = None
+        self._table_lock = asyncio.Lock()
         self._prices: dict[tuple[int, str], Decimal] = {}  # last seen, even stale
         self._lookup_warned: set[tuple[str, int, float]] = set()
 
@@ -293,8 +307,15 @@ class HandlerApiProvider(Provider):
         return sorted(offers, key=lambda offer: offer.service)
 
     def countries(self) -> list[int]:
-        """The ``countries`` option's ids, else every sms-activate id 0-199."""
-        return sorted(self.country_map) if self.country_map else list(DEFAULT_COUNTRIES)
+        """The ``countries`` option's ids; else those in the clone's last price table,
+        or every sms-activate id 0-199 before one was read."""
+        if self.country_map:
+            return sorted(self.country_map)
+        if self._table is not None and self._table[1]:
+            return sorted(
+                int(c) for c in self._table[1] if c.isdigit() and int(c) < 10_000
+            )
+        return list(DEFAULT_COUNTRIES)
 
     async def lookup_purchases(self, order: Order, since: float) -> list[Purchase]:
         """Active activations of this service and country, from getActiveActivations.
@@ -375,6 +396,16 @@ class HandlerApiProvider(Provider):
                 self.name, f"getNumberV2: activation {upstream_id!r} without a number"
             )
         cost = as_decimal(data.get("activationCost"))
+        currency = as_text(data.get("currency"))
+        if currency and ISO_NUMERIC.get(currency, currency.upper()) != self.native:
+            log.warning(
+                "%s: getNumberV2 priced in currency %s, but providers.%s.currency is"
+                " %s: check the config",
+                self.name,
+                currency,
+                self.name,
+                self.native,
+            )
         operator = as_text(data.get("activationOperator")).lower() or "any"
         return Purchase(
             upstream_id=upstream_id,
@@ -475,8 +506,12 @@ class HandlerApiProvider(Provider):
 
     # ---- catalogue -----------------------------------------------------------------
 
-    async def _price_rows(self, country: str) -> dict[str, tuple[Decimal, int | None]]:
+    async def _price_rows(self, country: str) -> PriceRows:
         """{their service: (price, count or None)} from getPrices or getServicesAndCost."""
+        if self._has_get_prices and self._whole_table:
+            table = await self._price_table()
+            if table is not None:
+                return table.get(country, {})
         if self._has_get_prices:
             answer = await self._call("getPrices", {"country": country})
             if answer.token != "BAD_ACTION":
@@ -493,6 +528,45 @@ class HandlerApiProvider(Provider):
         if answer.token or not isinstance(answer.data, (dict, list)):
             self._raise_unexpected("getServicesAndCost", answer)
         return _parse_prices(answer.data, country)
+
+    async def _price_table(self) -> dict[str, PriceRows] | None:
+        """Every country's rows from one getPrices call, shared for ``table_ttl``.
+
+        None when the clone cannot give it (no getPrices, or rows without countries).
+        """
+        async with self._table_lock:
+            if (
+                self._table is not None
+                and self.clock() - self._table[0] < self.table_ttl
+            ):
+                return self._table[1]
+            answer = await self._call("getPrices")
+            if answer.token == "BAD_ACTION":
+                log.info(
+                    "%s: no getPrices (BAD_ACTION): using getServicesAndCost", self.name
+                )
+                self._has_get_prices = False
+                return None
+            if answer.token or not isinstance(answer.data, (dict, list)):
+                self._raise_unexpected("getPrices", answer)
+            body = answer.data
+            if (
+                not isinstance(body, dict)
+                or not body
+                or any(_is_row(v) for v in body.values())
+            ):
+                log.info(
+                    "%s: getPrices has no country level: asking per country", self.name
+                )
+                self._whole_table = False
+                return None
+            table = {
+                str(country): _parse_prices({str(country): rows}, str(country))
+                for country, rows in body.items()
+                if isinstance(rows, dict)
+            }
+            self._table = (self.clock(), table)
+            return table
 
     async def _stock_counts(self, country: str) -> dict[str, int]:
         """{their service: count} from getNumbersStatus; {} when it is unavailable."""
@@ -582,7 +656,7 @@ def decode(status: int, body: bytes) -> Answer:
     return Answer(status=status, text=text, data=data)
 
 
-def _parse_prices(body: Any, country: str) -> dict[str, tuple[Decimal, int | None]]:
+def _parse_prices(body: Any, country: str) -> PriceRows:
     """Price rows from ``{country: {svc: {cost, count}}}``, ``{svc: {...}}`` or a list.
 
     The list is sms-service-online's ``[{"id", "price", "quantity"}]``.
@@ -596,7 +670,7 @@ def _parse_prices(body: Any, country: str) -> dict[str, tuple[Decimal, int | Non
         rows = [
             (as_text(item.get("id")), item) for item in body if isinstance(item, dict)
         ]
-    result: dict[str, tuple[Decimal, int | None]] = {}
+    result: PriceRows = {}
     for code, item in rows:
         if not code or not _is_row(item):
             continue

@@ -11,6 +11,7 @@ lang/currency, POST, published clients, and a chain where the upstream is sms-co
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -173,6 +174,22 @@ async def test_v2_buy_passes_the_order_on_and_reads_the_cost(
         "setStatus",
     }
     assert await clone.engine.store.pending_ops() == []
+
+
+async def test_v2_currency_other_than_configured_is_logged(
+    start_clone: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    clone = await start_clone(
+        fakes.FakeSmsActivate, fakes.sms_activate_options, currency="USD"
+    )
+    with caplog.at_level("WARNING", logger="providers"):
+        await clone.buy()
+    assert [
+        r.getMessage() for r in caplog.records if r.name.startswith("providers")
+    ] == [
+        f"{NAME}: getNumberV2 priced in currency 643, but providers.{NAME}.currency is"
+        " USD: check the config"
+    ]
 
 
 async def test_max_price_refused_upstream_is_a_definite_no(start_clone: Start) -> None:
@@ -578,6 +595,47 @@ async def test_counts_missing_from_prices_come_from_numbers_status(
         '"vk":{"cost":6.0,"count":149,"physicalCount":149}}}',
     )
     assert clone.fake.actions_called() == ["getPrices", "getNumbersStatus"]
+
+
+async def test_without_countries_one_call_reads_every_country(
+    start_clone: Start,
+) -> None:
+    clone = await start_clone(fakes.FakeSms3t, fakes.sms3t_options, countries=None)
+    assert clone.provider.countries() == list(range(200))  # nothing read yet
+    _, _, everywhere = await clone.get(action="getPrices")
+    assert everywhere == (
+        '{"10":{"av":{"cost":3.0,"count":251,"physicalCount":251},'
+        '"fb":{"cost":8.0,"count":58,"physicalCount":58},'
+        '"go":{"cost":7.0,"count":146,"physicalCount":146},'
+        '"ok":{"cost":4.0,"count":190,"physicalCount":190},'
+        '"tg":{"cost":15.0,"count":86,"physicalCount":86},'
+        '"vi":{"cost":5.0,"count":140,"physicalCount":140},'
+        '"vk":{"cost":6.0,"count":149,"physicalCount":149},'
+        '"wa":{"cost":22.0,"count":64,"physicalCount":64},'
+        '"wb":{"cost":9.0,"count":14,"physicalCount":14}}}'
+    )
+    assert [p.get("country") for _, p in clone.fake.calls] == [None]  # one call
+    assert clone.provider.countries() == [10]  # what the clone's table holds
+    _, _, countries = await clone.get(action="getCountries")
+    assert list(json.loads(countries)) == ["10"]
+    ident, _ = await clone.buy()
+    assert clone.fake.actions_called() == ["getPrices", "getNumber"]
+
+
+async def test_without_countries_per_country_where_the_table_cannot_come(
+    start_clone: Start,
+) -> None:
+    clone = await start_clone(
+        fakes.FakeSmsServiceOnline, fakes.sms_service_online_options, countries=None
+    )
+    _, _, body = await clone.get(action="getPrices", country=25, service="tg")
+    assert body == '{"25":{"tg":{"cost":11.0,"count":5,"physicalCount":5}}}'
+    await clone.get(action="getPrices", country=10, service="tg")
+    assert [(a, p.get("country")) for a, p in clone.fake.calls] == [
+        ("getPrices", None),
+        ("getServicesAndCost", "25"),
+        ("getServicesAndCost", "10"),
+    ]
 
 
 async def test_code_maps_translate_both_ways(start_clone: Start) -> None:
