@@ -255,6 +255,8 @@ class HandlerApiProvider(Provider):
             self.number_v2 = False  # nothing was bought: the v1 call is the one buy
         await self._learn_price(order)
         answer = await self._call("getNumber", params)
+        if isinstance(answer.data, dict) and "activationId" in answer.data:
+            return self._purchase_v2(order, answer)  # a clone answering V2's JSON
         if answer.token != "ACCESS_NUMBER":
             self._raise_refusal("getNumber", answer)
         return self._purchase_v1(order, answer)
@@ -602,7 +604,7 @@ class HandlerApiProvider(Provider):
     def _their_country(self, country: int) -> str | None:
         if self.country_map:
             return self.country_map.get(country)
-        return str(country) if country in DEFAULT_COUNTRIES else None
+        return str(country)  # the clones share sms-activate's ids
 
     def _parse_time(self, value: Any) -> float | None:
         """A clone's ``YYYY-MM-DD HH:MM:SS`` in its ``timezone``; None if unknown."""

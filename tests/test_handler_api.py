@@ -28,6 +28,7 @@ from compat_server.config import parse_config
 from compat_server.engine import RECONCILE_WINDOW, Engine
 from compat_server.store import (
     CANCELLED,
+    CONFIRMED,
     FINISHED,
     RECONCILED,
     REFUSED,
@@ -377,6 +378,8 @@ BUY_ANSWERS = [
     (402, '{"title":"NO_BALANCE","details":"Not enough funds","info":{}}', REFUSED,
      "NO_BALANCE"),
     (200, '{"status":"error","message":"NO_NUMBERS"}', REFUSED, "NO_NUMBERS"),
+    (200, '{"activationId":"77","phoneNumber":"+84 912 345 678","activationCost":"15.5"}',
+     CONFIRMED, "ACCESS_NUMBER:100000:84912345678"),
     (200, "ACCESS_NUMBER:3936040355", UNCERTAIN, "NO_NUMBERS"),
     (200, "ACCESS_NUMBER::84912345678", UNCERTAIN, "NO_NUMBERS"),
     (200, "ERROR_SQL", UNCERTAIN, "NO_NUMBERS"),
@@ -401,9 +404,9 @@ async def test_buy_answers(
         body,
     )
     assert clone.fake.actions_called().count("getNumber") == 1
-    attempts = await clone.engine.store.attempts([REFUSED, UNCERTAIN])
+    attempts = await clone.engine.store.attempts([REFUSED, UNCERTAIN, CONFIRMED])
     assert [a.state for a in attempts] == [state]
-    assert await clone.engine.store.count() == 0
+    assert await clone.engine.store.count() == (state == CONFIRMED)
 
 
 async def test_buy_price_comes_from_the_catalog(start_clone: Start) -> None:
