@@ -186,6 +186,12 @@ class HandlerApiProvider(Provider):
         super().__init__(name, options, http, clock)
         require_option(name, options, "base_url")
         self.base_url = url_option(name, options, "base_url", "").rstrip("?&")
+        if re.search(r"[?&]api_key=", self.base_url, re.IGNORECASE):
+            # it would show in check-config and logs: the key has its own masked option
+            raise ConfigError(
+                f"providers.{name}.base_url: holds an api_key; move it to"
+                f" providers.{name}.api_key"
+            )
         self.api_key = require_option(name, options, "api_key")
         self.lang = _optional_text(name, options, "lang")
         self.native = type(self).native_currency(options)

@@ -704,6 +704,10 @@ def test_options_are_checked() -> None:
         ({"countries": "10"}, "providers.c.countries: expected a list of ids"),
         ({"services": ["tg"]}, "providers.c.services: expected a mapping"),
         ({"timezone": "Mars/Olympus"}, "providers.c.timezone: unknown time zone"),
+        (
+            {"base_url": "http://h/stubs/handler_api.php?api_key=abc&"},
+            "providers.c.base_url: holds an api_key; move it to providers.c.api_key",
+        ),
     ]:
         options = {**good, **bad}
         if "api_key" in bad:
