@@ -22,10 +22,19 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from compat_server.app import create_app
 from compat_server.config import parse_config
 from compat_server.engine import RECONCILE_WINDOW, Engine
+from compat_server.errors import (
+    NoBalance,
+    NoNumbers,
+    UnknownService,
+    UpstreamAuth,
+    UpstreamUncertain,
+)
 from compat_server.store import (
     CANCELLED,
     CONFIRMED,
@@ -36,7 +45,14 @@ from compat_server.store import (
     WAIT_CODE,
 )
 from providers.base import Order
-from providers.handler_api import HandlerApiProvider, decode
+from providers.handler_api import (
+    AUTH_TOKENS,
+    NO_BALANCE_TOKENS,
+    NO_NUMBERS_TOKENS,
+    UNKNOWN_SERVICE_TOKENS,
+    HandlerApiProvider,
+    decode,
+)
 from tests.conftest import (
     KEY,
     OTHER_KEY,
@@ -943,3 +959,84 @@ async def test_chain_logs_no_secret(
     assert {r.name for r in ours} >= {"compat_server"}
     assert [r.getMessage() for r in ours if OTHER_KEY in r.getMessage()] == []
     assert "api_key=ot****" in clone.provider.describe()
+
+
+# ---- any answer to getNumber: a purchase only from a whole success ------------------------
+
+KNOWN = sorted(
+    handler_api_tokens := (
+        AUTH_TOKENS | NO_BALANCE_TOKENS | UNKNOWN_SERVICE_TOKENS | NO_NUMBERS_TOKENS
+    )
+)
+DEFINITE = (NoNumbers, NoBalance, UnknownService, UpstreamAuth)
+
+
+def answers() -> st.SearchStrategy[str]:
+    """Bodies a clone might send: tokens, details, numbers, JSON, noise."""
+    token = st.sampled_from([*KNOWN, "ACCESS_NUMBER", "ERROR_SQL", "STATUS_OK"])
+    detail = st.text(alphabet="0123456789:+ -.abcXYZ", max_size=24)
+    tokenish = st.builds(
+        lambda t, sep, d, case, pad: pad + (t.lower() if case else t) + sep + d + pad,
+        token,
+        st.sampled_from(["", ":"]),
+        detail,
+        st.booleans(),
+        st.sampled_from(["", " ", "\n", "\r\n", "\ufeff"]),
+    )
+    v2 = st.fixed_dictionaries(
+        {},
+        optional={
+            "activationId": st.one_of(st.integers(0, 2**40), st.text(max_size=8)),
+            "phoneNumber": st.one_of(st.text(max_size=14), st.integers(0, 10**13)),
+            "activationCost": st.one_of(st.floats(), st.text(max_size=6)),
+            "title": token,
+            "status": st.sampled_from(["error", "success"]),
+            "error": token,
+        },
+    ).map(json.dumps)
+    return st.one_of(tokenish, v2, st.text(max_size=60))
+
+
+@pytest.fixture
+async def sms3t_provider(
+    aiohttp_server: Any,
+) -> Any:
+    import httpx
+
+    fake = fakes.FakeSms3t()
+    server: TestServer = await aiohttp_server(fake.app)
+    url = str(server.make_url("")).rstrip("/")
+    async with httpx.AsyncClient(timeout=2) as http:
+        provider = HandlerApiProvider("fuzz", fakes.sms3t_options(url), http)
+        provider._prices[(10, "tg")] = Decimal("15")
+        yield fake, provider
+
+
+@settings(
+    max_examples=400,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    status=st.sampled_from([200, 200, 400, 401, 402, 404, 409, 429, 500, 503]),
+    body=answers(),
+)
+async def test_any_buy_answer_is_a_purchase_a_refusal_or_uncertain(
+    sms3t_provider: Any, status: int, body: str
+) -> None:
+    fake, provider = sms3t_provider
+    fake.canned["getNumber"] = (status, body)
+    answer = decode(status, body.encode())
+    try:
+        purchase = await provider.buy(Order("tg", 10))
+    except DEFINITE:
+        # only a known refusal token, below HTTP 500, refuses for sure
+        assert status < 500 and answer.token in handler_api_tokens, (status, body)
+        return
+    except UpstreamUncertain:
+        return
+    assert status < 500 and purchase.phone.isdigit() and purchase.upstream_id
+    data = answer.data if isinstance(answer.data, dict) else {}
+    assert answer.token == "ACCESS_NUMBER" or "activationId" in data, (status, body)
