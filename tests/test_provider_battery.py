@@ -1,7 +1,8 @@
 """One battery, every provider: the dialect through our server to each fake upstream.
 
 Rows are (scenario or fault, what the client sends, the exact body it must get), run
-against thuecodesim, sms-man and smspva alike (look at apprise's AppriseURLTester).
+against thuecodesim, sms-man, smspva and the handler_api clones sms3t and
+sms-service-online alike (look at apprise's AppriseURLTester).
 """
 
 from __future__ import annotations
