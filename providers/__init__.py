@@ -14,6 +14,7 @@ PROVIDERS: dict[str, str] = {
     "thuecodesim": "providers.thuecodesim:ThuecodesimProvider",
     "smsman": "providers.smsman:SmsmanProvider",
     "smspva": "providers.smspva:SmspvaProvider",
+    "handler_api": "providers.handler_api:HandlerApiProvider",
 }
 
 

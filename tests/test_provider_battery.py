@@ -1,7 +1,8 @@
 """One battery, every provider: the dialect through our server to each fake upstream.
 
 Rows are (scenario or fault, what the client sends, the exact body it must get), run
-against thuecodesim, sms-man and smspva alike (look at apprise's AppriseURLTester).
+against thuecodesim, sms-man, smspva and the handler_api clones sms3t and
+sms-service-online alike (look at apprise's AppriseURLTester).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from compat_server.config import parse_config
 from compat_server.engine import Engine
 from compat_server.store import CANCELLED, FINISHED, UNCERTAIN
 from tests.conftest import KEY, FakeClock, StartApp, call, engine_of
-from tests.fakes import smsman, smspva, thuecodesim
+from tests.fakes import handler_api, smsman, smspva, thuecodesim
 from tests.fakes.common import FakeUpstream
 
 TEXT = "text/plain"
@@ -44,6 +45,11 @@ BACKENDS = {
                       "ACCESS_BALANCE:799.70", 12.5, "84", True),
     "smspva": Backend(smspva.FakeSmspva, smspva.provider_options,
                       "/activation/number/VN/opt29", "ACCESS_BALANCE:945.00", 22.5, "84", True),
+    "sms3t": Backend(handler_api.FakeSms3t, handler_api.sms3t_options, "getNumber",
+                     "ACCESS_BALANCE:250.00", 15.0, "84", True),
+    "sms_service_online": Backend(handler_api.FakeSmsServiceOnline,
+                                  handler_api.sms_service_online_options, "getNumber",
+                                  "ACCESS_BALANCE:463.02", 9.5, "84", True),
 }  # fmt: skip
 
 
@@ -361,8 +367,10 @@ async def test_ready_reaches_the_upstream_where_it_means_something(
     ident, upstream = await stack.buy()
     assert await stack.set_status(ident, 1) == "ACCESS_READY"
     calls = stack.fake.orders[upstream].calls
-    if stack.name == "smsman":
-        assert calls[-1] == "ready"
+    # sms_service_online documents no status 1: it answers BAD_STATUS, taken as final
+    ready = {"smsman": "ready", "sms3t": "1", "sms_service_online": "1"}
+    if stack.name in ready:
+        assert calls[-1] == ready[stack.name]
     else:
         assert "ready" not in calls and "activate" not in calls
     assert await stack.engine.store.pending_ops() == []
@@ -390,6 +398,8 @@ async def test_check_config_ping(
         "thuecodesim": "1000000 VND",
         "smsman": "799.70 RUB",
         "smspva": "10.5 USD",
+        "sms3t": "250.00 RUB",
+        "sms_service_online": "463.02 RUB",
     }[stack.name]
     shown = stack.backend.balance.split(":")[1]
     assert capsys.readouterr().out == (
@@ -403,6 +413,9 @@ async def test_check_config_ping(
     stack.fake.scenario = "ok"
     stack.fake.fault = "html500"
     assert await ping(config) == 1
+    detail = "HTTP 500, body is not JSON"
+    if stack.name in ("sms3t", "sms_service_online"):  # the text dialect
+        detail = "getBalance: HTTP 500"
     assert capsys.readouterr().out == (
-        f"{stack.name}: UNREACHABLE (UpstreamUncertain: HTTP 500, body is not JSON), circuit closed\n"
+        f"{stack.name}: UNREACHABLE (UpstreamUncertain: {detail}), circuit closed\n"
     )

@@ -32,7 +32,7 @@ from compat_server import cli
 from compat_server.app import create_app
 from compat_server.config import parse_config
 from tests.conftest import API, FakeClock
-from tests.fakes import smsman, smspva, thuecodesim
+from tests.fakes import handler_api, smsman, smspva, thuecodesim
 from tests.fakes.common import FakeUpstream
 
 # Random-looking on purpose: no 8-character run of them occurs in any legitimate output.
@@ -40,11 +40,13 @@ CLIENT_KEY = "Kq7vZp2LrX9wB4tN6hMc3JdF8sGy5Ua1"
 TCS_TOKEN = "tX4mQ9vB2nR7kL5pZ8wC3jH6.Fy1Gd0Ns"
 SMSMAN_TOKEN = "sR8hW3zK6qM1vN9bT4xP7cL2"
 SMSPVA_KEY = "pJ5nY2wQ8rE4tZ7uK1mB6vX3"
+CLONE_KEY = "cV6bN1mZ8xQ3wE7rT2yU9iO4pA5sD0fG"
 SECRETS = {
     "client key": CLIENT_KEY,
     "thuecodesim token": TCS_TOKEN,
     "smsman token": SMSMAN_TOKEN,
     "smspva api_key": SMSPVA_KEY,
+    "clone api_key": CLONE_KEY,
 }
 ALIAS = "secret-test"
 URL_SECRET = re.compile(r"[?&;](?:token|apikey|api_key)=", re.IGNORECASE)
@@ -146,6 +148,7 @@ def secret_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(thuecodesim, "TOKEN", TCS_TOKEN)
     monkeypatch.setattr(smsman, "TOKEN", SMSMAN_TOKEN)
     monkeypatch.setattr(smspva, "API_KEY", SMSPVA_KEY)
+    monkeypatch.setattr(handler_api, "API_KEY", CLONE_KEY)
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,12 @@ class Kind:
             return smsman.provider_options(url)
         if self.fake is smspva.FakeSmspva:
             return smspva.provider_options(url, api=self.api)
+        clones = {
+            handler_api.FakeSms3t: handler_api.sms3t_options,
+            handler_api.FakeSmsServiceOnline: handler_api.sms_service_online_options,
+        }
+        if self.fake in clones:
+            return clones[self.fake](url)
         return {"type": "sandbox", "sms_delay": 5, "balance": 1000, "poll_interval": 1}
 
 
@@ -174,6 +183,9 @@ KINDS = {
     "smspva": Kind(smspva.FakeSmspva, 10),
     "smspva_rent": Kind(smspva.FakeSmspva, 0, api="rent"),  # rental: Russia only
     "sandbox": Kind(None, 10),
+    # handler_api clones: the key travels in the query string of every GET
+    "sms3t": Kind(handler_api.FakeSms3t, 10, full_text=False),
+    "sms_service_online": Kind(handler_api.FakeSmsServiceOnline, 10, full_text=False),
 }
 
 

@@ -70,6 +70,10 @@ class FakeUpstream:
         """Add the backend's routes (overridden by each fake)."""
         raise NotImplementedError
 
+    def call_key(self, path: str, params: dict[str, str]) -> str:
+        """What ``calls`` and ``fault_paths`` name a request by: its path by default."""
+        return path
+
     def paths_called(self) -> list[str]:
         """Only the paths of the recorded calls."""
         return [path for path, _ in self.calls]
@@ -88,9 +92,10 @@ class FakeUpstream:
         params = dict(request.query)
         if request.method == "POST" and request.can_read_body:
             params.update({k: str(v) for k, v in (await request.post()).items()})
-        self.calls.append((request.path, params))
+        where = self.call_key(request.path, params)
+        self.calls.append((where, params))
         fault = self.fault
-        if fault and (self.fault_paths is None or request.path in self.fault_paths):
+        if fault and (self.fault_paths is None or where in self.fault_paths):
             if fault == "html500":
                 return web.Response(status=500, text=HTML_500, content_type="text/html")
             if fault == "empty":
