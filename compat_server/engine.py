@@ -27,6 +27,7 @@ from compat_server.config import Config, KeyConfig
 from compat_server.errors import (
     BadStatus,
     EarlyCancelDenied,
+    NotNow,
     ProviderError,
     UpstreamAuth,
     UpstreamUncertain,
@@ -63,7 +64,7 @@ from providers.base import (
 log = logging.getLogger("compat_server")
 
 # Upstream failures after which a queued call is tried again; any other answer is final.
-RETRYABLE = (UpstreamUnreachable, UpstreamUncertain, UpstreamAuth)
+RETRYABLE = (UpstreamUnreachable, UpstreamUncertain, UpstreamAuth, NotNow)
 RECONCILE_WINDOW = 900.0  # seconds an unknown purchase is looked for upstream
 CLAIM_SLACK = 120.0  # seconds of clock difference between us and an upstream
 INLINE_TIMEOUT = 5.0  # seconds a setStatus waits for the upstream before queueing

@@ -19,6 +19,7 @@
         ├── NoBalance           definite refusal: upstream balance too low
         ├── UnknownService      definite refusal: service or country not offered
         ├── UpstreamAuth        the upstream rejected *our* token (operator's fault)
+        ├── NotNow              the upstream answered "not yet" (try again later)
         ├── UpstreamUnreachable the request provably never reached the upstream
         │   └── NotSent         ... because its deadline passed or its client left
         └── UpstreamUncertain   the request may have reached the upstream
@@ -105,6 +106,13 @@ class UnknownService(ProviderError):
 
 class UpstreamAuth(ProviderError):
     """The upstream rejected our own token: a configuration fault, never the client's."""
+
+
+class NotNow(ProviderError):
+    """The upstream answered and refused for now (a cancel inside its early window).
+
+    Not a fault: the breaker counts it as an answer; a queued call is tried later.
+    """
 
 
 class UpstreamUnreachable(ProviderError):

@@ -38,7 +38,7 @@ import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import httpx
 
@@ -46,6 +46,7 @@ from compat_server.errors import (
     ConfigError,
     NoBalance,
     NoNumbers,
+    NotNow,
     UnknownService,
     UpstreamAuth,
     UpstreamUncertain,
@@ -174,6 +175,20 @@ class HandlerApiProvider(Provider):
     type_name = "handler_api"
     currency = "RUB"
     secret_fields = ("api_key",)
+    option_names: ClassVar[tuple[str, ...] | None] = (
+        "base_url",
+        "api_key",
+        "lang",
+        "currency",
+        "method",
+        "number_v2",
+        "status_v2",
+        "services",
+        "operators",
+        "countries",
+        "timezone",
+        "table_ttl",
+    )
     can_lookup = True
 
     def __init__(
@@ -295,6 +310,11 @@ class HandlerApiProvider(Provider):
         """setStatus 8; EARLY_CANCEL_DENIED leaves it to be sent again later."""
         await self._set_status(ref, "8")
 
+    async def quote(self, order: Order) -> Offer | None:
+        """The price on sale now: the shared price table is read again, not reused."""
+        self._table = None
+        return await super().quote(order)
+
     async def catalog(self, country: int) -> list[Offer]:
         """Services on sale in a country, the clone's codes turned into ours."""
         theirs = self._their_country(country)
@@ -363,8 +383,8 @@ class HandlerApiProvider(Provider):
             row_country = as_text(row.get("countryCode") or row.get("country"))
             if row_country and country is not None and row_country != country:
                 continue
-            created = self._parse_time(row.get("activationTime"))
-            if created is not None and created < since:
+            created, skew = self._instant(row.get("activationTime"))
+            if created is not None and created + skew < since:
                 continue
             price = as_decimal(row.get("activationCost"))
             found.append(
@@ -372,6 +392,8 @@ class HandlerApiProvider(Provider):
                     upstream_id=upstream_id,
                     phone=digits(row.get("phoneNumber") or row.get("phone")),
                     price=price if price is not None else self._price(order),
+                    created_at=created,
+                    created_skew=skew,
                 )
             )
         return found
@@ -472,7 +494,7 @@ class HandlerApiProvider(Provider):
             return
         if token == "EARLY_CANCEL_DENIED":
             # the clone refuses cancels in its first minutes: the outbox sends it again
-            raise UpstreamUncertain(self.name, "setStatus: EARLY_CANCEL_DENIED")
+            raise NotNow(self.name, "setStatus: EARLY_CANCEL_DENIED")
         if token in AUTH_TOKENS:
             raise UpstreamAuth(self.name, f"setStatus: {token}")
         if token and token not in ("ERROR_SQL", "SQL_ERROR", "SERVER_ERROR", "ERROR"):
@@ -611,6 +633,26 @@ class HandlerApiProvider(Provider):
         if self.country_map:
             return self.country_map.get(country)
         return str(country)  # the clones share sms-activate's ids
+
+    def _instant(self, value: Any) -> tuple[float | None, float]:
+        """(epoch seconds, how far off they may be) of a clone's activationTime.
+
+        With ``timezone`` the time is exact; without it, it is read as UTC and may be
+        off by any real offset (UTC-12 .. UTC+14), so the reconciler's window holds
+        whatever the clone's clock; (None, 0) when there is no readable time.
+        """
+        exact = self._parse_time(value)
+        if exact is not None:
+            return exact, 0.0
+        try:
+            naive = dt.datetime.fromisoformat(as_text(value))
+        except ValueError:
+            return None, 0.0
+        if naive.tzinfo is not None:
+            return naive.timestamp(), 0.0
+        # the middle of the range, +-13 h around it
+        utc = naive.replace(tzinfo=dt.timezone.utc).timestamp()
+        return utc - 3600.0, 13 * 3600.0
 
     def _parse_time(self, value: Any) -> float | None:
         """A clone's ``YYYY-MM-DD HH:MM:SS`` in its ``timezone``; None if unknown."""

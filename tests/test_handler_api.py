@@ -150,8 +150,9 @@ async def test_v2_buy_passes_the_order_on_and_reads_the_cost(
     ident, upstream = await clone.buy(
         operator="viettel", maxPrice="13", phoneException="849,8497"
     )
-    # the price limit made the router read the catalogue; V2 tells the cost itself
-    assert clone.fake.actions_called() == ["getPrices", "getNumberV2"]
+    # the price limit made the router read the catalogue, then a fresh quote right
+    # before the paid call; V2 tells the cost itself
+    assert clone.fake.actions_called() == ["getPrices", "getPrices", "getNumberV2"]
     sent = clone.fake.bought[0]
     assert (sent["service"], sent["country"], sent["operator"]) == (
         "tg",
@@ -209,16 +210,19 @@ async def test_v2_currency_other_than_configured_is_logged(
     ]
 
 
-async def test_max_price_refused_upstream_is_a_definite_no(start_clone: Start) -> None:
+async def test_a_price_raised_since_the_catalogue_is_refused_before_buying(
+    start_clone: Start,
+) -> None:
     clone = await start_clone(fakes.FakeSmsActivate, fakes.sms_activate_options)
     await clone.get(action="getPrices", country=10)  # we believe tg costs 12.50
     clone.fake.prices["10"]["tg"] = ("14", 40)  # the clone raised it since
     assert await clone.get(
         action="getNumber", service="tg", country=10, maxPrice="13"
     ) == (200, TEXT, "NO_NUMBERS")
+    # the fresh quote saw 14 > 13: no paid call was made at all
+    assert "getNumberV2" not in clone.fake.actions_called()
     assert clone.fake.bought == [] and clone.fake.balance == Decimal("17.154")
-    assert [a.state for a in await clone.engine.store.attempts([REFUSED])] == [REFUSED]
-    assert await clone.engine.store.attempts([UNCERTAIN]) == []
+    assert await clone.engine.store.attempts([REFUSED, UNCERTAIN]) == []
 
 
 async def test_cancel_refused_early_waits_in_the_outbox(start_clone: Start) -> None:
@@ -240,6 +244,24 @@ async def test_cancel_refused_early_waits_in_the_outbox(start_clone: Start) -> N
     assert clone.fake.orders[upstream].state == "cancelled"
     assert clone.fake.balance == Decimal("17.154")  # refunded
     assert await clone.engine.store.pending_ops() == []
+
+
+async def test_refused_early_cancels_never_open_the_circuit(start_clone: Start) -> None:
+    """Before: each EARLY_CANCEL_DENIED counted as a failure; the retries of one
+    cancel opened the breaker in about 29 s and cut off the whole provider."""
+    clone = await start_clone(fakes.FakeSmsActivate, fakes.sms_activate_options)
+    clone.fake.balance = Decimal("100")
+    ident, upstream = await clone.buy()
+    await clone.get(action="setStatus", id=ident, status=8)
+    for _ in range(59):  # the outbox tries again and again inside the clone's window
+        clone.clock.advance(2)
+        await clone.engine.run_outbox()
+    refused = clone.fake.orders[upstream].calls
+    assert refused == ["8"] * len(refused) and len(refused) >= 6  # breaker opens at 5
+    assert clone.fake.orders[upstream].state == "waiting"
+    assert clone.engine.health() == {"clone": "closed"}
+    second, _ = await clone.buy()  # the provider still sells
+    assert second != ident
 
 
 @pytest.mark.parametrize("fault", ["after_reset", "after_500", "after_hang"])
@@ -591,7 +613,11 @@ async def test_sms_service_online_catalog_learns_its_action(start_clone: Start) 
         '"wa":{"cost":0.0,"count":0,"physicalCount":0}}}'
     )
     clone.clock.advance(61)
-    await clone.get(action="getPrices", country=0)
+    await clone.get(action="getPrices", country=0)  # stale; refreshed behind it
+    for _ in range(100):
+        if len(clone.fake.actions_called()) == 3:
+            break
+        await asyncio.sleep(0.01)
     assert clone.fake.actions_called() == [
         "getPrices",
         "getServicesAndCost",
