@@ -24,10 +24,12 @@ from compat_server.errors import (
     BadStatus,
     NoActivation,
     NoNumbers,
+    ProviderError,
     UnknownService,
 )
 from compat_server.store import CODE, WAIT_CODE, WAIT_RETRY, Activation
-from providers.base import Order
+from providers.base import Offer, Order
+from providers.rental import Rental
 
 
 @dataclass
@@ -246,19 +248,75 @@ async def get_active_activations(call: Call) -> Reply:
 # ---- catalog -------------------------------------------------------------------------
 
 
-async def _stock(call: Call, country: int) -> dict[str, tuple[Decimal, int]]:
-    """service -> (lowest display price, total count) over the key's providers."""
+async def _stock(
+    call: Call,
+    country: int,
+    operators: tuple[str, ...] = (),
+    want: tuple[str, ...] = (),
+    only_empty: bool = False,
+) -> dict[str, tuple[Decimal, int]]:
+    """service -> (lowest display price, total count) over the key's providers.
+
+    With ``operators``, a provider that names its operators in the country counts only
+    if it has one of them; a provider that names none sells any operator. Services in
+    ``want`` that a provider's catalog lacks (with ``only_empty``: only when its
+    catalog came back empty) are asked one by one through ``service_offer``.
+    """
     engine = call.engine
     merged: dict[str, tuple[Decimal, int]] = {}
+
+    def add(name: str, offer: Offer) -> None:
+        price = engine.prices.display(name, offer.price)
+        if offer.service in merged:
+            old_price, old_count = merged[offer.service]
+            merged[offer.service] = (min(old_price, price), old_count + offer.count)
+        else:
+            merged[offer.service] = (price, offer.count)
+
+    singles: list[tuple[str, asyncio.Future[Offer | None]]] = []
     for name in engine.key_providers(call.key):
-        for offer in await engine.offers(name, country):
-            price = engine.prices.display(name, offer.price)
-            if offer.service in merged:
-                old_price, old_count = merged[offer.service]
-                merged[offer.service] = (min(old_price, price), old_count + offer.count)
-            else:
-                merged[offer.service] = (price, offer.count)
+        provider = engine.providers[name]
+        named = provider.operators(country)
+        if operators and named and not set(operators) & set(named):
+            continue
+        offers = await engine.offers(name, country)
+        for offer in offers:
+            add(name, offer)
+        if country not in provider.countries() or (only_empty and offers):
+            continue
+        have = {o.service for o in offers}
+        for code in want:
+            if code not in have:
+                singles.append((name, _single_offer(call, name, country, code)))
+    if singles:
+        await asyncio.wait([f for _, f in singles], timeout=PRICES_DEADLINE)
+        for name, future in singles:
+            if future.done() and not future.exception() and future.result():
+                add(name, future.result())  # type: ignore[arg-type]
     return merged
+
+
+_BACKGROUND: set[asyncio.Future[Any]] = set()
+
+
+def _single_offer(
+    call: Call, name: str, country: int, code: str
+) -> asyncio.Future[Offer | None]:
+    """One service_offer call, guarded; it runs on past the deadline to fill caches."""
+    provider = call.engine.providers[name]
+
+    async def ask() -> Offer | None:
+        try:
+            return await call.engine.upstreams.call(
+                name, "serviceprice", lambda: provider.service_offer(country, code)
+            )
+        except ProviderError:
+            return None
+
+    future = asyncio.ensure_future(ask())
+    _BACKGROUND.add(future)
+    future.add_done_callback(_BACKGROUND.discard)
+    return future
 
 
 async def _stocks(
@@ -289,7 +347,10 @@ async def get_prices(call: Call) -> Reply:
     country = dialect.country_param(call.params)
     service = param(call.params, "service").lower()
     countries = [country] if country is not None else await _countries(call)
-    stocks = await _stocks(call, countries)
+    if service and len(countries) == 1:
+        stocks = {countries[0]: await _stock(call, countries[0], want=(service,))}
+    else:
+        stocks = await _stocks(call, countries)
     result: dict[str, Any] = {}
     for country_id in countries:
         services = {}
@@ -311,8 +372,13 @@ async def get_numbers_status(call: Call) -> Reply:
     country = dialect.country_param(call.params)
     if country is None:
         country = await _default_country(call)
+    operators = tuple(
+        o for o in dialect.list_param(call.params, "operator") if o != "any"
+    )
     counts = {key: "0" for key in dialect.LEGACY_STOCK_KEYS}
-    for code, (_, count) in sorted((await _stock(call, country)).items()):
+    legacy = tuple(dict.fromkeys(k.split("_")[0] for k in dialect.LEGACY_STOCK_KEYS))
+    stock = await _stock(call, country, operators, want=legacy, only_empty=True)
+    for code, (_, count) in sorted(stock.items()):
         counts[f"{code}_0"] = str(count)
     return counts
 
@@ -329,10 +395,16 @@ def _country_name(country: int) -> str:
 
 
 async def get_countries(call: Call) -> Reply:
-    """Countries the key's providers serve, keyed by id."""
+    """Countries the key's providers serve (or rent in), keyed by id.
+
+    ``rent`` is 1 where a provider of the key rents numbers; ``multiService`` stays 0
+    since no backend sells one number for several services (getMultiServiceNumber
+    answers NOT_AVAILABLE).
+    """
     rows = _country_rows()
     result = {}
-    for country in await _countries(call):
+    renting = set(rent_countries(call))
+    for country in sorted(set(await _countries(call)) | renting):
         row = rows.get(country, {"eng": str(country), "rus": str(country)})
         result[str(country)] = {
             "id": country,
@@ -341,7 +413,7 @@ async def get_countries(call: Call) -> Reply:
             "chn": row["eng"],
             "visible": 1,
             "retry": 1,
-            "rent": 0,
+            "rent": 1 if country in renting else 0,
             "multiService": 0,
         }
     return result
@@ -369,6 +441,133 @@ async def get_operators(call: Call) -> Reply:
     return {"status": "success", "countryOperators": result}
 
 
+def rent_countries(call: Call) -> list[int]:
+    """Countries where a provider of the key rents numbers."""
+    found: set[int] = set()
+    for name in call.engine.key_providers(call.key):
+        provider = call.engine.providers[name]
+        if isinstance(provider, Rental):
+            found.update(provider.rent_countries())
+    return sorted(found)
+
+
+def service_name(code: str) -> str:
+    """The service's display name from sms-activate's table (the code if unknown)."""
+    return str(reference()["services"].get(code, code))
+
+
+async def get_services_list(call: Call) -> Reply:
+    """``{"status":"success","services":[{"code","name"}]}``: what the key can buy.
+
+    With ``country``, the services on sale there; without, those of every served
+    country (within PRICES_DEADLINE). ``lang`` is accepted; names are English.
+    """
+    country = dialect.country_param(call.params)
+    countries = [country] if country is not None else await _countries(call)
+    codes: set[str] = set()
+    for stock in (await _stocks(call, countries)).values():
+        codes.update(stock)
+    services = [{"code": c, "name": service_name(c)} for c in sorted(codes)]
+    return {"status": "success", "services": services}
+
+
+def _top_rows(
+    offers: list[tuple[int, Decimal, int]], free_price: bool
+) -> dict[str, Any]:
+    """Rank-keyed rows, cheapest first (then the larger stock)."""
+    rows: dict[str, Any] = {}
+    ranked = sorted(offers, key=lambda o: (o[1], -o[2], o[0]))
+    for rank, (country, price, count) in enumerate(ranked):
+        row: dict[str, Any] = {
+            "country": country,
+            "count": count,
+            "price": money_number(price),
+            "retail_price": money_number(price),
+        }
+        if free_price:
+            row["freePriceMap"] = {money(price): count}
+        rows[str(rank)] = row
+    return rows
+
+
+async def get_top_countries(call: Call) -> Reply:
+    """getTopCountriesByService(Rank): ``{"0":{"country","count","price",...}}``.
+
+    Numbers, not strings (async-sms-activate does ``int(row["price"])``). Without
+    ``service``, one such object per service. BAD_SERVICE for a code nobody knows.
+    """
+    service = param(call.params, "service").lower()
+    free_price = param(call.params, "freePrice").lower() in ("true", "1", "yes")
+    stocks = await _stocks(call, await _countries(call))
+    by_service: dict[str, list[tuple[int, Decimal, int]]] = {}
+    for country, stock in stocks.items():
+        for code, (price, count) in stock.items():
+            by_service.setdefault(code, []).append((country, price, count))
+    if service:
+        if service not in by_service and service not in reference()["services"]:
+            raise UnknownService("request", service[:16])
+        return _top_rows(by_service.get(service, []), free_price)
+    return {
+        code: _top_rows(offers, free_price)
+        for code, offers in sorted(by_service.items())
+    }
+
+
+def _lang_name(row: Mapping[str, Any], lang: str) -> str:
+    return str(row["rus"] if lang == "ru" else row["eng"])
+
+
+async def get_country_and_operators(call: Call) -> Reply:
+    """sms-service-online: ``[{"id":0,"name":"Россия","operators":{"any":"any",...}}]``.
+
+    ``lang=ru`` names countries in Russian, anything else in English.
+    """
+    lang = param(call.params, "lang").lower()
+    rows = _country_rows()
+    table = reference()["operators"]
+    result = []
+    for country in await _countries(call):
+        names: list[str] = []
+        for name in call.engine.key_providers(call.key):
+            names.extend(call.engine.providers[name].operators(country))
+        if not names:
+            names = list(table.get(str(country), []))
+        row = rows.get(country, {"eng": str(country), "rus": str(country)})
+        operators = ["any", *sorted(set(names) - {"any"})]  # as in the clone's sample
+        result.append(
+            {
+                "id": country,
+                "name": _lang_name(row, lang),
+                "operators": {o: o for o in operators},
+            }
+        )
+    return result
+
+
+async def get_services_and_cost(call: Call) -> Reply:
+    """sms-service-online: ``[{"id":"vk","name":..,"price":29.88,"quantity":"19"}]``.
+
+    For ``country`` (default: the key's) and optionally ``operator``; quantity is a
+    string and price a number, as in that clone's documentation.
+    """
+    country = dialect.country_param(call.params)
+    if country is None:
+        country = await _default_country(call)
+    operators = tuple(
+        o for o in dialect.list_param(call.params, "operator") if o != "any"
+    )
+    stock = await _stock(call, country, operators)
+    return [
+        {
+            "id": code,
+            "name": service_name(code),
+            "price": money_number(price),
+            "quantity": str(count),
+        }
+        for code, (price, count) in sorted(stock.items())
+    ]
+
+
 ACTIONS: dict[str, Action] = {
     "getBalance": get_balance,
     "getBalanceAndCashBack": get_balance,
@@ -383,4 +582,9 @@ ACTIONS: dict[str, Action] = {
     "getNumbersStatus": get_numbers_status,
     "getCountries": get_countries,
     "getOperators": get_operators,
+    "getServicesList": get_services_list,
+    "getTopCountriesByService": get_top_countries,
+    "getTopCountriesByServiceRank": get_top_countries,
+    "getCountryAndOperators": get_country_and_operators,
+    "getServicesAndCost": get_services_and_cost,
 }

@@ -178,6 +178,10 @@ class Provider(abc.ABC):
         """sms-activate operator names selectable for a country."""
         return []
 
+    async def service_offer(self, country: int, service: str) -> Offer | None:
+        """One service's offer when the bulk catalog lacks it (None: not on sale)."""
+        return None
+
     async def lookup_purchases(self, order: Order, since: float) -> list[Purchase]:
         """Orders made upstream for this order since ``since`` (for reconciliation)."""
         return []

@@ -105,6 +105,12 @@ class SandboxProvider(Provider):
             )
         self._countries = countries
         self._services = _services(name, options.get("services"))
+        operators = options.get("operators", [])
+        if not isinstance(operators, list) or not all(
+            isinstance(o, str) for o in operators
+        ):
+            raise ConfigError(f"providers.{name}.operators: must be a list of names")
+        self._operators = [o.lower() for o in operators]  # [] = any operator
         self._orders: dict[str, _Order] = {}
 
     @classmethod
@@ -125,6 +131,9 @@ class SandboxProvider(Provider):
             raise NoNumbers(self.name, order.service)
         if order.max_price is not None and price > order.max_price:
             raise NoNumbers(self.name, "price above maxPrice")
+        wanted = [o for o in order.operators if o != "any"]
+        if wanted and self._operators and not set(wanted) & set(self._operators):
+            raise NoNumbers(self.name, "no number of the requested operators")
         if self._balance < price:
             raise NoBalance(self.name, "sandbox balance")
         self._balance -= price
@@ -132,7 +141,9 @@ class SandboxProvider(Provider):
         now = self.clock()
         self._orders[upstream_id] = _Order(upstream_id, order.service, price, now, now)
         phone = self._phone(order)
-        operator = order.operators[0] if order.operators else "any"
+        operator = next(
+            (o for o in wanted if not self._operators or o in self._operators), "any"
+        )
         return Purchase(upstream_id, phone, price, operator)
 
     def _phone(self, order: Order) -> str:
@@ -205,6 +216,10 @@ class SandboxProvider(Provider):
     def countries(self) -> list[int]:
         """The configured countries."""
         return list(self._countries)
+
+    def operators(self, country: int) -> list[str]:
+        """The configured operators ([] = numbers of any operator)."""
+        return list(self._operators) if country in self._countries else []
 
     async def lookup_purchases(self, order: Order, since: float) -> list[Purchase]:
         """Open sandbox orders for the service made since ``since``."""

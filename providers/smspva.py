@@ -38,6 +38,7 @@ from compat_server.errors import (
     UnknownService,
     UpstreamAuth,
     UpstreamUncertain,
+    UpstreamUnreachable,
 )
 from providers.base import (
     ActivationRef,
@@ -143,6 +144,7 @@ class SmspvaProvider(Provider):
         # activation v2: one price list for every country; counts per country
         self._prices: tuple[float, dict[tuple[str, str], Decimal]] | None = None
         self._counts: dict[str, tuple[float, dict[str, int]]] = {}
+        self._single: dict[tuple[str, str], tuple[float, Offer | None]] = {}
         # rental: getdata per country, priced for the configured period
         self._rent_offers: dict[str, tuple[float, dict[str, tuple[Decimal, int]]]] = {}
 
@@ -256,8 +258,16 @@ class SmspvaProvider(Provider):
         if self.api == "rent":
             priced = await self._rent_catalog(iso)
         else:
-            prices = await self._activation_prices()
-            counts = await self._activation_counts(iso)
+            # the bulk endpoints are undocumented: without them the catalog is empty
+            # and service_offer() asks the documented serviceprice per service
+            try:
+                prices = await self._activation_prices()
+            except (UpstreamUncertain, UpstreamUnreachable):
+                prices = {}
+            try:
+                counts = await self._activation_counts(iso)
+            except (UpstreamUncertain, UpstreamUnreachable):
+                counts = {}
             priced = {
                 opt: (price, counts.get(opt, 0))
                 for (where, opt), price in prices.items()
@@ -268,6 +278,39 @@ class SmspvaProvider(Provider):
             for code, opt in sorted(self.services.items())
             if opt in priced
         ]
+
+    async def service_offer(self, country: int, service: str) -> Offer | None:
+        """Activation: the documented ``serviceprice/{country}/{service}``, cached.
+
+        Asked for a service the bulk ``servicesprices``/``countnumbers`` did not
+        deliver. The count comes from the answer, else from a cached countnumbers,
+        else 0 (unknown).
+        """
+        if self.api == "rent":
+            return None
+        try:
+            iso, opt = self._resolve(country, service)
+        except UnknownService:
+            return None
+        cached = self._single.get((iso, opt))
+        if cached and self.clock() - cached[0] < self.catalog_ttl:
+            return cached[1]
+        answer = await self._activation("GET", f"serviceprice/{iso}/{opt}")
+        offer = None
+        if answer.code == OK:
+            data = answer.data[0] if isinstance(answer.data, list) else answer.data
+            data = data if isinstance(data, dict) else {}
+            price = as_decimal(_first(data, "price", "cost"))
+            count = _count(_first(data, "count", "quantity", "totalCount"))
+            if count is None:
+                known = self._counts.get(iso)
+                count = known[1].get(opt, 0) if known else 0
+            if price is not None:
+                offer = Offer(service=service, price=price, count=count)
+        elif answer.code in AUTH_CODES:
+            raise self._activation_failure(answer, buying=False)
+        self._single[(iso, opt)] = (self.clock(), offer)
+        return offer
 
     async def lookup_purchases(self, order: Order, since: float) -> list[Purchase]:
         """Upstream orders for this service and country made since ``since``."""
@@ -559,7 +602,11 @@ class SmspvaProvider(Provider):
             offers = self._rent_offers.get(iso)
             offer = offers[1].get(opt) if offers else None
             return offer[0] if offer else None
-        return self._prices[1].get((iso, opt)) if self._prices else None
+        price = self._prices[1].get((iso, opt)) if self._prices else None
+        single = self._single.get((iso, opt))
+        if price is None and single and single[1] is not None:
+            price = single[1].price
+        return price
 
 
 # ---- option parsing ------------------------------------------------------------------

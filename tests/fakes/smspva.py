@@ -72,6 +72,7 @@ class FakeSmspva(FakeUpstream):
         self.sms_style = "list"  # list | smslist
         self.method_faults: dict[str, str] = {}  # rent method -> html500 | after_500
         self.next_id = 123456
+        self.missing_bulk = False  # servicesprices/countnumbers answer 404 (gone)
         super().__init__()
 
     def setup_routes(self, app: web.Application) -> None:
@@ -87,6 +88,7 @@ class FakeSmspva(FakeUpstream):
         add("GET", "/activation/servicesprices", self.act_prices)
         add("GET", "/activation/countnumbers/{country}", self.act_counts)
         add("GET", "/activation/orders", self.act_orders)
+        add("GET", "/activation/serviceprice/{country}/{service}", self.act_price)
         add("GET", "/api/rent.php", self.rent)
 
     # ---- test controls ---------------------------------------------------------------
@@ -215,10 +217,26 @@ class FakeSmspva(FakeUpstream):
         order.state = "cancelled"
         return self._act(200, {"orderId": int(order.id)})
 
+    async def act_price(self, request: web.Request) -> web.Response:
+        """GET serviceprice/{country}/{service}: the documented per-service price.
+
+        The exact data shape is not in our sources: price and count are assumed.
+        """
+        if refused := self._act_auth(request):
+            return refused
+        where = (request.match_info["country"], request.match_info["service"])
+        if where not in ACTIVATION_STOCK:
+            return self._act(406, error="Service not found")
+        data = {"country": where[0], "service": where[1], "price": ACTIVATION_STOCK[where],
+                "count": 17}  # fmt: skip
+        return self._act(200, data)
+
     async def act_prices(self, request: web.Request) -> web.Response:
         """GET servicesprices: every (country, service) on sale."""
         if refused := self._act_auth(request):
             return refused
+        if self.missing_bulk:
+            return web.Response(status=404, text="Not Found")
         data = [
             {"country": country, "service": service, "price": price}
             for (country, service), price in ACTIVATION_STOCK.items()
@@ -229,6 +247,8 @@ class FakeSmspva(FakeUpstream):
         """GET countnumbers/{country}: stock per service and operator."""
         if refused := self._act_auth(request):
             return refused
+        if self.missing_bulk:
+            return web.Response(status=404, text="Not Found")
         country = request.match_info["country"]
         data = {
             service: {"any": 40, "mts": 2}
