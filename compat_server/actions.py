@@ -568,6 +568,53 @@ async def get_services_and_cost(call: Call) -> Reply:
     ]
 
 
+# ---- the rest of the menu: what sms-activate answers where a feature is missing --------
+
+
+async def _own_activation(call: Call) -> Activation | None:
+    """The caller's activation named by ``activationId``/``id``; None if not theirs."""
+    raw = param(call.params, "activationId", "id")
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        return None
+    activation = await call.engine.store.get(int(raw))
+    if activation is None or activation.key_id != call.key.key_id:
+        return None
+    call.provider = activation.provider
+    return activation
+
+
+async def get_incoming_call_status(call: Call) -> Reply:
+    """No backend verifies by call: NOT_INCOMING for an SMS activation."""
+    if await _own_activation(call) is None:
+        return Token.INVALID_ACTIVATION_ID.value
+    return Token.NOT_INCOMING.value
+
+
+async def get_multi_service_number(call: Call) -> Reply:
+    """No backend sells one number for several services (getCountries says
+    ``multiService`` 0 everywhere): NOT_AVAILABLE, nothing bought."""
+    if not dialect.list_param(call.params, "multiService"):
+        raise UnknownService("request", "multiService missing")
+    return Token.NOT_AVAILABLE.value
+
+
+async def get_additional_service(call: Call) -> Reply:
+    """Needs a parent with call forwarding, which is never sold: WRONG_SECURITY."""
+    if await _own_activation(call) is None:
+        return Token.WRONG_ACTIVATION_ID.value
+    return Token.WRONG_SECURITY.value
+
+
+async def get_extra_activation(call: Call) -> Reply:
+    """Re-activating a used number is not offered: RENEW_ACTIVATION_NOT_AVAILABLE.
+
+    (Also checkExtraActivation.) Nothing is bought.
+    """
+    if await _own_activation(call) is None:
+        return Token.WRONG_ACTIVATION_ID.value
+    return Token.RENEW_ACTIVATION_NOT_AVAILABLE.value
+
+
 ACTIONS: dict[str, Action] = {
     "getBalance": get_balance,
     "getBalanceAndCashBack": get_balance,
@@ -587,4 +634,9 @@ ACTIONS: dict[str, Action] = {
     "getTopCountriesByServiceRank": get_top_countries,
     "getCountryAndOperators": get_country_and_operators,
     "getServicesAndCost": get_services_and_cost,
+    "getIncomingCallStatus": get_incoming_call_status,
+    "getMultiServiceNumber": get_multi_service_number,
+    "getAdditionalService": get_additional_service,
+    "getExtraActivation": get_extra_activation,
+    "checkExtraActivation": get_extra_activation,
 }

@@ -61,6 +61,12 @@ class Token(enum.Enum):
     ERROR_SQL = "ERROR_SQL"
     NO_ACTIVATIONS = "NO_ACTIVATIONS"
     OPERATORS_NOT_FOUND = "OPERATORS_NOT_FOUND"
+    CHANNELS_LIMIT = "CHANNELS_LIMIT"
+    NOT_AVAILABLE = "NOT_AVAILABLE"
+    NOT_INCOMING = "NOT_INCOMING"
+    INVALID_ACTIVATION_ID = "INVALID_ACTIVATION_ID"
+    WRONG_SECURITY = "WRONG_SECURITY"
+    RENEW_ACTIVATION_NOT_AVAILABLE = "RENEW_ACTIVATION_NOT_AVAILABLE"
 
 
 # One token per concrete error class. Upstream trouble that reaches a non-purchase action
@@ -77,6 +83,7 @@ ERROR_TOKENS: Mapping[type[errors.CompatError], Token] = {
     errors.WrongExceptionPhone: Token.WRONG_EXCEPTION_PHONE,
     errors.BadParameter: Token.ERROR_SQL,
     errors.NoNumbers: Token.NO_NUMBERS,
+    errors.ChannelsLimit: Token.CHANNELS_LIMIT,
     errors.NoBalance: Token.NO_BALANCE,
     errors.UnknownService: Token.BAD_SERVICE,
     errors.UpstreamAuth: Token.ERROR_SQL,

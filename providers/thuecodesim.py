@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import httpx
 
 from compat_server.errors import (
+    ChannelsLimit,
     ConfigError,
     NoBalance,
     NoNumbers,
@@ -70,9 +71,8 @@ _BALANCE_HINTS = re.compile(
     r"\bso du\b|\bbalance\b|\bkhong du tien\b|\bnap (?:them )?tien|\bfunds?\b"
     r"|\bmoney\b"
 )
-_STOCK_HINTS = re.compile(
-    r"\bhet\b|\bkho so\b|\blimit\b|\btoi da\b|\bstock\b|\bout of\b|\bno numbers?\b"
-)
+_LIMIT_HINTS = re.compile(r"\blimit\b|\btoi da\b")  # "at most $ numbers waiting"
+_STOCK_HINTS = re.compile(r"\bhet\b|\bkho so\b|\bstock\b|\bout of\b|\bno numbers?\b")
 _SERVICE_HINTS = re.compile(
     r"\bung dung\b|\bkhong ton tai\b|\btam ngung\b|\bservice\b|\bdich vu\b"
 )
@@ -510,6 +510,8 @@ def classify_failure(message: str) -> type[ProviderError]:
         return UpstreamAuth
     if _BALANCE_HINTS.search(folded):
         return NoBalance
+    if _LIMIT_HINTS.search(folded):
+        return ChannelsLimit
     if _STOCK_HINTS.search(folded):
         return NoNumbers
     if _SERVICE_HINTS.search(folded):

@@ -60,7 +60,7 @@ async def buy(client: TestClient, service: str = "tg", country: int = 10) -> int
         ({"action": "getBalance", "api_key": "wrong"}, "BAD_KEY"),
         ({"action": "getBalance", "api_key": "x" * 300}, "BAD_KEY"),
         ({"api_key": KEY}, "BAD_ACTION"),
-        ({"api_key": KEY, "action": "getRentNumber"}, "BAD_ACTION"),
+        ({"api_key": KEY, "action": "buyPartnerProduct"}, "BAD_ACTION"),
         ({"api_key": KEY, "action": "getbalance"}, "BAD_ACTION"),
         ({"api_key": "wrong", "action": "nonsense"}, "BAD_KEY"),
     ],
