@@ -29,7 +29,6 @@ from compat_server.errors import (
 )
 from compat_server.store import CODE, WAIT_CODE, WAIT_RETRY, Activation
 from providers.base import Offer, Order
-from providers.rental import Rental
 
 
 @dataclass
@@ -443,12 +442,7 @@ async def get_operators(call: Call) -> Reply:
 
 def rent_countries(call: Call) -> list[int]:
     """Countries where a provider of the key rents numbers."""
-    found: set[int] = set()
-    for name in call.engine.key_providers(call.key):
-        provider = call.engine.providers[name]
-        if isinstance(provider, Rental):
-            found.update(provider.rent_countries())
-    return sorted(found)
+    return call.engine.rentals.countries(call.key)
 
 
 def service_name(code: str) -> str:
@@ -640,3 +634,8 @@ ACTIONS: dict[str, Action] = {
     "getExtraActivation": get_extra_activation,
     "checkExtraActivation": get_extra_activation,
 }
+
+# The rent family lives in its own module (it builds on the helpers above).
+from compat_server.rent_actions import RENT_ACTIONS  # noqa: E402
+
+ACTIONS.update(RENT_ACTIONS)

@@ -67,6 +67,17 @@ class Token(enum.Enum):
     INVALID_ACTIVATION_ID = "INVALID_ACTIVATION_ID"
     WRONG_SECURITY = "WRONG_SECURITY"
     RENEW_ACTIVATION_NOT_AVAILABLE = "RENEW_ACTIVATION_NOT_AVAILABLE"
+    # rent: sent inside {"status":"error","message":...}
+    OUT_OF_STOCK = "OUT_OF_STOCK"
+    NO_ID_RENT = "NO_ID_RENT"
+    INCORECT_STATUS = "INCORECT_STATUS"  # sic: spelt so on the wire
+    CANT_CANCEL = "CANT_CANCEL"
+    ALREADY_FINISH = "ALREADY_FINISH"
+    ALREADY_CANCEL = "ALREADY_CANCEL"
+    INVALID_TIME = "INVALID_TIME"
+    RENT_DIE = "RENT_DIE"
+    SERVER_ERROR = "SERVER_ERROR"
+    STATUS_FINISH = "STATUS_FINISH"
 
 
 # One token per concrete error class. Upstream trouble that reaches a non-purchase action
@@ -242,6 +253,23 @@ def money_number(value: Decimal) -> float:
 def token(kind: Token, *payload: object) -> str:
     """``KIND`` or ``KIND:a:b`` as sent on the wire."""
     return ":".join([kind.value, *map(str, payload)])
+
+
+def rent_error(kind: Token, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A rent action's error: ``{"status":"error","message":KIND}`` (+ ``info``)."""
+    body: dict[str, Any] = {"status": "error", "message": kind.value}
+    if info is not None:
+        body["info"] = info
+    return body
+
+
+def rent_token(exc: errors.CompatError) -> Token:
+    """The rent ``message`` for a provider failure (upstream trouble: SERVER_ERROR)."""
+    found = error_token(exc)
+    if found in (Token.NO_NUMBERS, Token.NO_BALANCE, Token.BAD_SERVICE,
+                 Token.CHANNELS_LIMIT):  # fmt: skip
+        return found
+    return Token.SERVER_ERROR
 
 
 def safe_code(code: str) -> str:

@@ -29,6 +29,7 @@ from compat_server.errors import (
     UpstreamUncertain,
     UpstreamUnreachable,
 )
+from compat_server.rentals import Rentals
 from compat_server.routing import Breaker, Prices, Router, Upstreams
 from compat_server.store import (
     CANCELLED,
@@ -129,6 +130,7 @@ class Engine:
         self._outbox_wake = asyncio.Event()
         self._delivering: set[int] = set()  # outbox ops being delivered right now
         self._pruned_at = 0.0
+        self.rentals = Rentals(self)
 
     @property
     def providers(self) -> Mapping[str, Provider]:

@@ -18,10 +18,20 @@ from typing import Any
 import aiosqlite
 
 from providers.base import ActivationRef, Order, Purchase, Sms
+from providers.rental import RentPurchase, RentRef, RentSms
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FIRST_ID = 100_000  # ids look like real ones and stay far below 2**31
 MAX_ID = 2**31 - 1
+FIRST_RENT_ID = 5_000  # rent ids are their own space (a table of their own)
+
+# Rent states: active while the number is held; then finished, cancelled or expired.
+RENT_ACTIVE, RENT_FINISHED, RENT_CANCELLED, RENT_EXPIRED = (
+    "active",
+    "finished",
+    "cancelled",
+    "expired",
+)
 
 # Activation states. The first three are "open": an upstream order is alive.
 WAIT_CODE, CODE, WAIT_RETRY = "wait_code", "code", "wait_retry"
@@ -103,6 +113,50 @@ MIGRATIONS: dict[int, str] = {
         changed_at REAL NOT NULL
     );
     """,
+    3: """
+    CREATE TABLE rents (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        upstream_id TEXT NOT NULL,
+        phone TEXT NOT NULL,
+        service TEXT NOT NULL,
+        country INTEGER NOT NULL,
+        currency TEXT NOT NULL,
+        state TEXT NOT NULL,
+        extra TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        until REAL NOT NULL
+    );
+    CREATE INDEX rents_key ON rents(key_id, state);
+    CREATE TABLE rent_messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        rent_id INTEGER NOT NULL REFERENCES rents(id),
+        uid TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        text TEXT NOT NULL,
+        code TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        UNIQUE (rent_id, uid)
+    );
+    CREATE TABLE rent_attempts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        rent_id INTEGER,
+        order_json TEXT NOT NULL,
+        hours INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        price TEXT NOT NULL DEFAULT '',
+        cost TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX rent_attempts_rent ON rent_attempts(rent_id, state);
+    """,
 }
 
 
@@ -159,6 +213,59 @@ class Activation:
             created_at=self.created_at,
             extra=dict(self.extra),
         )
+
+
+@dataclass
+class Rent:
+    """One number rented to a client, as stored."""
+
+    id: int
+    key_id: str
+    provider: str
+    upstream_id: str
+    phone: str
+    service: str
+    country: int
+    currency: str
+    state: str
+    created_at: float
+    updated_at: float
+    until: float
+    extra: dict[str, str] = field(default_factory=dict)
+    messages: list[RentMessage] = field(default_factory=list)
+
+    def ref(self) -> RentRef:
+        """What the provider needs to act on it."""
+        return RentRef(
+            upstream_id=self.upstream_id,
+            phone=self.phone,
+            service=self.service,
+            country=self.country,
+            created_at=self.created_at,
+            until=self.until,
+            extra=dict(self.extra),
+        )
+
+
+@dataclass
+class RentMessage:
+    """One SMS stored for a rent."""
+
+    uid: str
+    sender: str
+    text: str
+    code: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class RentPayment:
+    """A confirmed paid rent call (the rent itself or a prolongation)."""
+
+    kind: str  # rent | prolong
+    hours: int
+    cost: Decimal  # display currency
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -230,6 +337,11 @@ class Store:
                 await self._db.execute(
                     "INSERT INTO sqlite_sequence (name, seq) VALUES ('activations', ?)",
                     (FIRST_ID - 1,),
+                )
+            if target == 3:
+                await self._db.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('rents', ?)",
+                    (FIRST_RENT_ID - 1,),
                 )
             await self._db.execute(
                 "INSERT OR REPLACE INTO meta (name, value) VALUES ('version', ?)",
@@ -618,3 +730,183 @@ class Store:
                 (next_at, error[:200], op_id),
             )
             await self._db.commit()
+
+    # ---- rents --------------------------------------------------------------------------
+
+    async def begin_rent_attempt(
+        self,
+        key_id: str,
+        provider: str,
+        kind: str,
+        order: dict[str, Any],
+        hours: int,
+        now: float,
+        rent_id: int | None = None,
+    ) -> int:
+        """Record that a paid rent call (rent or prolong) is about to be made."""
+        async with self._write:
+            cur = await self._db.execute(
+                "INSERT INTO rent_attempts (key_id, provider, kind, rent_id, order_json,"
+                " hours, state, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (key_id, provider, kind, rent_id, json.dumps(order), hours, PENDING,
+                 now, now),
+            )  # fmt: skip
+            await self._db.commit()
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    async def end_rent_attempt(
+        self,
+        attempt_id: int,
+        state: str,
+        detail: str,
+        now: float,
+        price: Decimal | None = None,
+        cost: Decimal | None = None,
+    ) -> None:
+        """Close a rent attempt: refused, uncertain, or confirmed (with its price)."""
+        async with self._write:
+            await self._db.execute(
+                "UPDATE rent_attempts SET state=?, detail=?, price=?, cost=?,"
+                " updated_at=? WHERE id=?",
+                (state, detail, "" if price is None else str(price),
+                 "" if cost is None else str(cost), now, attempt_id),
+            )  # fmt: skip
+            await self._db.commit()
+
+    async def complete_rent(
+        self,
+        attempt_id: int,
+        key_id: str,
+        provider: str,
+        currency: str,
+        service: str,
+        country: int,
+        purchase: RentPurchase,
+        cost: Decimal,
+        now: float,
+    ) -> Rent:
+        """Store a rented number (and confirm its attempt) atomically."""
+        extra = dict(purchase.extra)
+        async with self._write:
+            cur = await self._db.execute(
+                "INSERT INTO rents (key_id, provider, upstream_id, phone, service,"
+                " country, currency, state, extra, created_at, updated_at, until)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (key_id, provider, purchase.upstream_id, purchase.phone, service,
+                 country, currency, RENT_ACTIVE, json.dumps(extra), now, now,
+                 purchase.until),
+            )  # fmt: skip
+            rent_id = cur.lastrowid
+            assert rent_id is not None and rent_id < MAX_ID
+            await self._db.execute(
+                "UPDATE rent_attempts SET state=?, rent_id=?, price=?, cost=?,"
+                " updated_at=? WHERE id=?",
+                (CONFIRMED, rent_id, str(purchase.price), str(cost), now, attempt_id),
+            )
+            await self._db.commit()
+        return Rent(
+            rent_id, key_id, provider, purchase.upstream_id, purchase.phone, service,
+            country, currency, RENT_ACTIVE, now, now, purchase.until, extra,
+        )  # fmt: skip
+
+    async def _fetch_rents(self, query: str, args: Iterable[Any]) -> list[Rent]:
+        async with self._db.execute(query, tuple(args)) as cur:
+            rows = list(await cur.fetchall())
+        result = []
+        for row in rows:
+            rent = Rent(
+                id=row["id"],
+                key_id=row["key_id"],
+                provider=row["provider"],
+                upstream_id=row["upstream_id"],
+                phone=row["phone"],
+                service=row["service"],
+                country=row["country"],
+                currency=row["currency"],
+                state=row["state"],
+                created_at=row["created_at"],
+                updated_at=row["updated_at"],
+                until=row["until"],
+                extra=json.loads(row["extra"]),
+            )
+            async with self._db.execute(
+                "SELECT uid, sender, text, code, received_at FROM rent_messages"
+                " WHERE rent_id=? ORDER BY received_at, id",
+                (rent.id,),
+            ) as cur:
+                rent.messages = [RentMessage(*m) for m in await cur.fetchall()]
+            result.append(rent)
+        return result
+
+    async def get_rent(self, rent_id: int) -> Rent | None:
+        """A rent by id."""
+        found = await self._fetch_rents("SELECT * FROM rents WHERE id=?", (rent_id,))
+        return found[0] if found else None
+
+    async def rents_for_key(self, key_id: str, active_only: bool = True) -> list[Rent]:
+        """A key's rents, oldest first."""
+        if active_only:
+            return await self._fetch_rents(
+                "SELECT * FROM rents WHERE key_id=? AND state=? ORDER BY id",
+                (key_id, RENT_ACTIVE),
+            )
+        return await self._fetch_rents(
+            "SELECT * FROM rents WHERE key_id=? ORDER BY id", (key_id,)
+        )
+
+    async def active_rents(self) -> list[Rent]:
+        """Every rent whose number is still held."""
+        return await self._fetch_rents(
+            "SELECT * FROM rents WHERE state=? ORDER BY id", (RENT_ACTIVE,)
+        )
+
+    async def add_rent_messages(
+        self, rent: Rent, messages: Iterable[RentSms]
+    ) -> list[RentMessage]:
+        """Append messages not seen before; returns the new ones."""
+        seen = {m.uid for m in rent.messages}
+        new = [
+            RentMessage(m.uid, m.sender, m.text, m.code, m.received_at)
+            for m in messages
+            if m.uid not in seen
+        ]
+        if not new:
+            return []
+        async with self._write:
+            await self._db.executemany(
+                "INSERT OR IGNORE INTO rent_messages (rent_id, uid, sender, text, code,"
+                " received_at) VALUES (?,?,?,?,?,?)",
+                [
+                    (rent.id, m.uid, m.sender, m.text, m.code, m.received_at)
+                    for m in new
+                ],
+            )
+            await self._db.commit()
+        rent.messages.extend(new)
+        return new
+
+    async def set_rent_state(
+        self, rent: Rent, state: str, now: float, until: float | None = None
+    ) -> None:
+        """Change a rent's state (and its end, after a prolongation)."""
+        if until is not None:
+            rent.until = until
+        async with self._write:
+            await self._db.execute(
+                "UPDATE rents SET state=?, until=?, updated_at=? WHERE id=?",
+                (state, rent.until, now, rent.id),
+            )
+            await self._db.commit()
+        rent.state = state
+        rent.updated_at = now
+
+    async def rent_payments(self, rent_id: int) -> list[RentPayment]:
+        """The confirmed paid calls of a rent, oldest first."""
+        async with self._db.execute(
+            "SELECT kind, hours, cost, created_at FROM rent_attempts"
+            " WHERE rent_id=? AND state=? ORDER BY id",
+            (rent_id, CONFIRMED),
+        ) as cur:
+            rows = list(await cur.fetchall())
+        return [RentPayment(r[0], r[1], Decimal(r[2] or "0"), r[3]) for r in rows]

@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from providers.base import PollResult
-
 
 @dataclass(frozen=True)
 class RentOffer:
@@ -45,6 +43,25 @@ class RentPurchase:
 
 
 @dataclass(frozen=True)
+class RentSms:
+    """One SMS on a rented number; ``uid`` is stable across polls."""
+
+    uid: str
+    text: str
+    code: str
+    received_at: float
+    sender: str = ""
+
+
+@dataclass(frozen=True)
+class RentPoll:
+    """Every SMS the number holds, and whether the rent is over upstream."""
+
+    messages: tuple[RentSms, ...] = ()
+    closed: bool = False
+
+
+@dataclass(frozen=True)
 class RentRef:
     """What a provider needs to act on a stored rent."""
 
@@ -73,7 +90,7 @@ class Rental(abc.ABC):
         """Rent one number. Paid: NoNumbers/NoBalance/UnknownService = nothing bought."""
 
     @abc.abstractmethod
-    async def rent_poll(self, ref: RentRef) -> PollResult:
+    async def rent_poll(self, ref: RentRef) -> RentPoll:
         """Every SMS the rented number received; closed once the rent is over."""
 
     @abc.abstractmethod

@@ -58,6 +58,15 @@ from providers.base import (
     url_option,
 )
 from providers.otp import extract_code
+from providers.rental import (
+    Rental,
+    RentOffer,
+    RentOrder,
+    RentPoll,
+    RentPurchase,
+    RentRef,
+    RentSms,
+)
 
 _TABLES: dict[str, Any] = json.loads(
     resources.files("providers").joinpath("data/smspva.json").read_text("utf-8")
@@ -100,8 +109,13 @@ class _Answer:
     error: str  # lower-cased free text from error/msg, for hints only
 
 
-class SmspvaProvider(Provider):
-    """An smspva account, selling through activation v2 or the rental API."""
+class SmspvaProvider(Provider, Rental):
+    """An smspva account, selling through activation v2 or the rental API.
+
+    With ``api: rent`` it also serves the dialect's rent family: rent.php rents by
+    whole weeks, so a rent of N hours buys ceil(N / 168) weeks (and says so in its
+    price and end date).
+    """
 
     type_name: ClassVar[str] = "smspva"
     currency: ClassVar[str] = "USD"
@@ -145,6 +159,9 @@ class SmspvaProvider(Provider):
         self._prices: tuple[float, dict[tuple[str, str], Decimal]] | None = None
         self._counts: dict[str, tuple[float, dict[str, int]]] = {}
         self._single: dict[tuple[str, str], tuple[float, Offer | None]] = {}
+        self._rent_weeks: dict[
+            tuple[str, int], tuple[float, dict[str, tuple[Decimal, int]]]
+        ] = {}
         # rental: getdata per country, priced for the configured period
         self._rent_offers: dict[str, tuple[float, dict[str, tuple[Decimal, int]]]] = {}
 
@@ -444,10 +461,16 @@ class SmspvaProvider(Provider):
         return _Answer(code, body.get("data"), error.lower())
 
     async def _buy_rent(
-        self, order: Order, iso: str, opt: str, price: Decimal | None
+        self,
+        order: Order,
+        iso: str,
+        opt: str,
+        price: Decimal | None,
+        period: tuple[str, int] | None = None,
     ) -> Purchase:
+        dtype, dcount = period or (self.dtype, self.dcount)
         created = await self._rent(
-            "create", dtype=self.dtype, dcount=self.dcount, country=iso, service=opt
+            "create", dtype=dtype, dcount=dcount, country=iso, service=opt
         )
         if created.code != 1:
             raise self._rent_refusal(created.error)
@@ -460,7 +483,7 @@ class SmspvaProvider(Provider):
         ccode = digits(data.get("ccode")) or self._dial(iso, order.country)
         until = as_int(data.get("until"))
         if until is None:  # estimate, so that poll() can still close the order
-            until = int(self.clock()) + self.rent_days * 86400
+            until = int(self.clock()) + RENT_DAYS[dtype] * dcount * 86400
         activated = "0"
         try:
             if (await self._rent("activate", id=order_id)).code == 1:
@@ -573,6 +596,118 @@ class SmspvaProvider(Provider):
             )
         return found
 
+    # ---- the dialect's rent family (api: rent) ---------------------------------------
+
+    def rent_countries(self) -> list[int]:
+        """Every rentable country when ``api`` is rent; [] otherwise."""
+        return self.countries() if self.api == "rent" else []
+
+    async def rent_offers(self, country: int, hours: int) -> list[RentOffer]:
+        """``getdata`` for the weeks covering ``hours``: price_day x days, count."""
+        iso = self._iso(country)
+        if iso is None or self.api != "rent":
+            return []
+        weeks = _weeks(hours)
+        cached = self._rent_weeks.get((iso, weeks))
+        if cached and self.clock() - cached[0] < self.catalog_ttl:
+            priced = cached[1]
+        else:
+            answer = await self._rent(
+                "getdata", country=iso, dtype="week", dcount=weeks
+            )
+            if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
+                raise UpstreamAuth(self.name, answer.error)
+            priced = _parse_getdata(answer.data, weeks * 7)
+            self._rent_weeks[(iso, weeks)] = (self.clock(), priced)
+        return [
+            RentOffer(service=code, price=priced[opt][0], count=priced[opt][1])
+            for code, opt in sorted(self.services.items())
+            if opt in priced
+        ]
+
+    async def _rent_price(self, country: int, service: str, hours: int) -> Decimal:
+        for offer in await self.rent_offers(country, hours):
+            if offer.service == service:
+                return offer.price
+        return Decimal(0)
+
+    async def rent(self, order: RentOrder) -> RentPurchase:
+        """``create`` for whole weeks, then ``activate``; paid at create."""
+        if self.api != "rent":
+            raise UnknownService(self.name, "this account sells activations")
+        iso, opt = self._resolve(order.country, order.service)
+        weeks = _weeks(order.hours)
+        price = await self._rent_price(order.country, order.service, order.hours)
+        bought = await self._buy_rent(
+            Order(order.service, order.country), iso, opt, price, ("week", weeks)
+        )
+        return RentPurchase(
+            upstream_id=bought.upstream_id,
+            phone=bought.phone,
+            price=bought.price,
+            until=float(bought.extra["until"]),
+            extra=bought.extra,
+        )
+
+    async def rent_poll(self, ref: RentRef) -> RentPoll:
+        """``sms``: every SMS with its sender; closed once ``until`` has passed."""
+        expired = self.clock() >= ref.until
+        try:
+            answer = await self._rent("sms", id=ref.upstream_id)
+        except ProviderError:
+            if expired:
+                return RentPoll(closed=True)
+            raise
+        if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
+            raise UpstreamAuth(self.name, answer.error)
+        messages = tuple(
+            RentSms(uid, text, _code_of(text), at, sender)
+            for uid, text, at, sender in self._rent_sms(answer.data)
+        )
+        return RentPoll(messages=messages, closed=expired)
+
+    async def rent_release(self, ref: RentRef) -> None:
+        """``delete``: a refund is not documented (and never reported)."""
+        answer = await self._rent("delete", id=ref.upstream_id)
+        if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
+            raise UpstreamAuth(self.name, answer.error)
+
+    async def prolong_price(self, ref: RentRef, hours: int) -> Decimal:
+        """The price of the weeks covering ``hours`` (getdata)."""
+        return await self._rent_price(ref.country, ref.service, hours)
+
+    async def prolong(self, ref: RentRef, hours: int) -> float:
+        """``prolong`` by whole weeks; status 0 means nothing was charged."""
+        weeks = _weeks(hours)
+        answer = await self._rent(
+            "prolong", id=ref.upstream_id, dtype="week", dcount=weeks
+        )
+        if answer.code != 1:
+            raise self._rent_refusal(answer.error)
+        return ref.until + weeks * 7 * 86400
+
+    def _rent_sms(self, data: Any) -> list[tuple[str, str, float, str]]:
+        """(uid, text, date, sender) of an ``sms`` answer, in either documented shape."""
+        if isinstance(data, dict):
+            data = _first(data, "SmsList", "smsList", "sms")
+        found = []
+        for item in data if isinstance(data, list) else []:
+            if not isinstance(item, dict):
+                continue
+            text = as_text(item.get("text"))
+            if not text:
+                continue
+            stamp = _timestamp(item.get("date"))
+            found.append(
+                (
+                    f"{as_text(item.get('date'))}:{text}",
+                    text,
+                    self.clock() if stamp is None else stamp,
+                    as_text(item.get("sender")),
+                )
+            )
+        return found
+
     # ---- tables ---------------------------------------------------------------------
 
     def _iso(self, country: int) -> str | None:
@@ -610,6 +745,26 @@ class SmspvaProvider(Provider):
 
 
 # ---- option parsing ------------------------------------------------------------------
+
+
+def _weeks(hours: int) -> int:
+    """Whole weeks covering ``hours`` (rent.php rents by the week or month)."""
+    return max(1, -(-hours // 168))
+
+
+def _parse_getdata(data: Any, days: int) -> dict[str, tuple[Decimal, int]]:
+    """optNN -> (price_day x days, count) of a ``getdata`` answer."""
+    offers: dict[str, tuple[Decimal, int]] = {}
+    for item in _records(data, "services"):
+        opt = as_text(item.get("service"))
+        per_day = as_decimal(item.get("price_day"))
+        if not opt or per_day is None:
+            continue
+        count = _count(item.get("count"))
+        if count is None:
+            count = _count(item.get("totalCount")) or 0
+        offers[opt] = (per_day * days, count)
+    return offers
 
 
 def _rent_period(name: str, value: Any) -> tuple[str, int]:

@@ -117,13 +117,15 @@ async def test_numbers_status_operator_filter(
     )
 
 
-async def test_countries_flags_without_rent(shop: TestClient) -> None:
-    countries = await json_call(shop, action="getCountries", lang="en")
+async def test_countries_flags(start_app: StartApp, store_path: str) -> None:
+    raw = sandbox_raw(store_path, providers=sandbox(rent_countries=[10]))
+    client = await start_app(parse_config(raw))
+    countries = await json_call(client, action="getCountries", lang="en")
     assert countries == {
         "0": {"id": 0, "rus": "Россия", "eng": "Russia", "chn": "Russia",
               "visible": 1, "retry": 1, "rent": 0, "multiService": 0},
         "10": {"id": 10, "rus": "Вьетнам", "eng": "Vietnam", "chn": "Vietnam",
-               "visible": 1, "retry": 1, "rent": 0, "multiService": 0},
+               "visible": 1, "retry": 1, "rent": 1, "multiService": 0},
     }  # fmt: skip
 
 

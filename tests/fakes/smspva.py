@@ -395,6 +395,22 @@ class FakeSmspva(FakeUpstream):
         ]
         return web.json_response({"status": 1, "data": data})
 
+    def rent_prolong(self, query: Any) -> web.Response:
+        """prolong: charges price_day x days, only when fewer than 7 days are left."""
+        order = self._rent_order(query)
+        if order is None or order.state in ("cancelled", "expired"):
+            return _fail("Order not found")
+        days = RENT_DAYS.get(query.get("dtype", ""), 0) * int(query.get("dcount", "0"))
+        if order.until - self.now() >= 7 * 86400:
+            return _fail("You can prolong number only if before expiring date left less 7 days")
+        cost = RENT_STOCK[(order.country, order.service)] * days
+        if cost > self.balance:
+            return _fail("Balance is not enough")
+        self.balance = round(self.balance - cost, 4)
+        order.until += days * 86400
+        order.calls.append("prolong")
+        return web.json_response({"status": 1, "data": {"id": int(order.id)}})
+
     def rent_delete(self, query: Any) -> web.Response:
         """delete: ends the rental; an order already gone is an error."""
         order = self._rent_order(query)
