@@ -109,6 +109,7 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     providers = build_providers(config, app[HTTP], app[CLOCK])
     app[ENGINE] = Engine(config, app[STORE], providers, app[CLOCK])
+    app[ENGINE].webhooks.http = app[HTTP]
     for name, provider in providers.items():
         log.info("provider %s: %s", name, provider.describe())
     yield
@@ -131,6 +132,9 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
             engine.run_forever(
                 "reconciler", config.reconcile_interval, engine.reconcile
             )
+        ),
+        asyncio.create_task(
+            engine.run_forever("webhooks", config.outbox_interval, engine.webhooks.step)
         ),
     ]
     yield

@@ -49,6 +49,7 @@ class KeyConfig:
     providers: tuple[str, ...]
     routes: tuple[RouteConfig, ...] = ()
     default_country: int | None = None
+    webhook: str | None = field(default=None, repr=False)  # may carry credentials
 
     @functools.cached_property
     def key_id(self) -> str:
@@ -259,7 +260,22 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
         if default_country is not None:
             default_country = _int(default_country, f"{where}.default_country")
         alias = str(entry.get("alias") or f"key{index + 1}")
-        keys.append(KeyConfig(key.strip(), alias, names, routes, default_country))
+        webhook = entry.get("webhook")
+        if webhook is not None and (
+            not isinstance(webhook, str)
+            or not re.fullmatch(r"https?://[^/\s?#]+\S*", webhook.strip())
+        ):
+            raise ConfigError(f"{where}.webhook: must be an http(s) URL")
+        keys.append(
+            KeyConfig(
+                key.strip(),
+                alias,
+                names,
+                routes,
+                default_country,
+                webhook=webhook.strip() if webhook else None,
+            )
+        )
     if len({k.key for k in keys}) != len(keys):
         raise ConfigError("keys: the same key is listed twice")
 

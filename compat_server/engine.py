@@ -46,6 +46,7 @@ from compat_server.store import (
     OutboxOp,
     Store,
 )
+from compat_server.webhooks import Webhooks
 from providers.base import Clock, Offer, Order, Provider, Purchase
 
 log = logging.getLogger("compat_server")
@@ -131,6 +132,7 @@ class Engine:
         self._delivering: set[int] = set()  # outbox ops being delivered right now
         self._pruned_at = 0.0
         self.rentals = Rentals(self)
+        self.webhooks = Webhooks(self)
 
     @property
     def providers(self) -> Mapping[str, Provider]:
@@ -241,7 +243,11 @@ class Engine:
         async with self.store.lock(activation.id):
             if not activation.is_open or activation.upstream_id != ref.upstream_id:
                 return
-            await self.store.add_messages(activation, result.messages)
+            seen = len(activation.messages)
+            if await self.store.add_messages(activation, result.messages):
+                await self.webhooks.activation_sms(
+                    activation, activation.messages[seen:]
+                )
             if result.closed and activation.state == WAIT_CODE:
                 # the upstream ended the order without a code: nothing to cancel there
                 await self.store.set_state(activation, EXPIRED, self.clock())

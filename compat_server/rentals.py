@@ -207,6 +207,8 @@ class Rentals:
             )  # fmt: skip
             return []
         new = await engine.store.add_rent_messages(rent, result.messages)
+        if new:
+            await engine.webhooks.rent_sms(rent, new)
         if result.closed and rent.state == RENT_ACTIVE:
             await engine.store.set_rent_state(rent, RENT_EXPIRED, engine.clock())
         return new

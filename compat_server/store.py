@@ -156,6 +156,19 @@ MIGRATIONS: dict[int, str] = {
         updated_at REAL NOT NULL
     );
     CREATE INDEX rent_attempts_rent ON rent_attempts(rent_id, state);
+    CREATE TABLE webhooks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_id TEXT NOT NULL,
+        source TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        last_error TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        UNIQUE (source)
+    );
+    CREATE INDEX webhooks_due ON webhooks(state, next_at);
     """,
 }
 
@@ -265,6 +278,17 @@ class RentPayment:
     kind: str  # rent | prolong
     hours: int
     cost: Decimal  # display currency
+    created_at: float
+
+
+@dataclass(frozen=True)
+class WebhookJob:
+    """One queued webhook delivery."""
+
+    id: int
+    key_id: str
+    payload: dict[str, Any]
+    attempts: int
     created_at: float
 
 
@@ -910,3 +934,63 @@ class Store:
         ) as cur:
             rows = list(await cur.fetchall())
         return [RentPayment(r[0], r[1], Decimal(r[2] or "0"), r[3]) for r in rows]
+
+    # ---- webhooks -----------------------------------------------------------------------
+
+    async def enqueue_webhooks(
+        self, items: Iterable[tuple[str, str, dict[str, Any]]], now: float
+    ) -> int:
+        """Queue (key id, source, payload) deliveries; a source already queued is
+        skipped (one SMS, one webhook). Returns how many were added."""
+        rows = [
+            (k, src, json.dumps(p, ensure_ascii=False), now, now) for k, src, p in items
+        ]
+        if not rows:
+            return 0
+        async with self._write:
+            before = self._db.total_changes
+            await self._db.executemany(
+                "INSERT OR IGNORE INTO webhooks (key_id, source, payload, next_at,"
+                " created_at) VALUES (?,?,?,?,?)",
+                rows,
+            )
+            added = self._db.total_changes - before
+            await self._db.commit()
+        return added
+
+    async def due_webhooks(self, now: float, limit: int = 50) -> list[WebhookJob]:
+        """Pending deliveries whose time has come."""
+        async with self._db.execute(
+            "SELECT id, key_id, payload, attempts, created_at FROM webhooks"
+            " WHERE state='pending' AND next_at<=? ORDER BY next_at LIMIT ?",
+            (now, limit),
+        ) as cur:
+            rows = list(await cur.fetchall())
+        return [WebhookJob(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows]
+
+    async def webhook_done(self, job_id: int, state: str, error: str = "") -> None:
+        """Mark a delivery as delivered (or given up)."""
+        async with self._write:
+            await self._db.execute(
+                "UPDATE webhooks SET state=?, attempts=attempts+1, last_error=?"
+                " WHERE id=?",
+                (state, error[:200], job_id),
+            )
+            await self._db.commit()
+
+    async def webhook_failed(self, job_id: int, next_at: float, error: str) -> None:
+        """Reschedule a delivery after a failed attempt."""
+        async with self._write:
+            await self._db.execute(
+                "UPDATE webhooks SET attempts=attempts+1, next_at=?, last_error=?"
+                " WHERE id=?",
+                (next_at, error[:200], job_id),
+            )
+            await self._db.commit()
+
+    async def webhook_states(self) -> list[tuple[str, int, str]]:
+        """(source, attempts, state) of every delivery, oldest first."""
+        async with self._db.execute(
+            "SELECT source, attempts, state FROM webhooks ORDER BY id"
+        ) as cur:
+            return [tuple(r) for r in await cur.fetchall()]
