@@ -16,13 +16,14 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from compat_server import dialect
+from compat_server import dialect, reactivation
 from compat_server.config import KeyConfig
 from compat_server.dialect import Reply, Token, money, money_number, param, token
 from compat_server.engine import Engine
 from compat_server.errors import (
     BadStatus,
     NoActivation,
+    NoBalance,
     NoNumbers,
     ProviderError,
     UnknownService,
@@ -600,13 +601,36 @@ async def get_additional_service(call: Call) -> Reply:
 
 
 async def get_extra_activation(call: Call) -> Reply:
-    """Re-activating a used number is not offered: RENEW_ACTIVATION_NOT_AVAILABLE.
-
-    (Also checkExtraActivation.) Nothing is bought.
-    """
-    if await _own_activation(call) is None:
+    """``ACCESS_NUMBER:<new id>:<phone>`` on a number that got a code, where its
+    backend re-rents (thuecodesim); RENEW_ACTIVATION_NOT_AVAILABLE elsewhere."""
+    parent = await _own_activation(call)
+    if parent is None:
         return Token.WRONG_ACTIVATION_ID.value
-    return Token.RENEW_ACTIVATION_NOT_AVAILABLE.value
+    try:
+        activation = await reactivation.reactivate(call.engine, call.key, parent)
+    except reactivation.NotReactivatable:
+        return Token.RENEW_ACTIVATION_NOT_AVAILABLE.value
+    except NoBalance:
+        return Token.NO_BALANCE.value
+    except ProviderError:
+        return Token.NEW_ACTIVATION_IMPOSSIBLE.value
+    return token(Token.ACCESS_NUMBER, activation.id, activation.phone)
+
+
+async def check_extra_activation(call: Call) -> Reply:
+    """``{"status":"success","cost":..,"service":..,"phone":..,"country":..}``."""
+    parent = await _own_activation(call)
+    if parent is None:
+        return Token.WRONG_ACTIVATION_ID.value
+    if not reactivation.can_reactivate(call.engine, parent):
+        return Token.RENEW_ACTIVATION_NOT_AVAILABLE.value
+    return {
+        "status": "success",
+        "cost": money_number(await reactivation.price(call.engine, parent)),
+        "service": parent.service,
+        "phone": int(parent.phone),
+        "country": parent.country,
+    }
 
 
 ACTIONS: dict[str, Action] = {
@@ -632,7 +656,7 @@ ACTIONS: dict[str, Action] = {
     "getMultiServiceNumber": get_multi_service_number,
     "getAdditionalService": get_additional_service,
     "getExtraActivation": get_extra_activation,
-    "checkExtraActivation": get_extra_activation,
+    "checkExtraActivation": check_extra_activation,
 }
 
 # The rent family lives in its own module (it builds on the helpers above).

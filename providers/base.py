@@ -22,6 +22,7 @@ import httpx
 
 from compat_server.errors import (
     ConfigError,
+    UnknownService,
     UpstreamUncertain,
     UpstreamUnreachable,
 )
@@ -101,6 +102,7 @@ class Provider(abc.ABC):
     min_interval: float = 0.0  # seconds between two upstream calls (per instance)
     default_poll_interval: ClassVar[float] = 3.0
     can_lookup: ClassVar[bool] = False  # lookup_purchases() is implemented
+    can_reactivate: ClassVar[bool] = False  # reactivate() is implemented
 
     def __init__(
         self,
@@ -177,6 +179,13 @@ class Provider(abc.ABC):
     def operators(self, country: int) -> list[str]:
         """sms-activate operator names selectable for a country."""
         return []
+
+    async def reactivate(self, ref: ActivationRef) -> Purchase:
+        """getExtraActivation: a new paid order on a used number (if can_reactivate).
+
+        Paid: never call it twice for one request; raises like buy().
+        """
+        raise UnknownService(self.name, "reactivation not offered")
 
     async def service_offer(self, country: int, service: str) -> Offer | None:
         """One service's offer when the bulk catalog lacks it (None: not on sale)."""

@@ -637,7 +637,13 @@ class SmspvaProvider(Provider, Rental):
             raise UnknownService(self.name, "this account sells activations")
         iso, opt = self._resolve(order.country, order.service)
         weeks = _weeks(order.hours)
-        price = await self._rent_price(order.country, order.service, order.hours)
+        try:
+            price = await self._rent_price(order.country, order.service, order.hours)
+        except (UpstreamUncertain, UpstreamUnreachable) as exc:
+            # only getdata failed: the paid create was never sent
+            raise UpstreamUnreachable(
+                self.name, f"price unknown: {exc.detail}"
+            ) from exc
         bought = await self._buy_rent(
             Order(order.service, order.country), iso, opt, price, ("week", weeks)
         )

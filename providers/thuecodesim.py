@@ -160,6 +160,7 @@ class ThuecodesimProvider(Provider):
     currency: ClassVar[str] = "VND"
     secret_fields: ClassVar[tuple[str, ...]] = ("token",)
     can_lookup: ClassVar[bool] = True
+    can_reactivate: ClassVar[bool] = True  # request/getv2 with number= re-rents it
 
     def __init__(
         self,
@@ -259,6 +260,10 @@ class ThuecodesimProvider(Provider):
         """A new paid re-rent of the same number when ``rerent_on_retry``; else None."""
         if not self.rerent_on_retry:
             return None
+        return await self.reactivate(ref)
+
+    async def reactivate(self, ref: ActivationRef) -> Purchase:
+        """A new paid order on the same number (``number=``): getExtraActivation."""
         spec = self._country(ref.country)
         service_id = ref.extra.get("service_id", "")
         entries = await self._catalog_before_buying(spec)
