@@ -243,11 +243,9 @@ class Engine:
         async with self.store.lock(activation.id):
             if not activation.is_open or activation.upstream_id != ref.upstream_id:
                 return
-            seen = len(activation.messages)
-            if await self.store.add_messages(activation, result.messages):
-                await self.webhooks.activation_sms(
-                    activation, activation.messages[seen:]
-                )
+            await self.store.add_messages(
+                activation, result.messages, self.webhooks.activation_rows(activation)
+            )
             if result.closed and activation.state == WAIT_CODE:
                 # the upstream ended the order without a code: nothing to cancel there
                 await self.store.set_state(activation, EXPIRED, self.clock())

@@ -206,9 +206,9 @@ class Rentals:
                 rent.id, rent.provider, type(exc).__name__,
             )  # fmt: skip
             return []
-        new = await engine.store.add_rent_messages(rent, result.messages)
-        if new:
-            await engine.webhooks.rent_sms(rent, new)
+        new = await engine.store.add_rent_messages(
+            rent, result.messages, engine.webhooks.rent_rows(rent)
+        )
         if result.closed and rent.state == RENT_ACTIVE:
             await engine.store.set_rent_state(rent, RENT_EXPIRED, engine.clock())
         return new

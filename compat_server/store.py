@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -279,6 +279,10 @@ class RentPayment:
     hours: int
     cost: Decimal  # display currency
     created_at: float
+
+
+# new messages -> (key id, source, payload) rows for the webhooks table
+WebhookRows = Callable[[Sequence[Any]], Iterable[tuple[str, str, dict[str, Any]]]]
 
 
 @dataclass(frozen=True)
@@ -618,9 +622,16 @@ class Store:
         return int(row[0]) if row else 0
 
     async def add_messages(
-        self, activation: Activation, messages: Iterable[Sms]
+        self,
+        activation: Activation,
+        messages: Iterable[Sms],
+        webhooks: WebhookRows | None = None,
     ) -> bool:
-        """Append messages not seen before; a new one moves the state to CODE."""
+        """Append messages not seen before; a new one moves the state to CODE.
+
+        ``webhooks`` turns the new messages into queued deliveries, written in the
+        same transaction (an SMS is never stored without its webhook).
+        """
         seen = {m.uid for m in activation.messages}
         new = [m for m in messages if m.uid not in seen]
         if not new:
@@ -636,6 +647,8 @@ class Store:
                 "UPDATE activations SET state=?, updated_at=? WHERE id=?",
                 (state, new[-1].received_at, activation.id),
             )
+            if webhooks is not None:
+                await self._queue_webhooks(webhooks(new), new[-1].received_at)
             await self._db.commit()
         activation.messages.extend(
             Message(m.uid, m.text, m.code, m.received_at) for m in new
@@ -886,9 +899,12 @@ class Store:
         )
 
     async def add_rent_messages(
-        self, rent: Rent, messages: Iterable[RentSms]
+        self,
+        rent: Rent,
+        messages: Iterable[RentSms],
+        webhooks: WebhookRows | None = None,
     ) -> list[RentMessage]:
-        """Append messages not seen before; returns the new ones."""
+        """Append messages not seen before (with their webhooks); the new ones."""
         seen = {m.uid for m in rent.messages}
         new = [
             RentMessage(m.uid, m.sender, m.text, m.code, m.received_at)
@@ -906,6 +922,8 @@ class Store:
                     for m in new
                 ],
             )
+            if webhooks is not None:
+                await self._queue_webhooks(webhooks(new), new[-1].received_at)
             await self._db.commit()
         rent.messages.extend(new)
         return new
@@ -937,26 +955,20 @@ class Store:
 
     # ---- webhooks -----------------------------------------------------------------------
 
-    async def enqueue_webhooks(
+    async def _queue_webhooks(
         self, items: Iterable[tuple[str, str, dict[str, Any]]], now: float
-    ) -> int:
-        """Queue (key id, source, payload) deliveries; a source already queued is
-        skipped (one SMS, one webhook). Returns how many were added."""
+    ) -> None:
+        """Queue (key id, source, payload) deliveries inside the caller's transaction;
+        a source already queued is skipped (one SMS, one webhook)."""
         rows = [
             (k, src, json.dumps(p, ensure_ascii=False), now, now) for k, src, p in items
         ]
-        if not rows:
-            return 0
-        async with self._write:
-            before = self._db.total_changes
+        if rows:
             await self._db.executemany(
                 "INSERT OR IGNORE INTO webhooks (key_id, source, payload, next_at,"
                 " created_at) VALUES (?,?,?,?,?)",
                 rows,
             )
-            added = self._db.total_changes - before
-            await self._db.commit()
-        return added
 
     async def due_webhooks(self, now: float, limit: int = 50) -> list[WebhookJob]:
         """Pending deliveries whose time has come."""

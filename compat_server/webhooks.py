@@ -2,8 +2,8 @@
 
 The JSON is sms-activate's (protocol.md 3.22): ``activationId``, ``service``, ``text``,
 ``code``, ``country``, ``receivedAt`` (for a rent, ``activationId`` is the rent id).
-Deliveries are queued in the store's ``webhooks`` table as the SMS is stored, so a
-restart loses none, and sent by a background loop, so a client request never waits
+Deliveries are queued in the store's ``webhooks`` table in the transaction that stores
+the SMS, so a restart loses none, and sent by a background loop, so a client request never waits
 for a receiver. A delivery is retried with backoff until the receiver answers 200, at
 most MAX_ATTEMPTS times within MAX_AGE (sms-activate: 8 times within 2 hours), and
 never again after a 200. The URL is the key's own, read from the config at delivery
@@ -19,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from compat_server import dialect
 from compat_server.config import KeyConfig
-from compat_server.store import Activation, Message, Rent, RentMessage, WebhookJob
+from compat_server.store import Activation, Rent, WebhookJob, WebhookRows
 
 if TYPE_CHECKING:
     from compat_server.engine import Engine
@@ -72,14 +72,13 @@ class Webhooks:
         key = self._keys.get(key_id)
         return key if key is not None and key.webhook else None
 
-    async def activation_sms(
-        self, activation: Activation, messages: Iterable[Message]
-    ) -> None:
-        """Queue one delivery per new SMS of an activation (if its key has a URL)."""
+    def activation_rows(self, activation: Activation) -> WebhookRows | None:
+        """The store's hook turning an activation's new SMS into deliveries."""
         if self.key(activation.key_id) is None:
-            return
-        await self.engine.store.enqueue_webhooks(
-            [
+            return None
+
+        def rows(messages: Sequence[Any]) -> list[tuple[str, str, dict[str, Any]]]:
+            return [
                 (
                     activation.key_id,
                     f"a:{activation.id}:{m.uid}",
@@ -93,16 +92,17 @@ class Webhooks:
                     ),
                 )  # fmt: skip
                 for m in messages
-            ],
-            self.engine.clock(),
-        )
+            ]
 
-    async def rent_sms(self, rent: Rent, messages: Iterable[RentMessage]) -> None:
-        """Queue one delivery per new SMS of a rent (if its key has a URL)."""
+        return rows
+
+    def rent_rows(self, rent: Rent) -> WebhookRows | None:
+        """The store's hook turning a rent's new SMS into deliveries."""
         if self.key(rent.key_id) is None:
-            return
-        await self.engine.store.enqueue_webhooks(
-            [
+            return None
+
+        def rows(messages: Sequence[Any]) -> list[tuple[str, str, dict[str, Any]]]:
+            return [
                 (
                     rent.key_id,
                     f"r:{rent.id}:{m.uid}",
@@ -116,9 +116,9 @@ class Webhooks:
                     ),
                 )  # fmt: skip
                 for m in messages
-            ],
-            self.engine.clock(),
-        )
+            ]
+
+        return rows
 
     async def step(self) -> int:
         """Poll what webhook keys hold, then deliver what is due; returns deliveries."""

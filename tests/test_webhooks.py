@@ -78,6 +78,13 @@ async def test_delivery_retried_across_a_restart(
     assert status.startswith("STATUS_OK:") and mine.seen == []
     code = status.split(":")[1]
     engine: Engine = engine_of(client)
+    # queued in the transaction that stored the SMS
+    [(source, attempts, state)] = await engine.store.webhook_states()
+    assert (source.startswith(f"a:{activation_id}:"), attempts, state) == (
+        True,
+        0,
+        "pending",
+    )
     # mine answers 500; the other key's own SMS (polled in the background) goes to
     # the other key's URL and gets a 200
     assert await engine.webhooks.step() == 1
