@@ -45,6 +45,9 @@ class Call:
 Action = Callable[[Call], Awaitable[Reply]]
 
 PRICES_DEADLINE = 5.0  # seconds getPrices without a country waits for catalogs
+# getNumbersStatus asks these one by one where a provider's bulk catalog failed (each
+# is a paced upstream call, so only the most used)
+FALLBACK_SERVICES = ("tg", "wa", "go", "fb", "ig", "vk", "ot")
 
 
 @lru_cache(maxsize=1)
@@ -376,8 +379,9 @@ async def get_numbers_status(call: Call) -> Reply:
         o for o in dialect.list_param(call.params, "operator") if o != "any"
     )
     counts = {key: "0" for key in dialect.LEGACY_STOCK_KEYS}
-    legacy = tuple(dict.fromkeys(k.split("_")[0] for k in dialect.LEGACY_STOCK_KEYS))
-    stock = await _stock(call, country, operators, want=legacy, only_empty=True)
+    stock = await _stock(
+        call, country, operators, want=FALLBACK_SERVICES, only_empty=True
+    )
     for code, (_, count) in sorted(stock.items()):
         counts[f"{code}_0"] = str(count)
     return counts

@@ -79,6 +79,7 @@ RENT_EXCLUDED: frozenset[str] = frozenset(_TABLES["rent_excluded"])  # no VN, LA
 APIS = ("activation", "rent")
 RENT_DAYS = {"week": 7, "month": 30}  # "month" as 30 days: price_day x days [doc]
 POLL_FLOOR = 5.0  # seconds; the docs ask for 4-5 s between queries
+SINGLE_TTL_FACTOR = 5  # serviceprice answers live 5 x catalog_ttl (paced calls)
 LOOKUP_SLACK = 600.0  # seconds of clock skew tolerated when matching orders
 
 _OPT = re.compile(r"opt\d+")
@@ -159,6 +160,7 @@ class SmspvaProvider(Provider, Rental):
         self._prices: tuple[float, dict[tuple[str, str], Decimal]] | None = None
         self._counts: dict[str, tuple[float, dict[str, int]]] = {}
         self._single: dict[tuple[str, str], tuple[float, Offer | None]] = {}
+        self._bulk_failed_at: float | None = None  # servicesprices/countnumbers failed
         self._rent_weeks: dict[
             tuple[str, int], tuple[float, dict[str, tuple[Decimal, int]]]
         ] = {}
@@ -281,10 +283,12 @@ class SmspvaProvider(Provider, Rental):
                 prices = await self._activation_prices()
             except (UpstreamUncertain, UpstreamUnreachable):
                 prices = {}
+                self._bulk_failed_at = self.clock()
             try:
                 counts = await self._activation_counts(iso)
             except (UpstreamUncertain, UpstreamUnreachable):
                 counts = {}
+                self._bulk_failed_at = self.clock()
             priced = {
                 opt: (price, counts.get(opt, 0))
                 for (where, opt), price in prices.items()
@@ -300,17 +304,19 @@ class SmspvaProvider(Provider, Rental):
         """Activation: the documented ``serviceprice/{country}/{service}``, cached.
 
         Asked for a service the bulk ``servicesprices``/``countnumbers`` did not
-        deliver. The count comes from the answer, else from a cached countnumbers,
-        else 0 (unknown).
+        deliver, only while those failed lately (when they work, a service they do not
+        list is not on sale): paced calls are not spent on it otherwise. The count
+        comes from the answer, else from a cached countnumbers, else 0 (unknown).
+        Answers are kept SINGLE_TTL_FACTOR x catalog_ttl.
         """
-        if self.api == "rent":
+        if self.api == "rent" or self._bulk_failed_at is None:
             return None
         try:
             iso, opt = self._resolve(country, service)
         except UnknownService:
             return None
         cached = self._single.get((iso, opt))
-        if cached and self.clock() - cached[0] < self.catalog_ttl:
+        if cached and self.clock() - cached[0] < self.catalog_ttl * SINGLE_TTL_FACTOR:
             return cached[1]
         answer = await self._activation("GET", f"serviceprice/{iso}/{opt}")
         offer = None
@@ -431,6 +437,7 @@ class SmspvaProvider(Provider, Rental):
             raise self._activation_failure(answer, buying=False)
         prices = _parse_prices(answer.data)
         self._prices = (self.clock(), prices)
+        self._bulk_failed_at = None
         return prices
 
     async def _activation_counts(self, iso: str) -> dict[str, int]:

@@ -73,7 +73,7 @@ async def test_services_and_countries(shop: TestClient) -> None:
         '"wa":{"cost":25.5,"quant":7}},"currency":643}'
     )
     # rent_time, and `time` as the official library sends it: priced for the hours
-    for name in ("rent_time", "time"):
+    for name in ("rent_time", "time", "time "):  # aiosmsactivate: "time "
         answer = await rent_call(
             shop, action="getRentServicesAndCountries", country=10, **{name: 8}
         )
