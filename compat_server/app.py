@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from compat_server.actions import ACTIONS, Call
 from compat_server.config import Config
 from compat_server.engine import Engine
 from compat_server.errors import BadAction, BadKey, CompatError, NoKey
+from compat_server.rentals import reconcile as reconcile_rents
 from compat_server.store import Store
 from providers import get_provider_class
 from providers.base import Clock, Provider
@@ -135,6 +137,13 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         ),
         asyncio.create_task(
             engine.run_forever("webhooks", config.outbox_interval, engine.webhooks.step)
+        ),
+        asyncio.create_task(
+            engine.run_forever(
+                "rent reconciler",
+                config.reconcile_interval,
+                functools.partial(reconcile_rents, engine.rentals),
+            )
         ),
     ]
     yield

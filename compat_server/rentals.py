@@ -8,7 +8,6 @@ recorded as uncertain and is never retried blindly.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from compat_server.errors import (
 from compat_server.routing import merge_refusals
 from compat_server.store import (
     CONFIRMED,
+    PENDING,
+    RECONCILED,
     REFUSED,
     RENT_ACTIVE,
     RENT_CANCELLED,
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("compat_server")
 
 CANCEL_WINDOW = 1200.0  # seconds after the start in which a rent may be cancelled
+RECONCILE_WINDOW = 900.0  # seconds an uncertain rent is looked for upstream
+RECONCILE_WINDOW = 900.0  # seconds an uncertain rent is looked for upstream
 REFUSALS = (NoNumbers, NoBalance, UnknownService, UpstreamUnreachable, UpstreamAuth)
 
 
@@ -71,7 +74,7 @@ class Rentals:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._last_poll: dict[int, float] = {}
-        self._polls: dict[int, asyncio.Future[list[RentMessage]]] = {}
+        self._in_flight: set[int] = set()  # rent attempts whose call is running
 
     def renters(self, key: KeyConfig, country: int | None = None) -> list[str]:
         """The key's providers that rent (in ``country``, if given), in order."""
@@ -137,40 +140,45 @@ class Rentals:
                 order.hours,
                 engine.clock(),
             )
+            # in flight until stored: no reconciler may take this number for an orphan
+            engine.router.in_flight[-attempt] = name
+            self._in_flight.add(attempt)
             try:
-                purchase = await engine.upstreams.call(
-                    name,
-                    "rent",
-                    lambda p=provider: p.rent(order),  # type: ignore[misc]
-                )
-            except REFUSALS as exc:
-                await engine.store.end_rent_attempt(
-                    attempt, REFUSED, type(exc).__name__, engine.clock()
-                )
-                refusals.append(exc)
-                continue
-            except UpstreamUncertain as exc:
-                await engine.store.end_rent_attempt(
-                    attempt, UNCERTAIN, exc.detail, engine.clock()
-                )
-                log.error(
-                    "rent provider=%s outcome unknown (%s): not retried; rent attempt"
-                    " %d needs checking on the account by hand",
-                    name,
-                    exc.detail,
-                    attempt,
-                )
-                raise NoNumbers(name, "rent outcome unknown") from exc
-            cost = engine.prices.display(name, purchase.price)
-            rent = await engine.store.complete_rent(
-                attempt, key.key_id, name, native, order.service, order.country,
-                purchase, cost, engine.clock(),
-            )  # fmt: skip
-            log.info(
-                "rent id=%d provider=%s service=%s country=%d hours=%d",
-                rent.id, name, order.service, order.country, order.hours,
-            )  # fmt: skip
-            return rent
+                try:
+                    purchase = await engine.upstreams.call(
+                        name, "rent", functools.partial(provider.rent, order)
+                    )
+                except REFUSALS as exc:
+                    await engine.store.end_rent_attempt(
+                        attempt, REFUSED, type(exc).__name__, engine.clock()
+                    )
+                    refusals.append(exc)
+                    continue
+                except UpstreamUncertain as exc:
+                    await engine.store.end_rent_attempt(
+                        attempt, UNCERTAIN, exc.detail, engine.clock()
+                    )
+                    log.error(
+                        "rent provider=%s outcome unknown (%s): not retried; rent attempt"
+                        " %d needs checking on the account by hand",
+                        name,
+                        exc.detail,
+                        attempt,
+                    )
+                    raise NoNumbers(name, "rent outcome unknown") from exc
+                cost = engine.prices.display(name, purchase.price)
+                rent = await engine.store.complete_rent(
+                    attempt, key.key_id, name, native, order.service, order.country,
+                    purchase, cost, engine.clock(),
+                )  # fmt: skip
+                log.info(
+                    "rent id=%d provider=%s service=%s country=%d hours=%d",
+                    rent.id, name, order.service, order.country, order.hours,
+                )  # fmt: skip
+                return rent
+            finally:
+                engine.router.in_flight.pop(-attempt, None)
+                self._in_flight.discard(attempt)
         raise merge_refusals(refusals)
 
     async def refresh(self, rent: Rent) -> list[RentMessage]:
@@ -276,6 +284,85 @@ class Rentals:
             attempt, CONFIRMED, "", engine.clock(), cost=price
         )
         await engine.store.set_rent_state(rent, RENT_ACTIVE, engine.clock(), until)
+
+
+async def reconcile(rentals: Rentals) -> int:
+    """Look upstream for rents whose purchase outcome was unknown; returns orphans.
+
+    An unowned upstream rent is stored (cancelled) under the attempt's key and given
+    back; one rent per attempt, so rents bought elsewhere on the account are spared.
+    """
+    engine = rentals.engine
+    store = engine.store
+    now = engine.clock()
+    orphans = 0
+    for attempt in await store.rent_attempts([UNCERTAIN, PENDING]):
+        if attempt.id in rentals._in_flight:
+            continue
+        if attempt.state == PENDING and now - attempt.created_at < 60:
+            continue  # maybe a rent of this process between its record and its call
+        base = engine.providers.get(attempt.provider)
+        if base is None or not isinstance(base, Rental):
+            continue
+        service, country = attempt.order["service"], attempt.order["country"]
+        try:
+            found = await engine.upstreams.call(
+                attempt.provider,
+                "rent_lookup",
+                functools.partial(
+                    base.rent_lookup, country, service, attempt.created_at - 60
+                ),
+            )
+        except ProviderError as exc:
+            log.info("rent reconcile lookup failed: %s", type(exc).__name__)
+            continue
+        if engine.router.in_flight or rentals._in_flight:
+            return orphans  # a concurrent buy could look like an orphan: next round
+        known = await store.known_upstream_ids(attempt.provider)
+        unknown = [p for p in found or [] if p.upstream_id not in known]
+        if unknown:
+            purchase = unknown[0]
+            native = type(base).native_currency(base.options)
+            rent = await store.complete_rent(
+                attempt.id, attempt.key_id, attempt.provider, native, service,
+                country, purchase, engine.prices.display(attempt.provider, purchase.price),
+                now,
+            )  # fmt: skip
+            await store.set_rent_state(rent, RENT_CANCELLED, now)
+            await store.end_rent_attempt(
+                attempt.id, RECONCILED, "orphan given back", now, purchase.price
+            )
+            log.warning(
+                "rent reconcile provider=%s found an unowned rent: stored as rent"
+                " id=%d (cancelled), giving it back",
+                attempt.provider,
+                rent.id,
+            )
+            orphans += 1
+            try:
+                await engine.upstreams.call(
+                    attempt.provider,
+                    "rent_release",
+                    functools.partial(base.rent_release, rent.ref()),
+                )
+            except ProviderError as exc:
+                log.error(
+                    "rent id=%d provider=%s could not be given back (%s): release it"
+                    " on the account by hand",
+                    rent.id,
+                    attempt.provider,
+                    type(exc).__name__,
+                )
+        elif found is None or now - attempt.created_at > RECONCILE_WINDOW:
+            if found is None:
+                log.error(
+                    "provider=%s cannot list rents: rent attempt %d left unresolved,"
+                    " check the account by hand",
+                    attempt.provider,
+                    attempt.id,
+                )
+            await store.end_rent_attempt(attempt.id, RECONCILED, "nothing found", now)
+    return orphans
 
 
 def _renter(provider: Provider) -> Rental:

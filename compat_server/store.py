@@ -272,6 +272,18 @@ class RentMessage:
 
 
 @dataclass(frozen=True)
+class RentAttempt:
+    """A rent attempt: the record written before a paid rent call."""
+
+    id: int
+    key_id: str
+    provider: str
+    order: dict[str, Any]  # service, country, hours, operators
+    state: str
+    created_at: float
+
+
+@dataclass(frozen=True)
 class RentPayment:
     """A confirmed paid rent call (the rent itself or a prolongation)."""
 
@@ -575,7 +587,8 @@ class Store:
         return result
 
     async def known_upstream_ids(self, provider: str) -> set[str]:
-        """Every upstream id (current or replaced) stored for a provider."""
+        """Every upstream id (current or replaced) stored for a provider, rents too
+        (smspva's rent.php sells both: a reconciler must never take a rent)."""
         async with self._db.execute(
             "SELECT upstream_id, extra FROM activations WHERE provider=?", (provider,)
         ) as cur:
@@ -586,6 +599,10 @@ class Store:
             known.update(
                 i for i in json.loads(extra).get("previous_ids", "").split(",") if i
             )
+        async with self._db.execute(
+            "SELECT upstream_id FROM rents WHERE provider=?", (provider,)
+        ) as cur:
+            known.update(row[0] for row in await cur.fetchall())
         return known
 
     # ---- activations --------------------------------------------------------------------
@@ -1006,3 +1023,17 @@ class Store:
             "SELECT source, attempts, state FROM webhooks ORDER BY id"
         ) as cur:
             return [tuple(r) for r in await cur.fetchall()]
+
+    async def rent_attempts(self, states: Iterable[str]) -> list[RentAttempt]:
+        """Rent (not prolong) attempts in the given states, oldest first."""
+        states = tuple(states)
+        placeholders = ",".join("?" * len(states))
+        async with self._db.execute(
+            "SELECT id, key_id, provider, order_json, state, created_at FROM"
+            f" rent_attempts WHERE kind='rent' AND state IN ({placeholders}) ORDER BY id",
+            states,
+        ) as cur:
+            rows = list(await cur.fetchall())
+        return [
+            RentAttempt(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows
+        ]

@@ -104,3 +104,10 @@ class Rental(abc.ABC):
     @abc.abstractmethod
     async def prolong(self, ref: RentRef, hours: int) -> float:
         """Prolong by ``hours`` (paid); returns the new ``until``."""
+
+    async def rent_lookup(
+        self, country: int, service: str, since: float
+    ) -> list[RentPurchase] | None:
+        """Rents held upstream for this service and country since ``since``, for
+        reconciliation; None when the upstream cannot list them."""
+        return None

@@ -334,6 +334,16 @@ class SandboxProvider(Provider, Rental):
             self._balance += rent.price
         rent.closed = True
 
+    async def rent_lookup(
+        self, country: int, service: str, since: float
+    ) -> list[RentPurchase] | None:
+        """Open sandbox rents of the service made since ``since``."""
+        return [
+            RentPurchase(r.upstream_id, "", r.price, r.until)
+            for r in self._rents.values()
+            if r.service == service and r.created >= since and not r.closed
+        ]
+
     async def prolong_price(self, ref: RentRef, hours: int) -> Decimal:
         """Pro rata, like the rent itself."""
         _, per_block, _ = self._rent_table().get(ref.service, ("", Decimal(0), 0))

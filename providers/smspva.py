@@ -685,6 +685,28 @@ class SmspvaProvider(Provider, Rental):
         if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
             raise UpstreamAuth(self.name, answer.error)
 
+    async def rent_lookup(
+        self, country: int, service: str, since: float
+    ) -> list[RentPurchase] | None:
+        """rent.php ``orders`` of this service and country (see _lookup_rent)."""
+        if self.api != "rent":
+            return None
+        try:
+            iso, opt = self._resolve(country, service)
+        except UnknownService:
+            return []
+        found = await self._lookup_rent(Order(service, country), iso, opt, since)
+        return [
+            RentPurchase(
+                p.upstream_id,
+                p.phone,
+                p.price,
+                float(p.extra.get("until") or self.clock()),
+                p.extra,
+            )
+            for p in found
+        ]
+
     async def prolong_price(self, ref: RentRef, hours: int) -> Decimal:
         """The price of the weeks covering ``hours`` (getdata)."""
         return await self._rent_price(ref.country, ref.service, hours)

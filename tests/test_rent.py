@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from compat_server.app import create_app
 from compat_server.config import parse_config
+from compat_server.rentals import reconcile as reconcile_rents
 from compat_server.store import RENT_CANCELLED, RENT_FINISHED, Store
 from tests.conftest import (
     KEY,
@@ -432,3 +433,57 @@ async def test_smsactivate_rent_calls(
         "status": "error",
         "message": "ALREADY_FINISH",
     }
+
+
+async def test_rent_reconciler_gives_back_an_unowned_rent(
+    start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock
+) -> None:
+    fake, client = await smspva_shop(start_app, store_path, aiohttp_server, clock)
+    engine = engine_of(client)
+    await rent_call(client, action="getRentServicesAndCountries", country=0)
+    fake.method_faults["create"] = "after_500"
+    assert (await rent_call(client, action="getRentNumber", service="tg"))[
+        "message"
+    ] == "NO_NUMBERS"
+    fake.method_faults.clear()
+    [order] = fake.orders.values()
+    clock.advance(61)
+    assert await reconcile_rents(engine.rentals) == 1
+    [orphan] = await engine.store.rents_for_key(
+        engine.config.keys[0].key_id, active_only=False
+    )
+    assert (orphan.upstream_id, orphan.state) == (order.id, RENT_CANCELLED)
+    assert order.calls[-1] == "delete"
+    # the orphan is not the client's: it never shows up as theirs
+    assert await rent_call(client, action="getRentList") == {
+        "status": "error",
+        "message": "NO_NUMBERS",
+    }
+    assert await reconcile_rents(engine.rentals) == 0  # resolved: not looked for again
+
+
+async def test_activation_reconciler_never_takes_a_rent(
+    start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock
+) -> None:
+    """smspva's rent.php sells both activations (api: rent) and rents."""
+    fake, client = await smspva_shop(start_app, store_path, aiohttp_server, clock)
+    engine = engine_of(client)
+    rented = await rent_call(client, action="getRentNumber", service="tg", country=0)
+    assert rented["status"] == "success"
+    [rent_order] = fake.orders.values()
+    fake.method_faults["create"] = "after_500"
+    assert await call(client, action="getNumber", service="tg", country=0) == (
+        200,
+        "text/plain",
+        "NO_NUMBERS",
+    )
+    fake.method_faults.clear()
+    lost = next(o for o in fake.orders.values() if o.id != rent_order.id)
+    assert await engine.reconcile() == 1
+    [orphan] = await engine.store.for_key(
+        engine.config.keys[0].key_id, open_only=False
+    )
+    assert orphan.upstream_id == lost.id
+    await engine.run_outbox()
+    assert "delete" not in rent_order.calls and lost.calls[-1] == "delete"
+    assert (await rent_call(client, action="getRentList"))["status"] == "success"
