@@ -5,9 +5,13 @@ again after it, never from inside a client's request."""
 from __future__ import annotations
 
 import json
+import shutil
+import ssl
+import subprocess
 import time
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -175,3 +179,45 @@ def test_https_webhooks_are_accepted(store_path: str) -> None:
     config = config_for(store_path, "https://user:pw@hooks.example/sms")
     assert config.keys[0].webhook == "https://user:pw@hooks.example/sms"
     assert "pw" not in repr(config.keys[0])
+
+
+@pytest.fixture
+def tls_files(tmp_path: Any) -> tuple[str, str]:
+    """A throw-away self-signed certificate for 127.0.0.1 (needs the openssl tool)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", key, "-out", cert],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_https_receiver(
+    aiohttp_client: Any,
+    aiohttp_server: Any,
+    store_path: str,
+    clock: FakeClock,
+    tls_files: tuple[str, str],
+) -> None:
+    cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    mine = Receiver([])
+    server: TestServer = await aiohttp_server(mine.app, ssl=server_ctx)
+    url = str(server.make_url("/hook"))
+    assert url.startswith("https://")
+    trusting = httpx.AsyncClient(verify=ssl.create_default_context(cafile=cert))
+    config = config_for(store_path, url)
+    client: TestClient = await aiohttp_client(
+        create_app(config, clock=clock, background=False, http=trusting)
+    )
+    await call(client, action="getNumber", service="tg", country=10)
+    clock.advance(6)
+    assert await engine_of(client).webhooks.step() == 1
+    [(method, ctype, body)] = mine.seen
+    assert (method, ctype, body["service"]) == ("POST", "application/json", "tg")
+    await trusting.aclose()
