@@ -17,7 +17,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from compat_server import dialect
+from compat_server import dialect, reactivation
 from compat_server.config import KeyConfig
 from compat_server.dialect import Reply, Token, money, money_number, param, token
 from compat_server.engine import Engine
@@ -25,11 +25,13 @@ from compat_server.errors import (
     BadStatus,
     ClientGone,
     NoActivation,
+    NoBalance,
     NoNumbers,
+    ProviderError,
     UnknownService,
 )
 from compat_server.store import CODE, WAIT_CODE, WAIT_RETRY, Activation
-from providers.base import BACKGROUND, BUDGET, CLIENT, Order
+from providers.base import BACKGROUND, BUDGET, CLIENT, Offer, Order
 
 
 @dataclass
@@ -46,6 +48,9 @@ class Call:
 Action = Callable[[Call], Awaitable[Reply]]
 
 PRICES_DEADLINE = 5.0  # seconds getPrices without a country waits for catalogs
+# getNumbersStatus asks these one by one where a provider's bulk catalog failed (each
+# is a paced upstream call, so only the most used)
+FALLBACK_SERVICES = ("tg", "wa", "go", "fb", "ig", "vk", "ot")
 
 
 @lru_cache(maxsize=1)
@@ -284,20 +289,75 @@ async def get_active_activations(call: Call) -> Reply:
 
 
 async def _stock(
-    call: Call, country: int, priority: int = CLIENT
+    call: Call,
+    country: int,
+    operators: tuple[str, ...] = (),
+    want: tuple[str, ...] = (),
+    only_empty: bool = False,
+    priority: int = CLIENT,
 ) -> dict[str, tuple[Decimal, int]]:
-    """service -> (lowest display price, total count) over the key's providers."""
+    """service -> (lowest display price, total count) over the key's providers.
+
+    With ``operators``, a provider that names its operators in the country counts only
+    if it has one of them; a provider that names none sells any operator. Services in
+    ``want`` that a provider's catalog lacks (with ``only_empty``: only when its
+    catalog came back empty) are asked one by one through ``service_offer``.
+    """
     engine = call.engine
     merged: dict[str, tuple[Decimal, int]] = {}
+
+    def add(name: str, offer: Offer) -> None:
+        price = engine.prices.display(name, offer.price)
+        if offer.service in merged:
+            old_price, old_count = merged[offer.service]
+            merged[offer.service] = (min(old_price, price), old_count + offer.count)
+        else:
+            merged[offer.service] = (price, offer.count)
+
+    singles: list[tuple[str, asyncio.Future[Offer | None]]] = []
     for name in engine.key_providers(call.key):
-        for offer in await engine.offers(name, country, priority):
-            price = engine.prices.display(name, offer.price)
-            if offer.service in merged:
-                old_price, old_count = merged[offer.service]
-                merged[offer.service] = (min(old_price, price), old_count + offer.count)
-            else:
-                merged[offer.service] = (price, offer.count)
+        provider = engine.providers[name]
+        named = provider.operators(country)
+        if operators and named and not set(operators) & set(named):
+            continue
+        offers = await engine.offers(name, country, priority)
+        for offer in offers:
+            add(name, offer)
+        if country not in provider.countries() or (only_empty and offers):
+            continue
+        have = {o.service for o in offers}
+        for code in want:
+            if code not in have:
+                singles.append((name, _single_offer(call, name, country, code)))
+    if singles:
+        await asyncio.wait([f for _, f in singles], timeout=PRICES_DEADLINE)
+        for name, future in singles:
+            if future.done() and not future.exception() and future.result():
+                add(name, future.result())  # type: ignore[arg-type]
     return merged
+
+
+_BACKGROUND: set[asyncio.Future[Any]] = set()
+
+
+def _single_offer(
+    call: Call, name: str, country: int, code: str
+) -> asyncio.Future[Offer | None]:
+    """One service_offer call, guarded; it runs on past the deadline to fill caches."""
+    provider = call.engine.providers[name]
+
+    async def ask() -> Offer | None:
+        try:
+            return await call.engine.upstreams.call(
+                name, "serviceprice", lambda: provider.service_offer(country, code)
+            )
+        except ProviderError:
+            return None
+
+    future = asyncio.ensure_future(ask())
+    _BACKGROUND.add(future)
+    future.add_done_callback(_BACKGROUND.discard)
+    return future
 
 
 async def _stocks(
@@ -312,7 +372,10 @@ async def _stocks(
     if len(countries) == 1:
         return {countries[0]: await _stock(call, countries[0])}
     # a sweep no client should wait on: paced behind purchases, polls and balances
-    tasks = {c: asyncio.ensure_future(_stock(call, c, BACKGROUND)) for c in countries}
+    tasks = {
+        c: asyncio.ensure_future(_stock(call, c, priority=BACKGROUND))
+        for c in countries
+    }
     await asyncio.wait(tasks.values(), timeout=PRICES_DEADLINE)
     return {c: t.result() for c, t in tasks.items() if t.done() and not t.exception()}
 
@@ -329,7 +392,10 @@ async def get_prices(call: Call) -> Reply:
     country = dialect.country_param(call.params)
     service = param(call.params, "service").lower()
     countries = [country] if country is not None else await _countries(call)
-    stocks = await _stocks(call, countries)
+    if service and len(countries) == 1:
+        stocks = {countries[0]: await _stock(call, countries[0], want=(service,))}
+    else:
+        stocks = await _stocks(call, countries)
     result: dict[str, Any] = {}
     for country_id in countries:
         services = {}
@@ -351,8 +417,14 @@ async def get_numbers_status(call: Call) -> Reply:
     country = dialect.country_param(call.params)
     if country is None:
         country = await _default_country(call)
+    operators = tuple(
+        o for o in dialect.list_param(call.params, "operator") if o != "any"
+    )
     counts = {key: "0" for key in dialect.LEGACY_STOCK_KEYS}
-    for code, (_, count) in sorted((await _stock(call, country)).items()):
+    stock = await _stock(
+        call, country, operators, want=FALLBACK_SERVICES, only_empty=True
+    )
+    for code, (_, count) in sorted(stock.items()):
         counts[f"{code}_0"] = str(count)
     return counts
 
@@ -369,10 +441,16 @@ def _country_name(country: int) -> str:
 
 
 async def get_countries(call: Call) -> Reply:
-    """Countries the key's providers serve, keyed by id."""
+    """Countries the key's providers serve (or rent in), keyed by id.
+
+    ``rent`` is 1 where a provider of the key rents numbers; ``multiService`` stays 0
+    since no backend sells one number for several services (getMultiServiceNumber
+    answers NOT_AVAILABLE).
+    """
     rows = _country_rows()
     result = {}
-    for country in await _countries(call):
+    renting = set(rent_countries(call))
+    for country in sorted(set(await _countries(call)) | renting):
         row = rows.get(country, {"eng": str(country), "rus": str(country)})
         result[str(country)] = {
             "id": country,
@@ -381,7 +459,7 @@ async def get_countries(call: Call) -> Reply:
             "chn": row["eng"],
             "visible": 1,
             "retry": 1,
-            "rent": 0,
+            "rent": 1 if country in renting else 0,
             "multiService": 0,
         }
     return result
@@ -409,6 +487,198 @@ async def get_operators(call: Call) -> Reply:
     return {"status": "success", "countryOperators": result}
 
 
+def rent_countries(call: Call) -> list[int]:
+    """Countries where a provider of the key rents numbers."""
+    return call.engine.rentals.countries(call.key)
+
+
+def service_name(code: str) -> str:
+    """The service's display name from sms-activate's table (the code if unknown)."""
+    return str(reference()["services"].get(code, code))
+
+
+async def get_services_list(call: Call) -> Reply:
+    """``{"status":"success","services":[{"code","name"}]}``: what the key can buy.
+
+    With ``country``, the services on sale there; without, those of every served
+    country (within PRICES_DEADLINE). ``lang`` is accepted; names are English.
+    """
+    country = dialect.country_param(call.params)
+    countries = [country] if country is not None else await _countries(call)
+    codes: set[str] = set()
+    for stock in (await _stocks(call, countries)).values():
+        codes.update(stock)
+    services = [{"code": c, "name": service_name(c)} for c in sorted(codes)]
+    return {"status": "success", "services": services}
+
+
+def _top_rows(
+    offers: list[tuple[int, Decimal, int]], free_price: bool
+) -> dict[str, Any]:
+    """Rank-keyed rows, cheapest first (then the larger stock)."""
+    rows: dict[str, Any] = {}
+    ranked = sorted(offers, key=lambda o: (o[1], -o[2], o[0]))
+    for rank, (country, price, count) in enumerate(ranked):
+        row: dict[str, Any] = {
+            "country": country,
+            "count": count,
+            "price": money_number(price),
+            "retail_price": money_number(price),
+        }
+        if free_price:
+            row["freePriceMap"] = {money(price): count}
+        rows[str(rank)] = row
+    return rows
+
+
+async def get_top_countries(call: Call) -> Reply:
+    """getTopCountriesByService(Rank): ``{"0":{"country","count","price",...}}``.
+
+    Numbers, not strings (async-sms-activate does ``int(row["price"])``). Without
+    ``service``, one such object per service. BAD_SERVICE for a code nobody knows.
+    """
+    service = param(call.params, "service").lower()
+    free_price = param(call.params, "freePrice").lower() in ("true", "1", "yes")
+    stocks = await _stocks(call, await _countries(call))
+    by_service: dict[str, list[tuple[int, Decimal, int]]] = {}
+    for country, stock in stocks.items():
+        for code, (price, count) in stock.items():
+            by_service.setdefault(code, []).append((country, price, count))
+    if service:
+        if service not in by_service and service not in reference()["services"]:
+            raise UnknownService("request", service[:16])
+        return _top_rows(by_service.get(service, []), free_price)
+    return {
+        code: _top_rows(offers, free_price)
+        for code, offers in sorted(by_service.items())
+    }
+
+
+def _lang_name(row: Mapping[str, Any], lang: str) -> str:
+    return str(row["rus"] if lang == "ru" else row["eng"])
+
+
+async def get_country_and_operators(call: Call) -> Reply:
+    """sms-service-online: ``[{"id":0,"name":"Россия","operators":{"any":"any",...}}]``.
+
+    ``lang=ru`` names countries in Russian, anything else in English.
+    """
+    lang = param(call.params, "lang").lower()
+    rows = _country_rows()
+    table = reference()["operators"]
+    result = []
+    for country in await _countries(call):
+        names: list[str] = []
+        for name in call.engine.key_providers(call.key):
+            names.extend(call.engine.providers[name].operators(country))
+        if not names:
+            names = list(table.get(str(country), []))
+        row = rows.get(country, {"eng": str(country), "rus": str(country)})
+        operators = ["any", *sorted(set(names) - {"any"})]  # as in the clone's sample
+        result.append(
+            {
+                "id": country,
+                "name": _lang_name(row, lang),
+                "operators": {o: o for o in operators},
+            }
+        )
+    return result
+
+
+async def get_services_and_cost(call: Call) -> Reply:
+    """sms-service-online: ``[{"id":"vk","name":..,"price":29.88,"quantity":"19"}]``.
+
+    For ``country`` (default: the key's) and optionally ``operator``; quantity is a
+    string and price a number, as in that clone's documentation.
+    """
+    country = dialect.country_param(call.params)
+    if country is None:
+        country = await _default_country(call)
+    operators = tuple(
+        o for o in dialect.list_param(call.params, "operator") if o != "any"
+    )
+    stock = await _stock(call, country, operators)
+    return [
+        {
+            "id": code,
+            "name": service_name(code),
+            "price": money_number(price),
+            "quantity": str(count),
+        }
+        for code, (price, count) in sorted(stock.items())
+    ]
+
+
+# ---- the rest of the menu: what sms-activate answers where a feature is missing --------
+
+
+async def _own_activation(call: Call) -> Activation | None:
+    """The caller's activation named by ``activationId``/``id``; None if not theirs."""
+    raw = param(call.params, "activationId", "id")
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        return None
+    activation = await call.engine.store.get(int(raw))
+    if activation is None or activation.key_id != call.key.key_id:
+        return None
+    call.provider = activation.provider
+    return activation
+
+
+async def get_incoming_call_status(call: Call) -> Reply:
+    """No backend verifies by call: NOT_INCOMING for an SMS activation."""
+    if await _own_activation(call) is None:
+        return Token.INVALID_ACTIVATION_ID.value
+    return Token.NOT_INCOMING.value
+
+
+async def get_multi_service_number(call: Call) -> Reply:
+    """No backend sells one number for several services (getCountries says
+    ``multiService`` 0 everywhere): NOT_AVAILABLE, nothing bought."""
+    if not dialect.list_param(call.params, "multiService"):
+        raise UnknownService("request", "multiService missing")
+    return Token.NOT_AVAILABLE.value
+
+
+async def get_additional_service(call: Call) -> Reply:
+    """Needs a parent with call forwarding, which is never sold: WRONG_SECURITY."""
+    if await _own_activation(call) is None:
+        return Token.WRONG_ACTIVATION_ID.value
+    return Token.WRONG_SECURITY.value
+
+
+async def get_extra_activation(call: Call) -> Reply:
+    """``ACCESS_NUMBER:<new id>:<phone>`` on a number that got a code, where its
+    backend re-rents (thuecodesim); RENEW_ACTIVATION_NOT_AVAILABLE elsewhere."""
+    parent = await _own_activation(call)
+    if parent is None:
+        return Token.WRONG_ACTIVATION_ID.value
+    try:
+        activation = await reactivation.reactivate(call.engine, call.key, parent)
+    except reactivation.NotReactivatable:
+        return Token.RENEW_ACTIVATION_NOT_AVAILABLE.value
+    except NoBalance:
+        return Token.NO_BALANCE.value
+    except ProviderError:
+        return Token.NEW_ACTIVATION_IMPOSSIBLE.value
+    return token(Token.ACCESS_NUMBER, activation.id, activation.phone)
+
+
+async def check_extra_activation(call: Call) -> Reply:
+    """``{"status":"success","cost":..,"service":..,"phone":..,"country":..}``."""
+    parent = await _own_activation(call)
+    if parent is None:
+        return Token.WRONG_ACTIVATION_ID.value
+    if not reactivation.can_reactivate(call.engine, parent):
+        return Token.RENEW_ACTIVATION_NOT_AVAILABLE.value
+    return {
+        "status": "success",
+        "cost": money_number(await reactivation.price(call.engine, parent)),
+        "service": parent.service,
+        "phone": int(parent.phone),
+        "country": parent.country,
+    }
+
+
 ACTIONS: dict[str, Action] = {
     "getBalance": get_balance,
     "getBalanceAndCashBack": get_balance,
@@ -423,4 +693,19 @@ ACTIONS: dict[str, Action] = {
     "getNumbersStatus": get_numbers_status,
     "getCountries": get_countries,
     "getOperators": get_operators,
+    "getServicesList": get_services_list,
+    "getTopCountriesByService": get_top_countries,
+    "getTopCountriesByServiceRank": get_top_countries,
+    "getCountryAndOperators": get_country_and_operators,
+    "getServicesAndCost": get_services_and_cost,
+    "getIncomingCallStatus": get_incoming_call_status,
+    "getMultiServiceNumber": get_multi_service_number,
+    "getAdditionalService": get_additional_service,
+    "getExtraActivation": get_extra_activation,
+    "checkExtraActivation": check_extra_activation,
 }
+
+# The rent family lives in its own module (it builds on the helpers above).
+from compat_server.rent_actions import RENT_ACTIONS  # noqa: E402
+
+ACTIONS.update(RENT_ACTIONS)

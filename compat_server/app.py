@@ -17,6 +17,7 @@ from compat_server.config import Config
 from compat_server.engine import Engine, TtlCache
 from compat_server.errors import BadAction, BadKey, CompatError, NoKey
 from compat_server.metrics import Metrics, healthz, metrics_handler, readyz
+from compat_server.rentals import reconcile as reconcile_rents
 from compat_server.store import Store
 from providers import get_provider_class
 from providers.base import BUDGET, Budget, Clock, Provider
@@ -126,6 +127,7 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
     metrics = app[METRICS]
     engine.upstreams.observe = metrics.upstream
     engine.on_purchase = lambda key, a: metrics.purchase(key, a, engine.config.currency)
+    engine.webhooks.http = app[HTTP]
     for name, provider in providers.items():
         log.info("provider %s: %s", name, provider.describe())
     yield
@@ -147,6 +149,16 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(
             engine.run_forever(
                 "reconciler", config.reconcile_interval, engine.reconcile
+            )
+        ),
+        asyncio.create_task(
+            engine.run_forever("webhooks", config.outbox_interval, engine.webhooks.step)
+        ),
+        asyncio.create_task(
+            engine.run_forever(
+                "rent reconciler",
+                config.reconcile_interval,
+                functools.partial(reconcile_rents, engine.rentals),
             )
         ),
     ]

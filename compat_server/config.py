@@ -66,6 +66,7 @@ KEY_OPTIONS = (
     "budget",
     "max_active",
     "show_upstream_balance",
+    "webhook",
 )
 ROUTE_OPTIONS = ("providers", "service", "country", "strategy")
 BASE_PROVIDER_OPTIONS = ("min_interval", "poll_interval")  # read by Provider itself
@@ -83,6 +84,7 @@ class KeyConfig:
     budget: Decimal | None = None  # display currency; None = no limit
     max_active: int | None = None  # open activations at once; None = no limit
     show_upstream_balance: bool = True
+    webhook: str | None = field(default=None, repr=False)  # may carry credentials
 
     @functools.cached_property
     def key_id(self) -> str:
@@ -318,6 +320,12 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
         show = entry.get("show_upstream_balance", True)
         if not isinstance(show, bool):
             raise ConfigError(f"{where}.show_upstream_balance: must be true or false")
+        webhook = entry.get("webhook")
+        if webhook is not None and (
+            not isinstance(webhook, str)
+            or not re.fullmatch(r"https?://[^/\s?#]+\S*", webhook.strip())
+        ):
+            raise ConfigError(f"{where}.webhook: must be an http(s) URL")
         keys.append(
             KeyConfig(
                 key.strip(),
@@ -328,6 +336,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
                 budget=budget,
                 max_active=max_active,
                 show_upstream_balance=show,
+                webhook=webhook.strip() if webhook else None,
             )
         )
     if len({k.key for k in keys}) != len(keys):

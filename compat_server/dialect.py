@@ -61,6 +61,24 @@ class Token(enum.Enum):
     ERROR_SQL = "ERROR_SQL"
     NO_ACTIVATIONS = "NO_ACTIVATIONS"
     OPERATORS_NOT_FOUND = "OPERATORS_NOT_FOUND"
+    CHANNELS_LIMIT = "CHANNELS_LIMIT"
+    NOT_AVAILABLE = "NOT_AVAILABLE"
+    NOT_INCOMING = "NOT_INCOMING"
+    INVALID_ACTIVATION_ID = "INVALID_ACTIVATION_ID"
+    WRONG_SECURITY = "WRONG_SECURITY"
+    RENEW_ACTIVATION_NOT_AVAILABLE = "RENEW_ACTIVATION_NOT_AVAILABLE"
+    NEW_ACTIVATION_IMPOSSIBLE = "NEW_ACTIVATION_IMPOSSIBLE"
+    # rent: sent inside {"status":"error","message":...}
+    OUT_OF_STOCK = "OUT_OF_STOCK"
+    NO_ID_RENT = "NO_ID_RENT"
+    INCORECT_STATUS = "INCORECT_STATUS"  # sic: spelt so on the wire
+    CANT_CANCEL = "CANT_CANCEL"
+    ALREADY_FINISH = "ALREADY_FINISH"
+    ALREADY_CANCEL = "ALREADY_CANCEL"
+    INVALID_TIME = "INVALID_TIME"
+    RENT_DIE = "RENT_DIE"
+    SERVER_ERROR = "SERVER_ERROR"
+    STATUS_FINISH = "STATUS_FINISH"
 
 
 # One token per concrete error class. Upstream trouble that reaches a non-purchase action
@@ -78,6 +96,7 @@ ERROR_TOKENS: Mapping[type[errors.CompatError], Token] = {
     errors.BadParameter: Token.ERROR_SQL,
     errors.ClientGone: Token.NO_NUMBERS,  # never read; logged as the outcome
     errors.NoNumbers: Token.NO_NUMBERS,
+    errors.ChannelsLimit: Token.CHANNELS_LIMIT,
     errors.NoBalance: Token.NO_BALANCE,
     errors.UnknownService: Token.BAD_SERVICE,
     errors.UpstreamAuth: Token.ERROR_SQL,
@@ -238,6 +257,23 @@ def money_number(value: Decimal) -> float:
 def token(kind: Token, *payload: object) -> str:
     """``KIND`` or ``KIND:a:b`` as sent on the wire."""
     return ":".join([kind.value, *map(str, payload)])
+
+
+def rent_error(kind: Token, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A rent action's error: ``{"status":"error","message":KIND}`` (+ ``info``)."""
+    body: dict[str, Any] = {"status": "error", "message": kind.value}
+    if info is not None:
+        body["info"] = info
+    return body
+
+
+def rent_token(exc: errors.CompatError) -> Token:
+    """The rent ``message`` for a provider failure (upstream trouble: SERVER_ERROR)."""
+    found = error_token(exc)
+    if found in (Token.NO_NUMBERS, Token.NO_BALANCE, Token.BAD_SERVICE,
+                 Token.CHANNELS_LIMIT):  # fmt: skip
+        return found
+    return Token.SERVER_ERROR
 
 
 def safe_code(code: str) -> str:

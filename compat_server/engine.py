@@ -33,6 +33,7 @@ from compat_server.errors import (
     UpstreamUncertain,
     UpstreamUnreachable,
 )
+from compat_server.rentals import Rentals
 from compat_server.routing import Breaker, Prices, Router, Upstreams
 from compat_server.store import (
     CANCELLED,
@@ -49,6 +50,7 @@ from compat_server.store import (
     OutboxOp,
     Store,
 )
+from compat_server.webhooks import Webhooks
 from providers.base import (
     BACKGROUND,
     BUDGET,
@@ -186,6 +188,8 @@ class Engine:
         self.abandoned_count = 0  # purchases whose client left before the answer
         self._timeless: set[tuple[str, str]] = set()  # orders logged as unclaimable
         self.on_purchase: Callable[[KeyConfig, Activation], None] | None = None
+        self.rentals = Rentals(self)
+        self.webhooks = Webhooks(self)
 
     @property
     def providers(self) -> Mapping[str, Provider]:
@@ -311,7 +315,9 @@ class Engine:
         async with self.store.lock(activation.id):
             if not activation.is_open or activation.upstream_id != ref.upstream_id:
                 return
-            await self.store.add_messages(activation, result.messages)
+            await self.store.add_messages(
+                activation, result.messages, self.webhooks.activation_rows(activation)
+            )
             if result.closed and activation.state == WAIT_CODE:
                 # the upstream ended the order without a code: nothing to cancel there
                 await self.store.set_state(activation, EXPIRED, self.clock())

@@ -96,6 +96,10 @@ class NoNumbers(ProviderError):
     """Definite refusal: no number in stock, or the waiting-numbers limit is reached."""
 
 
+class ChannelsLimit(NoNumbers):
+    """Definite refusal: the account has as many numbers waiting as the upstream allows."""
+
+
 class NoBalance(ProviderError):
     """Definite refusal: the upstream account cannot pay."""
 

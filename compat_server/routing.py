@@ -19,6 +19,7 @@ from typing import TypeVar
 from compat_server.budget import Budgets
 from compat_server.config import Config, KeyConfig, RouteConfig
 from compat_server.errors import (
+    ChannelsLimit,
     NoBalance,
     NoNumbers,
     NotSent,
@@ -484,6 +485,8 @@ class Router:
 def merge_refusals(refusals: Sequence[ProviderError]) -> ProviderError:
     """One answer for a route where every provider said no."""
     kinds = {type(r) for r in refusals}
+    if kinds == {ChannelsLimit}:
+        return ChannelsLimit("route", "waiting-numbers limit reached")
     if kinds and kinds <= {UnknownService}:
         return UnknownService("route", "no provider offers it")
     if NoBalance in kinds and NoNumbers not in kinds:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -18,10 +18,20 @@ from typing import Any
 import aiosqlite
 
 from providers.base import ActivationRef, Order, Purchase, Sms
+from providers.rental import RentPurchase, RentRef, RentSms
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FIRST_ID = 100_000  # ids look like real ones and stay far below 2**31
 MAX_ID = 2**31 - 1
+FIRST_RENT_ID = 5_000  # rent ids are their own space (a table of their own)
+
+# Rent states: active while the number is held; then finished, cancelled or expired.
+RENT_ACTIVE, RENT_FINISHED, RENT_CANCELLED, RENT_EXPIRED = (
+    "active",
+    "finished",
+    "cancelled",
+    "expired",
+)
 
 # Activation states. The first three are "open": an upstream order is alive.
 WAIT_CODE, CODE, WAIT_RETRY = "wait_code", "code", "wait_retry"
@@ -103,6 +113,63 @@ MIGRATIONS: dict[int, str] = {
         changed_at REAL NOT NULL
     );
     """,
+    3: """
+    CREATE TABLE rents (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        upstream_id TEXT NOT NULL,
+        phone TEXT NOT NULL,
+        service TEXT NOT NULL,
+        country INTEGER NOT NULL,
+        currency TEXT NOT NULL,
+        state TEXT NOT NULL,
+        extra TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        until REAL NOT NULL
+    );
+    CREATE INDEX rents_key ON rents(key_id, state);
+    CREATE TABLE rent_messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        rent_id INTEGER NOT NULL REFERENCES rents(id),
+        uid TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        text TEXT NOT NULL,
+        code TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        UNIQUE (rent_id, uid)
+    );
+    CREATE TABLE rent_attempts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        rent_id INTEGER,
+        order_json TEXT NOT NULL,
+        hours INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        price TEXT NOT NULL DEFAULT '',
+        cost TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX rent_attempts_rent ON rent_attempts(rent_id, state);
+    CREATE TABLE webhooks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_id TEXT NOT NULL,
+        source TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        last_error TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        UNIQUE (source)
+    );
+    CREATE INDEX webhooks_due ON webhooks(state, next_at);
+    """,
 }
 
 
@@ -159,6 +226,86 @@ class Activation:
             created_at=self.created_at,
             extra=dict(self.extra),
         )
+
+
+@dataclass
+class Rent:
+    """One number rented to a client, as stored."""
+
+    id: int
+    key_id: str
+    provider: str
+    upstream_id: str
+    phone: str
+    service: str
+    country: int
+    currency: str
+    state: str
+    created_at: float
+    updated_at: float
+    until: float
+    extra: dict[str, str] = field(default_factory=dict)
+    messages: list[RentMessage] = field(default_factory=list)
+
+    def ref(self) -> RentRef:
+        """What the provider needs to act on it."""
+        return RentRef(
+            upstream_id=self.upstream_id,
+            phone=self.phone,
+            service=self.service,
+            country=self.country,
+            created_at=self.created_at,
+            until=self.until,
+            extra=dict(self.extra),
+        )
+
+
+@dataclass
+class RentMessage:
+    """One SMS stored for a rent."""
+
+    uid: str
+    sender: str
+    text: str
+    code: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class RentAttempt:
+    """A rent attempt: the record written before a paid rent call."""
+
+    id: int
+    key_id: str
+    provider: str
+    order: dict[str, Any]  # service, country, hours, operators
+    state: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class RentPayment:
+    """A confirmed paid rent call (the rent itself or a prolongation)."""
+
+    kind: str  # rent | prolong
+    hours: int
+    cost: Decimal  # display currency
+    created_at: float
+
+
+# new messages -> (key id, source, payload) rows for the webhooks table
+WebhookRows = Callable[[Sequence[Any]], Iterable[tuple[str, str, dict[str, Any]]]]
+
+
+@dataclass(frozen=True)
+class WebhookJob:
+    """One queued webhook delivery."""
+
+    id: int
+    key_id: str
+    payload: dict[str, Any]
+    attempts: int
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -231,6 +378,11 @@ class Store:
                 await self._db.execute(
                     "INSERT INTO sqlite_sequence (name, seq) VALUES ('activations', ?)",
                     (FIRST_ID - 1,),
+                )
+            if target == 3:
+                await self._db.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('rents', ?)",
+                    (FIRST_RENT_ID - 1,),
                 )
             await self._db.execute(
                 "INSERT OR REPLACE INTO meta (name, value) VALUES ('version', ?)",
@@ -438,7 +590,8 @@ class Store:
         return result
 
     async def known_upstream_ids(self, provider: str) -> set[str]:
-        """Every upstream id (current or replaced) stored for a provider."""
+        """Every upstream id (current or replaced) stored for a provider, rents too
+        (smspva's rent.php sells both: a reconciler must never take a rent)."""
         async with self._db.execute(
             "SELECT upstream_id, extra FROM activations WHERE provider=?", (provider,)
         ) as cur:
@@ -449,6 +602,10 @@ class Store:
             known.update(
                 i for i in json.loads(extra).get("previous_ids", "").split(",") if i
             )
+        async with self._db.execute(
+            "SELECT upstream_id FROM rents WHERE provider=?", (provider,)
+        ) as cur:
+            known.update(row[0] for row in await cur.fetchall())
         return known
 
     # ---- activations --------------------------------------------------------------------
@@ -485,9 +642,16 @@ class Store:
         return int(row[0]) if row else 0
 
     async def add_messages(
-        self, activation: Activation, messages: Iterable[Sms]
+        self,
+        activation: Activation,
+        messages: Iterable[Sms],
+        webhooks: WebhookRows | None = None,
     ) -> bool:
-        """Append messages not seen before; a new one moves the state to CODE."""
+        """Append messages not seen before; a new one moves the state to CODE.
+
+        ``webhooks`` turns the new messages into queued deliveries, written in the
+        same transaction (an SMS is never stored without its webhook).
+        """
         seen = {m.uid for m in activation.messages}
         new = [m for m in messages if m.uid not in seen]
         if not new:
@@ -503,6 +667,8 @@ class Store:
                 "UPDATE activations SET state=?, updated_at=? WHERE id=?",
                 (state, new[-1].received_at, activation.id),
             )
+            if webhooks is not None:
+                await self._queue_webhooks(webhooks(new), new[-1].received_at)
             await self._db.commit()
         activation.messages.extend(
             Message(m.uid, m.text, m.code, m.received_at) for m in new
@@ -700,3 +866,256 @@ class Store:
         except Exception:
             return False
         return True
+
+    # ---- rents --------------------------------------------------------------------------
+
+    async def begin_rent_attempt(
+        self,
+        key_id: str,
+        provider: str,
+        kind: str,
+        order: dict[str, Any],
+        hours: int,
+        now: float,
+        rent_id: int | None = None,
+    ) -> int:
+        """Record that a paid rent call (rent or prolong) is about to be made."""
+        async with self._write:
+            cur = await self._db.execute(
+                "INSERT INTO rent_attempts (key_id, provider, kind, rent_id, order_json,"
+                " hours, state, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (key_id, provider, kind, rent_id, json.dumps(order), hours, PENDING,
+                 now, now),
+            )  # fmt: skip
+            await self._db.commit()
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    async def end_rent_attempt(
+        self,
+        attempt_id: int,
+        state: str,
+        detail: str,
+        now: float,
+        price: Decimal | None = None,
+        cost: Decimal | None = None,
+    ) -> None:
+        """Close a rent attempt: refused, uncertain, or confirmed (with its price)."""
+        async with self._write:
+            await self._db.execute(
+                "UPDATE rent_attempts SET state=?, detail=?, price=?, cost=?,"
+                " updated_at=? WHERE id=?",
+                (state, detail, "" if price is None else str(price),
+                 "" if cost is None else str(cost), now, attempt_id),
+            )  # fmt: skip
+            await self._db.commit()
+
+    async def complete_rent(
+        self,
+        attempt_id: int,
+        key_id: str,
+        provider: str,
+        currency: str,
+        service: str,
+        country: int,
+        purchase: RentPurchase,
+        cost: Decimal,
+        now: float,
+    ) -> Rent:
+        """Store a rented number (and confirm its attempt) atomically."""
+        extra = dict(purchase.extra)
+        async with self._write:
+            cur = await self._db.execute(
+                "INSERT INTO rents (key_id, provider, upstream_id, phone, service,"
+                " country, currency, state, extra, created_at, updated_at, until)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (key_id, provider, purchase.upstream_id, purchase.phone, service,
+                 country, currency, RENT_ACTIVE, json.dumps(extra), now, now,
+                 purchase.until),
+            )  # fmt: skip
+            rent_id = cur.lastrowid
+            assert rent_id is not None and rent_id < MAX_ID
+            await self._db.execute(
+                "UPDATE rent_attempts SET state=?, rent_id=?, price=?, cost=?,"
+                " updated_at=? WHERE id=?",
+                (CONFIRMED, rent_id, str(purchase.price), str(cost), now, attempt_id),
+            )
+            await self._db.commit()
+        return Rent(
+            rent_id, key_id, provider, purchase.upstream_id, purchase.phone, service,
+            country, currency, RENT_ACTIVE, now, now, purchase.until, extra,
+        )  # fmt: skip
+
+    async def _fetch_rents(self, query: str, args: Iterable[Any]) -> list[Rent]:
+        async with self._db.execute(query, tuple(args)) as cur:
+            rows = list(await cur.fetchall())
+        result = []
+        for row in rows:
+            rent = Rent(
+                id=row["id"],
+                key_id=row["key_id"],
+                provider=row["provider"],
+                upstream_id=row["upstream_id"],
+                phone=row["phone"],
+                service=row["service"],
+                country=row["country"],
+                currency=row["currency"],
+                state=row["state"],
+                created_at=row["created_at"],
+                updated_at=row["updated_at"],
+                until=row["until"],
+                extra=json.loads(row["extra"]),
+            )
+            async with self._db.execute(
+                "SELECT uid, sender, text, code, received_at FROM rent_messages"
+                " WHERE rent_id=? ORDER BY received_at, id",
+                (rent.id,),
+            ) as cur:
+                rent.messages = [RentMessage(*m) for m in await cur.fetchall()]
+            result.append(rent)
+        return result
+
+    async def get_rent(self, rent_id: int) -> Rent | None:
+        """A rent by id."""
+        found = await self._fetch_rents("SELECT * FROM rents WHERE id=?", (rent_id,))
+        return found[0] if found else None
+
+    async def rents_for_key(self, key_id: str, active_only: bool = True) -> list[Rent]:
+        """A key's rents, oldest first."""
+        if active_only:
+            return await self._fetch_rents(
+                "SELECT * FROM rents WHERE key_id=? AND state=? ORDER BY id",
+                (key_id, RENT_ACTIVE),
+            )
+        return await self._fetch_rents(
+            "SELECT * FROM rents WHERE key_id=? ORDER BY id", (key_id,)
+        )
+
+    async def active_rents(self) -> list[Rent]:
+        """Every rent whose number is still held."""
+        return await self._fetch_rents(
+            "SELECT * FROM rents WHERE state=? ORDER BY id", (RENT_ACTIVE,)
+        )
+
+    async def add_rent_messages(
+        self,
+        rent: Rent,
+        messages: Iterable[RentSms],
+        webhooks: WebhookRows | None = None,
+    ) -> list[RentMessage]:
+        """Append messages not seen before (with their webhooks); the new ones."""
+        seen = {m.uid for m in rent.messages}
+        new = [
+            RentMessage(m.uid, m.sender, m.text, m.code, m.received_at)
+            for m in messages
+            if m.uid not in seen
+        ]
+        if not new:
+            return []
+        async with self._write:
+            await self._db.executemany(
+                "INSERT OR IGNORE INTO rent_messages (rent_id, uid, sender, text, code,"
+                " received_at) VALUES (?,?,?,?,?,?)",
+                [
+                    (rent.id, m.uid, m.sender, m.text, m.code, m.received_at)
+                    for m in new
+                ],
+            )
+            if webhooks is not None:
+                await self._queue_webhooks(webhooks(new), new[-1].received_at)
+            await self._db.commit()
+        rent.messages.extend(new)
+        return new
+
+    async def set_rent_state(
+        self, rent: Rent, state: str, now: float, until: float | None = None
+    ) -> None:
+        """Change a rent's state (and its end, after a prolongation)."""
+        if until is not None:
+            rent.until = until
+        async with self._write:
+            await self._db.execute(
+                "UPDATE rents SET state=?, until=?, updated_at=? WHERE id=?",
+                (state, rent.until, now, rent.id),
+            )
+            await self._db.commit()
+        rent.state = state
+        rent.updated_at = now
+
+    async def rent_payments(self, rent_id: int) -> list[RentPayment]:
+        """The confirmed paid calls of a rent, oldest first."""
+        async with self._db.execute(
+            "SELECT kind, hours, cost, created_at FROM rent_attempts"
+            " WHERE rent_id=? AND state=? ORDER BY id",
+            (rent_id, CONFIRMED),
+        ) as cur:
+            rows = list(await cur.fetchall())
+        return [RentPayment(r[0], r[1], Decimal(r[2] or "0"), r[3]) for r in rows]
+
+    # ---- webhooks -----------------------------------------------------------------------
+
+    async def _queue_webhooks(
+        self, items: Iterable[tuple[str, str, dict[str, Any]]], now: float
+    ) -> None:
+        """Queue (key id, source, payload) deliveries inside the caller's transaction;
+        a source already queued is skipped (one SMS, one webhook)."""
+        rows = [
+            (k, src, json.dumps(p, ensure_ascii=False), now, now) for k, src, p in items
+        ]
+        if rows:
+            await self._db.executemany(
+                "INSERT OR IGNORE INTO webhooks (key_id, source, payload, next_at,"
+                " created_at) VALUES (?,?,?,?,?)",
+                rows,
+            )
+
+    async def due_webhooks(self, now: float, limit: int = 50) -> list[WebhookJob]:
+        """Pending deliveries whose time has come."""
+        async with self._db.execute(
+            "SELECT id, key_id, payload, attempts, created_at FROM webhooks"
+            " WHERE state='pending' AND next_at<=? ORDER BY next_at LIMIT ?",
+            (now, limit),
+        ) as cur:
+            rows = list(await cur.fetchall())
+        return [WebhookJob(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows]
+
+    async def webhook_done(self, job_id: int, state: str, error: str = "") -> None:
+        """Mark a delivery as delivered (or given up)."""
+        async with self._write:
+            await self._db.execute(
+                "UPDATE webhooks SET state=?, attempts=attempts+1, last_error=?"
+                " WHERE id=?",
+                (state, error[:200], job_id),
+            )
+            await self._db.commit()
+
+    async def webhook_failed(self, job_id: int, next_at: float, error: str) -> None:
+        """Reschedule a delivery after a failed attempt."""
+        async with self._write:
+            await self._db.execute(
+                "UPDATE webhooks SET attempts=attempts+1, next_at=?, last_error=?"
+                " WHERE id=?",
+                (next_at, error[:200], job_id),
+            )
+            await self._db.commit()
+
+    async def webhook_states(self) -> list[tuple[str, int, str]]:
+        """(source, attempts, state) of every delivery, oldest first."""
+        async with self._db.execute(
+            "SELECT source, attempts, state FROM webhooks ORDER BY id"
+        ) as cur:
+            return [tuple(r) for r in await cur.fetchall()]
+
+    async def rent_attempts(self, states: Iterable[str]) -> list[RentAttempt]:
+        """Rent (not prolong) attempts in the given states, oldest first."""
+        states = tuple(states)
+        placeholders = ",".join("?" * len(states))
+        async with self._db.execute(
+            "SELECT id, key_id, provider, order_json, state, created_at FROM"
+            f" rent_attempts WHERE kind='rent' AND state IN ({placeholders}) ORDER BY id",
+            states,
+        ) as cur:
+            rows = list(await cur.fetchall())
+        return [
+            RentAttempt(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows
+        ]

@@ -27,6 +27,7 @@ import httpx
 from compat_server.errors import (
     ConfigError,
     NotSent,
+    UnknownService,
     UpstreamUncertain,
     UpstreamUnreachable,
 )
@@ -223,6 +224,7 @@ class Provider(abc.ABC):
     default_poll_interval: ClassVar[float] = 3.0
     can_lookup: ClassVar[bool] = False  # lookup_purchases() is implemented
     can_cancel: ClassVar[bool] = True  # cancel() releases the number (and its money)
+    can_reactivate: ClassVar[bool] = False  # reactivate() is implemented
 
     def __init__(
         self,
@@ -310,6 +312,17 @@ class Provider(abc.ABC):
     def operators(self, country: int) -> list[str]:
         """sms-activate operator names selectable for a country."""
         return []
+
+    async def reactivate(self, ref: ActivationRef) -> Purchase:
+        """getExtraActivation: a new paid order on a used number (if can_reactivate).
+
+        Paid: never call it twice for one request; raises like buy().
+        """
+        raise UnknownService(self.name, "reactivation not offered")
+
+    async def service_offer(self, country: int, service: str) -> Offer | None:
+        """One service's offer when the bulk catalog lacks it (None: not on sale)."""
+        return None
 
     async def lookup_purchases(self, order: Order, since: float) -> list[Purchase]:
         """Orders made upstream for this order since ``since`` (for reconciliation)."""

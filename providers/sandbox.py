@@ -25,6 +25,19 @@ from providers.base import (
     Purchase,
     Sms,
 )
+from providers.rental import (
+    Rental,
+    RentOffer,
+    RentOrder,
+    RentPoll,
+    RentPurchase,
+    RentRef,
+    RentSms,
+)
+
+RENT_FULL = ("Full rent", Decimal("30.00"))  # "full": any sender, per RENT_BLOCK hours
+RENT_BLOCK = 4  # hours a service's price rents for; longer rents pay pro rata
+RENT_REFUND = 1200.0  # seconds in which a cancelled rent is refunded
 
 DEFAULT_SERVICES: dict[str, tuple[str, str, int]] = {
     # code: (name, price in the sandbox currency, stock)
@@ -81,8 +94,19 @@ class _Order:
     sms: list[Sms] = field(default_factory=list)
 
 
-class SandboxProvider(Provider):
-    """Everything from config, nothing from the network."""
+@dataclass
+class _Rent:
+    upstream_id: str
+    service: str
+    price: Decimal
+    created: float
+    until: float
+    closed: bool = False
+    got_sms: bool = False
+
+
+class SandboxProvider(Provider, Rental):
+    """Everything from config, nothing from the network; it rents numbers too."""
 
     type_name = "sandbox"
     currency = "RUB"
@@ -95,6 +119,8 @@ class SandboxProvider(Provider):
         "countries",
         "services",
         "price_drift",
+        "operators",
+        "rent_countries",
     )
 
     def __init__(
@@ -116,7 +142,20 @@ class SandboxProvider(Provider):
         # charged on top of the listed price: rehearses a price that moved between
         # the quote and the purchase
         self.price_drift = Decimal(str(_number(name, options, "price_drift", 0.0)))
+        operators = options.get("operators", [])
+        if not isinstance(operators, list) or not all(
+            isinstance(o, str) for o in operators
+        ):
+            raise ConfigError(f"providers.{name}.operators: must be a list of names")
+        self._operators = [o.lower() for o in operators]  # [] = any operator
         self._orders: dict[str, _Order] = {}
+        rent = options.get("rent_countries", countries)
+        if not isinstance(rent, list) or not all(isinstance(c, int) for c in rent):
+            raise ConfigError(
+                f"providers.{name}.rent_countries: must be a list of country ids"
+            )
+        self._rent_countries = rent
+        self._rents: dict[str, _Rent] = {}
 
     @classmethod
     def native_currency(cls, options: Mapping[str, Any]) -> str:
@@ -137,6 +176,9 @@ class SandboxProvider(Provider):
         if order.max_price is not None and price > order.max_price:
             raise NoNumbers(self.name, "price above maxPrice")
         price += self.price_drift
+        wanted = [o for o in order.operators if o != "any"]
+        if wanted and self._operators and not set(wanted) & set(self._operators):
+            raise NoNumbers(self.name, "no number of the requested operators")
         if self._balance < price:
             raise NoBalance(self.name, "sandbox balance")
         self._balance -= price
@@ -144,7 +186,9 @@ class SandboxProvider(Provider):
         now = self.clock()
         self._orders[upstream_id] = _Order(upstream_id, order.service, price, now, now)
         phone = self._phone(order)
-        operator = order.operators[0] if order.operators else "any"
+        operator = next(
+            (o for o in wanted if not self._operators or o in self._operators), "any"
+        )
         return Purchase(upstream_id, phone, price, operator)
 
     def _phone(self, order: Order) -> str:
@@ -218,6 +262,10 @@ class SandboxProvider(Provider):
         """The configured countries."""
         return list(self._countries)
 
+    def operators(self, country: int) -> list[str]:
+        """The configured operators ([] = numbers of any operator)."""
+        return list(self._operators) if country in self._countries else []
+
     async def lookup_purchases(self, order: Order, since: float) -> list[Purchase]:
         """Open sandbox orders for the service made since ``since``."""
         return [
@@ -225,6 +273,109 @@ class SandboxProvider(Provider):
             for o in self._orders.values()
             if o.service == order.service and o.created >= since and not o.closed
         ]
+
+    # ---- rent ---------------------------------------------------------------------
+
+    def rent_countries(self) -> list[int]:
+        """The configured ``rent_countries`` (default: every served country)."""
+        return list(self._rent_countries)
+
+    def _rent_table(self) -> dict[str, tuple[str, Decimal, int]]:
+        name, price = RENT_FULL
+        return {"full": (name, price, 50), **self._services}
+
+    async def rent_offers(self, country: int, hours: int) -> list[RentOffer]:
+        """Every configured service plus ``full``, priced pro rata for ``hours``."""
+        if country not in self._rent_countries:
+            return []
+        return [
+            RentOffer(code, _rent_price(price, hours), stock)
+            for code, (_, price, stock) in self._rent_table().items()
+        ]
+
+    async def rent(self, order: RentOrder) -> RentPurchase:
+        """A random number until now + hours; one SMS comes ``sms_delay`` s later."""
+        table = self._rent_table()
+        if order.country not in self._rent_countries or order.service not in table:
+            raise UnknownService(self.name, order.service)
+        _, per_block, stock = table[order.service]
+        if stock <= 0:
+            raise NoNumbers(self.name, order.service)
+        price = _rent_price(per_block, order.hours)
+        if self._balance < price:
+            raise NoBalance(self.name, "sandbox balance")
+        self._balance -= price
+        upstream_id = str(100_000_000 + secrets.randbelow(899_999_999))
+        now = self.clock()
+        until = now + order.hours * 3600
+        self._rents[upstream_id] = _Rent(upstream_id, order.service, price, now, until)
+        phone = self._phone(Order(order.service, order.country))
+        return RentPurchase(upstream_id, phone, price, until)
+
+    def _rent_of(self, ref: RentRef) -> _Rent:
+        known = self._rents.get(ref.upstream_id)
+        if known is None:  # after a restart: rebuild from what the store kept
+            known = _Rent(
+                ref.upstream_id, ref.service, Decimal(0), ref.created_at, ref.until
+            )
+            self._rents[ref.upstream_id] = known
+        known.until = max(known.until, ref.until)
+        return known
+
+    async def rent_poll(self, ref: RentRef) -> RentPoll:
+        """The one SMS, ``sms_delay`` seconds after the rent began (if still held)."""
+        rent = self._rent_of(ref)
+        now = self.clock()
+        at = rent.created + self.sms_delay
+        messages: tuple[RentSms, ...] = ()
+        if now >= at and at <= rent.until and not (rent.closed and not rent.got_sms):
+            rent.got_sms = True
+            seed = hashlib.sha256(f"rent:{rent.upstream_id}".encode()).hexdigest()
+            code = str(100_000 + int(seed[:8], 16) % 900_000)
+            name = self._rent_table().get(rent.service, ("the service",))[0]
+            text = f"Your {name} verification code is {code}"
+            messages = (RentSms(f"{rent.upstream_id}:1", text, code, at, "Sandbox"),)
+        return RentPoll(messages, closed=rent.closed or now >= rent.until)
+
+    async def rent_release(self, ref: RentRef) -> None:
+        """Close the rent (idempotent); refunded if no SMS had come yet."""
+        rent = self._rent_of(ref)
+        if (
+            not rent.closed
+            and not rent.got_sms
+            and self.clock() < rent.created + self.sms_delay
+        ):
+            self._balance += rent.price
+        rent.closed = True
+
+    async def rent_lookup(
+        self, country: int, service: str, since: float
+    ) -> list[RentPurchase] | None:
+        """Open sandbox rents of the service made since ``since``."""
+        return [
+            RentPurchase(r.upstream_id, "", r.price, r.until)
+            for r in self._rents.values()
+            if r.service == service and r.created >= since and not r.closed
+        ]
+
+    async def prolong_price(self, ref: RentRef, hours: int) -> Decimal:
+        """Pro rata, like the rent itself."""
+        _, per_block, _ = self._rent_table().get(ref.service, ("", Decimal(0), 0))
+        return _rent_price(per_block, hours)
+
+    async def prolong(self, ref: RentRef, hours: int) -> float:
+        """Pay and move ``until`` by ``hours``."""
+        rent = self._rent_of(ref)
+        price = await self.prolong_price(ref, hours)
+        if self._balance < price:
+            raise NoBalance(self.name, "sandbox balance")
+        self._balance -= price
+        rent.until += hours * 3600
+        return rent.until
+
+
+def _rent_price(per_block: Decimal, hours: int) -> Decimal:
+    return (per_block * hours / RENT_BLOCK).quantize(Decimal("0.01"))
 
 
 def _number(name: str, options: Mapping[str, Any], key: str, default: float) -> float:

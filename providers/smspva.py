@@ -38,6 +38,7 @@ from compat_server.errors import (
     UnknownService,
     UpstreamAuth,
     UpstreamUncertain,
+    UpstreamUnreachable,
 )
 from providers.base import (
     ActivationRef,
@@ -57,6 +58,15 @@ from providers.base import (
     url_option,
 )
 from providers.otp import extract_code
+from providers.rental import (
+    Rental,
+    RentOffer,
+    RentOrder,
+    RentPoll,
+    RentPurchase,
+    RentRef,
+    RentSms,
+)
 
 _TABLES: dict[str, Any] = json.loads(
     resources.files("providers").joinpath("data/smspva.json").read_text("utf-8")
@@ -69,6 +79,7 @@ RENT_EXCLUDED: frozenset[str] = frozenset(_TABLES["rent_excluded"])  # no VN, LA
 APIS = ("activation", "rent")
 RENT_DAYS = {"week": 7, "month": 30}  # "month" as 30 days: price_day x days [doc]
 POLL_FLOOR = 5.0  # seconds; the docs ask for 4-5 s between queries
+SINGLE_TTL_FACTOR = 5  # serviceprice answers live 5 x catalog_ttl (paced calls)
 LOOKUP_SLACK = 600.0  # seconds of clock skew tolerated when matching orders
 
 _OPT = re.compile(r"opt\d+")
@@ -99,8 +110,13 @@ class _Answer:
     error: str  # lower-cased free text from error/msg, for hints only
 
 
-class SmspvaProvider(Provider):
-    """An smspva account, selling through activation v2 or the rental API."""
+class SmspvaProvider(Provider, Rental):
+    """An smspva account, selling through activation v2 or the rental API.
+
+    With ``api: rent`` it also serves the dialect's rent family: rent.php rents by
+    whole weeks, so a rent of N hours buys ceil(N / 168) weeks (and says so in its
+    price and end date).
+    """
 
     type_name: ClassVar[str] = "smspva"
     currency: ClassVar[str] = "USD"
@@ -153,6 +169,11 @@ class SmspvaProvider(Provider):
         # activation v2: one price list for every country; counts per country
         self._prices: tuple[float, dict[tuple[str, str], Decimal]] | None = None
         self._counts: dict[str, tuple[float, dict[str, int]]] = {}
+        self._single: dict[tuple[str, str], tuple[float, Offer | None]] = {}
+        self._bulk_failed_at: float | None = None  # servicesprices/countnumbers failed
+        self._rent_weeks: dict[
+            tuple[str, int], tuple[float, dict[str, tuple[Decimal, int]]]
+        ] = {}
         # rental: getdata per country, priced for the configured period
         self._rent_offers: dict[str, tuple[float, dict[str, tuple[Decimal, int]]]] = {}
 
@@ -290,8 +311,18 @@ class SmspvaProvider(Provider):
         if self.api == "rent":
             priced = await self._rent_catalog(iso)
         else:
-            prices = await self._activation_prices()
-            counts = await self._activation_counts(iso)
+            # the bulk endpoints are undocumented: without them the catalog is empty
+            # and service_offer() asks the documented serviceprice per service
+            try:
+                prices = await self._activation_prices()
+            except (UpstreamUncertain, UpstreamUnreachable):
+                prices = {}
+                self._bulk_failed_at = self.clock()
+            try:
+                counts = await self._activation_counts(iso)
+            except (UpstreamUncertain, UpstreamUnreachable):
+                counts = {}
+                self._bulk_failed_at = self.clock()
             priced = {
                 opt: (price, counts.get(opt, 0))
                 for (where, opt), price in prices.items()
@@ -302,6 +333,41 @@ class SmspvaProvider(Provider):
             for code, opt in sorted(self.services.items())
             if opt in priced
         ]
+
+    async def service_offer(self, country: int, service: str) -> Offer | None:
+        """Activation: the documented ``serviceprice/{country}/{service}``, cached.
+
+        Asked for a service the bulk ``servicesprices``/``countnumbers`` did not
+        deliver, only while those failed lately (when they work, a service they do not
+        list is not on sale): paced calls are not spent on it otherwise. The count
+        comes from the answer, else from a cached countnumbers, else 0 (unknown).
+        Answers are kept SINGLE_TTL_FACTOR x catalog_ttl.
+        """
+        if self.api == "rent" or self._bulk_failed_at is None:
+            return None
+        try:
+            iso, opt = self._resolve(country, service)
+        except UnknownService:
+            return None
+        cached = self._single.get((iso, opt))
+        if cached and self.clock() - cached[0] < self.catalog_ttl * SINGLE_TTL_FACTOR:
+            return cached[1]
+        answer = await self._activation("GET", f"serviceprice/{iso}/{opt}")
+        offer = None
+        if answer.code == OK:
+            data = answer.data[0] if isinstance(answer.data, list) else answer.data
+            data = data if isinstance(data, dict) else {}
+            price = as_decimal(_first(data, "price", "cost"))
+            count = _count(_first(data, "count", "quantity", "totalCount"))
+            if count is None:
+                known = self._counts.get(iso)
+                count = known[1].get(opt, 0) if known else 0
+            if price is not None:
+                offer = Offer(service=service, price=price, count=count)
+        elif answer.code in AUTH_CODES:
+            raise self._activation_failure(answer, buying=False)
+        self._single[(iso, opt)] = (self.clock(), offer)
+        return offer
 
     async def lookup_purchases(self, order: Order, since: float) -> list[Purchase]:
         """Upstream orders for this service and country made since ``since``."""
@@ -406,6 +472,7 @@ class SmspvaProvider(Provider):
             raise self._activation_failure(answer, buying=False)
         prices = _parse_prices(answer.data)
         self._prices = (self.clock(), prices)
+        self._bulk_failed_at = None
         return prices
 
     async def _activation_counts(self, iso: str) -> dict[str, int]:
@@ -436,10 +503,16 @@ class SmspvaProvider(Provider):
         return _Answer(code, body.get("data"), error.lower())
 
     async def _buy_rent(
-        self, order: Order, iso: str, opt: str, price: Decimal | None
+        self,
+        order: Order,
+        iso: str,
+        opt: str,
+        price: Decimal | None,
+        period: tuple[str, int] | None = None,
     ) -> Purchase:
+        dtype, dcount = period or (self.dtype, self.dcount)
         created = await self._rent(
-            "create", dtype=self.dtype, dcount=self.dcount, country=iso, service=opt
+            "create", dtype=dtype, dcount=dcount, country=iso, service=opt
         )
         if created.code != 1:
             raise self._rent_refusal(created.error)
@@ -452,7 +525,7 @@ class SmspvaProvider(Provider):
         ccode = digits(data.get("ccode")) or self._dial(iso, order.country)
         until = as_int(data.get("until"))
         if until is None:  # estimate, so that poll() can still close the order
-            until = int(self.clock()) + self.rent_days * 86400
+            until = int(self.clock()) + RENT_DAYS[dtype] * dcount * 86400
         activated = "0"
         try:
             if (await self._rent("activate", id=order_id)).code == 1:
@@ -571,6 +644,146 @@ class SmspvaProvider(Provider):
             )
         return found
 
+    # ---- the dialect's rent family (api: rent) ---------------------------------------
+
+    def rent_countries(self) -> list[int]:
+        """Every rentable country when ``api`` is rent; [] otherwise."""
+        return self.countries() if self.api == "rent" else []
+
+    async def rent_offers(self, country: int, hours: int) -> list[RentOffer]:
+        """``getdata`` for the weeks covering ``hours``: price_day x days, count."""
+        iso = self._iso(country)
+        if iso is None or self.api != "rent":
+            return []
+        weeks = _weeks(hours)
+        cached = self._rent_weeks.get((iso, weeks))
+        if cached and self.clock() - cached[0] < self.catalog_ttl:
+            priced = cached[1]
+        else:
+            answer = await self._rent(
+                "getdata", country=iso, dtype="week", dcount=weeks
+            )
+            if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
+                raise UpstreamAuth(self.name, answer.error)
+            priced = _parse_getdata(answer.data, weeks * 7)
+            self._rent_weeks[(iso, weeks)] = (self.clock(), priced)
+        return [
+            RentOffer(service=code, price=priced[opt][0], count=priced[opt][1])
+            for code, opt in sorted(self.services.items())
+            if opt in priced
+        ]
+
+    async def _rent_price(self, country: int, service: str, hours: int) -> Decimal:
+        for offer in await self.rent_offers(country, hours):
+            if offer.service == service:
+                return offer.price
+        return Decimal(0)
+
+    async def rent(self, order: RentOrder) -> RentPurchase:
+        """``create`` for whole weeks, then ``activate``; paid at create."""
+        if self.api != "rent":
+            raise UnknownService(self.name, "this account sells activations")
+        iso, opt = self._resolve(order.country, order.service)
+        weeks = _weeks(order.hours)
+        try:
+            price = await self._rent_price(order.country, order.service, order.hours)
+        except (UpstreamUncertain, UpstreamUnreachable) as exc:
+            # only getdata failed: the paid create was never sent
+            raise UpstreamUnreachable(
+                self.name, f"price unknown: {exc.detail}"
+            ) from exc
+        bought = await self._buy_rent(
+            Order(order.service, order.country), iso, opt, price, ("week", weeks)
+        )
+        return RentPurchase(
+            upstream_id=bought.upstream_id,
+            phone=bought.phone,
+            price=bought.price,
+            until=float(bought.extra["until"]),
+            extra=bought.extra,
+        )
+
+    async def rent_poll(self, ref: RentRef) -> RentPoll:
+        """``sms``: every SMS with its sender; closed once ``until`` has passed."""
+        expired = self.clock() >= ref.until
+        try:
+            answer = await self._rent("sms", id=ref.upstream_id)
+        except ProviderError:
+            if expired:
+                return RentPoll(closed=True)
+            raise
+        if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
+            raise UpstreamAuth(self.name, answer.error)
+        messages = tuple(
+            RentSms(uid, text, _code_of(text), at, sender)
+            for uid, text, at, sender in self._rent_sms(answer.data)
+        )
+        return RentPoll(messages=messages, closed=expired)
+
+    async def rent_release(self, ref: RentRef) -> None:
+        """``delete``: a refund is not documented (and never reported)."""
+        answer = await self._rent("delete", id=ref.upstream_id)
+        if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
+            raise UpstreamAuth(self.name, answer.error)
+
+    async def rent_lookup(
+        self, country: int, service: str, since: float
+    ) -> list[RentPurchase] | None:
+        """rent.php ``orders`` of this service and country (see _lookup_rent)."""
+        if self.api != "rent":
+            return None
+        try:
+            iso, opt = self._resolve(country, service)
+        except UnknownService:
+            return []
+        found = await self._lookup_rent(Order(service, country), iso, opt, since)
+        return [
+            RentPurchase(
+                p.upstream_id,
+                p.phone,
+                p.price,
+                float(p.extra.get("until") or self.clock()),
+                p.extra,
+            )
+            for p in found
+        ]
+
+    async def prolong_price(self, ref: RentRef, hours: int) -> Decimal:
+        """The price of the weeks covering ``hours`` (getdata)."""
+        return await self._rent_price(ref.country, ref.service, hours)
+
+    async def prolong(self, ref: RentRef, hours: int) -> float:
+        """``prolong`` by whole weeks; status 0 means nothing was charged."""
+        weeks = _weeks(hours)
+        answer = await self._rent(
+            "prolong", id=ref.upstream_id, dtype="week", dcount=weeks
+        )
+        if answer.code != 1:
+            raise self._rent_refusal(answer.error)
+        return ref.until + weeks * 7 * 86400
+
+    def _rent_sms(self, data: Any) -> list[tuple[str, str, float, str]]:
+        """(uid, text, date, sender) of an ``sms`` answer, in either documented shape."""
+        if isinstance(data, dict):
+            data = _first(data, "SmsList", "smsList", "sms")
+        found = []
+        for item in data if isinstance(data, list) else []:
+            if not isinstance(item, dict):
+                continue
+            text = as_text(item.get("text"))
+            if not text:
+                continue
+            stamp = _timestamp(item.get("date"))
+            found.append(
+                (
+                    f"{as_text(item.get('date'))}:{text}",
+                    text,
+                    self.clock() if stamp is None else stamp,
+                    as_text(item.get("sender")),
+                )
+            )
+        return found
+
     # ---- tables ---------------------------------------------------------------------
 
     def _iso(self, country: int) -> str | None:
@@ -600,10 +813,34 @@ class SmspvaProvider(Provider):
             offers = self._rent_offers.get(iso)
             offer = offers[1].get(opt) if offers else None
             return offer[0] if offer else None
-        return self._prices[1].get((iso, opt)) if self._prices else None
+        price = self._prices[1].get((iso, opt)) if self._prices else None
+        single = self._single.get((iso, opt))
+        if price is None and single and single[1] is not None:
+            price = single[1].price
+        return price
 
 
 # ---- option parsing ------------------------------------------------------------------
+
+
+def _weeks(hours: int) -> int:
+    """Whole weeks covering ``hours`` (rent.php rents by the week or month)."""
+    return max(1, -(-hours // 168))
+
+
+def _parse_getdata(data: Any, days: int) -> dict[str, tuple[Decimal, int]]:
+    """optNN -> (price_day x days, count) of a ``getdata`` answer."""
+    offers: dict[str, tuple[Decimal, int]] = {}
+    for item in _records(data, "services"):
+        opt = as_text(item.get("service"))
+        per_day = as_decimal(item.get("price_day"))
+        if not opt or per_day is None:
+            continue
+        count = _count(item.get("count"))
+        if count is None:
+            count = _count(item.get("totalCount")) or 0
+        offers[opt] = (per_day * days, count)
+    return offers
 
 
 def _rent_period(name: str, value: Any) -> tuple[str, int]:

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import httpx
 
 from compat_server.errors import (
+    ChannelsLimit,
     ConfigError,
     NoBalance,
     NoNumbers,
@@ -81,9 +82,8 @@ _BALANCE_HINTS = re.compile(
     r"\bso du\b|\bbalance\b|\bkhong du tien\b|\bnap (?:them )?tien|\bfunds?\b"
     r"|\bmoney\b"
 )
-_STOCK_HINTS = re.compile(
-    r"\bhet\b|\bkho so\b|\blimit\b|\btoi da\b|\bstock\b|\bout of\b|\bno numbers?\b"
-)
+_LIMIT_HINTS = re.compile(r"\blimit\b|\btoi da\b")  # "at most $ numbers waiting"
+_STOCK_HINTS = re.compile(r"\bhet\b|\bkho so\b|\bstock\b|\bout of\b|\bno numbers?\b")
 _SERVICE_HINTS = re.compile(
     r"\bung dung\b|\bkhong ton tai\b|\btam ngung\b|\bservice\b|\bdich vu\b"
 )
@@ -190,6 +190,7 @@ class ThuecodesimProvider(Provider):
     )
     can_lookup: ClassVar[bool] = True
     can_cancel: ClassVar[bool] = False  # no cancel endpoint: a number bought is spent
+    can_reactivate: ClassVar[bool] = True  # request/getv2 with number= re-rents it
 
     def __init__(
         self,
@@ -296,6 +297,10 @@ class ThuecodesimProvider(Provider):
         """A new paid re-rent of the same number when ``rerent_on_retry``; else None."""
         if not self.rerent_on_retry:
             return None
+        return await self.reactivate(ref)
+
+    async def reactivate(self, ref: ActivationRef) -> Purchase:
+        """A new paid order on the same number (``number=``): getExtraActivation."""
         spec = self._country(ref.country)
         service_id = ref.extra.get("service_id", "")
         entries = await self._catalog_before_buying(spec)
@@ -647,6 +652,8 @@ def classify_failure(message: str) -> type[ProviderError]:
         return UpstreamAuth
     if _BALANCE_HINTS.search(folded):
         return NoBalance
+    if _LIMIT_HINTS.search(folded):
+        return ChannelsLimit
     if _STOCK_HINTS.search(folded):
         return NoNumbers
     if _SERVICE_HINTS.search(folded):

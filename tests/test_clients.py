@@ -75,7 +75,7 @@ def _country(cid: int, rus: str, eng: str) -> dict[str, Any]:
         "chn": eng,
         "visible": 1,
         "retry": 1,
-        "rent": 0,
+        "rent": 1,  # the sandbox rents in every country it serves
         "multiService": 0,
     }
 

@@ -60,7 +60,7 @@ async def buy(client: TestClient, service: str = "tg", country: int = 10) -> int
         ({"action": "getBalance", "api_key": "wrong"}, "BAD_KEY"),
         ({"action": "getBalance", "api_key": "x" * 300}, "BAD_KEY"),
         ({"api_key": KEY}, "BAD_ACTION"),
-        ({"api_key": KEY, "action": "getRentNumber"}, "BAD_ACTION"),
+        ({"api_key": KEY, "action": "buyPartnerProduct"}, "BAD_ACTION"),
         ({"api_key": KEY, "action": "getbalance"}, "BAD_ACTION"),
         ({"api_key": "wrong", "action": "nonsense"}, "BAD_KEY"),
     ],
@@ -418,9 +418,9 @@ async def test_get_numbers_status(shop: TestClient) -> None:
 async def test_get_countries(shop: TestClient) -> None:
     assert await call(shop, action="getCountries") == (200, JSON, json.dumps({
         "0": {"id": 0, "rus": "Россия", "eng": "Russia", "chn": "Russia", "visible": 1,
-              "retry": 1, "rent": 0, "multiService": 0},
+              "retry": 1, "rent": 1, "multiService": 0},
         "10": {"id": 10, "rus": "Вьетнам", "eng": "Vietnam", "chn": "Vietnam", "visible": 1,
-               "retry": 1, "rent": 0, "multiService": 0},
+               "retry": 1, "rent": 1, "multiService": 0},
     }, ensure_ascii=False, separators=(",", ":")))  # fmt: skip
 
 

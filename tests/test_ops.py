@@ -75,10 +75,11 @@ def test_sections_reject_typos_and_out_of_range(
     [
         ({"providers": {"sandbox": {"type": "sandbox", "sms_delai": 5}}},
          "providers.sandbox.sms_delai: unknown option (known: balance, countries, currency,"
-         " markup, min_interval, poll_interval, price_drift, services, sms_delay, type)"),
+         " markup, min_interval, operators, poll_interval, price_drift, rent_countries,"
+         " services, sms_delay, type)"),
         ({"keys": [{"key": KEY, "providers": ["sandbox"], "budgett": 5}]},
          "keys[0].budgett: unknown option (known: alias, budget, default_country, key,"
-         " max_active, providers, routes, show_upstream_balance)"),
+         " max_active, providers, routes, show_upstream_balance, webhook)"),
         ({"keys": [{"key": KEY, "providers": ["sandbox"], "budget": -1}]},
          "keys[0].budget: must not be negative"),
         ({"keys": [{"key": KEY, "providers": ["sandbox"], "max_active": 0}]},

@@ -63,12 +63,12 @@ async def test_purchase_is_committed_before_the_answer(
 async def test_schema_version_is_recorded(store_path: str) -> None:
     store = await Store.open(store_path)
     try:
-        assert await store.schema_version() == SCHEMA_VERSION == 2
+        assert await store.schema_version() == SCHEMA_VERSION == 3
     finally:
         await store.close()
     with sqlite3.connect(store_path) as db:
         assert db.execute("SELECT value FROM meta WHERE name='version'").fetchone() == (
-            "2",
+            "3",
         )
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
@@ -86,7 +86,7 @@ async def test_version_1_database_is_migrated(store_path: str) -> None:
         )
     store = await Store.open(store_path)
     try:
-        assert await store.schema_version() == 2
+        assert await store.schema_version() == 3  # rents (3) added on the way
         kept = await store.get(100000)
         assert kept is not None and (kept.phone, kept.state) == (
             "84900000000",

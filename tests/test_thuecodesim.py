@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from compat_server.errors import (
+    ChannelsLimit,
     ConfigError,
     NoBalance,
     NoNumbers,
@@ -145,7 +146,7 @@ def test_facts(stack: Stack) -> None:
         ("Insufficient balance", NoBalance),
         ("Not enough funds", NoBalance),
         ("Kho số đang tạm hết, vui lòng liên hệ hỗ trợ", NoNumbers),
-        ("Limit exceeded, tối đa 5 số chờ tin nhắn", NoNumbers),
+        ("Limit exceeded, tối đa 5 số chờ tin nhắn", ChannelsLimit),
         ("Ứng dụng không tồn tại hoặc đang tạm ngưng", UnknownService),
         ("Service not found", UnknownService),
         ("Có lỗi", NoNumbers),
@@ -296,7 +297,7 @@ async def test_buy_refuses_an_operator_of_another_country(stack: Stack) -> None:
         ("no_balance", NoBalance),
         ("bad_service", UnknownService),
         ("bad_token", UpstreamAuth),
-        ("limit", NoNumbers),
+        ("limit", ChannelsLimit),
         ("error", NoNumbers),
         ("not_envelope", UpstreamUncertain),
     ],

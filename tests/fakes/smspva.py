@@ -77,6 +77,7 @@ class FakeSmspva(FakeUpstream):
         self.activation_stock = dict(ACTIVATION_STOCK)  # tests may move prices
         self.rent_stock = dict(RENT_STOCK)
         self.orders_dated = True  # activation orders carry createdAt (undocumented)
+        self.missing_bulk = False  # servicesprices/countnumbers answer 404 (gone)
         super().__init__()
 
     def setup_routes(self, app: web.Application) -> None:
@@ -92,6 +93,7 @@ class FakeSmspva(FakeUpstream):
         add("GET", "/activation/servicesprices", self.act_prices)
         add("GET", "/activation/countnumbers/{country}", self.act_counts)
         add("GET", "/activation/orders", self.act_orders)
+        add("GET", "/activation/serviceprice/{country}/{service}", self.act_price)
         add("GET", "/api/rent.php", self.rent)
 
     # ---- test controls ---------------------------------------------------------------
@@ -223,10 +225,26 @@ class FakeSmspva(FakeUpstream):
         order.state = "cancelled"
         return self._act(200, {"orderId": int(order.id)})
 
+    async def act_price(self, request: web.Request) -> web.Response:
+        """GET serviceprice/{country}/{service}: the documented per-service price.
+
+        The exact data shape is not in our sources: price and count are assumed.
+        """
+        if refused := self._act_auth(request):
+            return refused
+        where = (request.match_info["country"], request.match_info["service"])
+        if where not in ACTIVATION_STOCK:
+            return self._act(406, error="Service not found")
+        data = {"country": where[0], "service": where[1], "price": ACTIVATION_STOCK[where],
+                "count": 17}  # fmt: skip
+        return self._act(200, data)
+
     async def act_prices(self, request: web.Request) -> web.Response:
         """GET servicesprices: every (country, service) on sale."""
         if refused := self._act_auth(request):
             return refused
+        if self.missing_bulk:
+            return web.Response(status=404, text="Not Found")
         data = [
             {"country": country, "service": service, "price": price}
             for (country, service), price in self.activation_stock.items()
@@ -237,6 +255,8 @@ class FakeSmspva(FakeUpstream):
         """GET countnumbers/{country}: stock per service and operator."""
         if refused := self._act_auth(request):
             return refused
+        if self.missing_bulk:
+            return web.Response(status=404, text="Not Found")
         country = request.match_info["country"]
         data = {
             service: {"any": 40, "mts": 2}
@@ -382,6 +402,22 @@ class FakeSmspva(FakeUpstream):
             and order.state not in ("cancelled", "expired")
         ]
         return web.json_response({"status": 1, "data": data})
+
+    def rent_prolong(self, query: Any) -> web.Response:
+        """prolong: charges price_day x days, only when fewer than 7 days are left."""
+        order = self._rent_order(query)
+        if order is None or order.state in ("cancelled", "expired"):
+            return _fail("Order not found")
+        days = RENT_DAYS.get(query.get("dtype", ""), 0) * int(query.get("dcount", "0"))
+        if order.until - self.now() >= 7 * 86400:
+            return _fail("You can prolong number only if before expiring date left less 7 days")
+        cost = RENT_STOCK[(order.country, order.service)] * days
+        if cost > self.balance:
+            return _fail("Balance is not enough")
+        self.balance = round(self.balance - cost, 4)
+        order.until += days * 86400
+        order.calls.append("prolong")
+        return web.json_response({"status": 1, "data": {"id": int(order.id)}})
 
     def rent_delete(self, query: Any) -> web.Response:
         """delete: ends the rental; an order already gone is an error."""

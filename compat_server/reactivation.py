@@ -1,0 +1,94 @@
+"""getExtraActivation / checkExtraActivation: a new order on a number that already
+worked, where the backend offers it (thuecodesim re-rents with ``number=``).
+
+Paid like getNumber: the attempt is stored before the call, a definite refusal buys
+nothing, an unknown outcome is left to the reconciler and never retried.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from compat_server.config import KeyConfig
+from compat_server.errors import (
+    NoBalance,
+    NoNumbers,
+    UnknownService,
+    UpstreamAuth,
+    UpstreamUncertain,
+    UpstreamUnreachable,
+)
+from compat_server.store import CODE, FINISHED, REFUSED, UNCERTAIN, Activation
+from providers.base import Order
+
+if TYPE_CHECKING:
+    from compat_server.engine import Engine
+
+log = logging.getLogger("compat_server")
+
+
+class NotReactivatable(Exception):
+    """The parent cannot be re-activated (backend, or its state)."""
+
+
+def can_reactivate(engine: Engine, parent: Activation) -> bool:
+    """The parent's backend offers it, and the number did receive a code."""
+    provider = engine.providers.get(parent.provider)
+    got_code = bool(parent.messages) and parent.state in (FINISHED, CODE)
+    return provider is not None and provider.can_reactivate and got_code
+
+
+async def price(engine: Engine, parent: Activation) -> Decimal:
+    """The display price of a new order for the parent's service and country."""
+    for offer in await engine.offers(parent.provider, parent.country):
+        if offer.service == parent.service:
+            return engine.prices.display(parent.provider, offer.price)
+    return parent.cost
+
+
+async def reactivate(engine: Engine, key: KeyConfig, parent: Activation) -> Activation:
+    """Buy a new order on the parent's number; stored before this returns.
+
+    Raises NotReactivatable, NoBalance or NoNumbers (also for an unknown outcome).
+    """
+    if not can_reactivate(engine, parent):
+        raise NotReactivatable()
+    name = parent.provider
+    provider = engine.providers[name]
+    order = Order(service=parent.service, country=parent.country)
+    attempt = await engine.store.begin_purchase(key.key_id, name, order, engine.clock())
+    engine.router.in_flight[attempt] = name
+    try:
+        try:
+            purchase = await engine.upstreams.call(
+                name, "reactivate", functools.partial(provider.reactivate, parent.ref())
+            )
+        except (NoNumbers, NoBalance, UnknownService, UpstreamUnreachable,
+                UpstreamAuth) as exc:  # fmt: skip
+            await engine.store.end_purchase(
+                attempt, REFUSED, type(exc).__name__, engine.clock()
+            )
+            raise
+        except UpstreamUncertain as exc:
+            await engine.store.end_purchase(
+                attempt, UNCERTAIN, exc.detail, engine.clock()
+            )
+            log.warning(
+                "reactivate id=%d provider=%s outcome unknown: not retried, attempt %d"
+                " left to the reconciler",
+                parent.id, name, attempt,
+            )  # fmt: skip
+            raise NoNumbers(name, "reactivation outcome unknown") from exc
+        activation = await engine.store.complete_purchase(
+            attempt, key.key_id, name,
+            type(provider).native_currency(provider.options), order, purchase,
+            engine.prices.display(name, purchase.price), engine.clock(),
+            engine.config.lifetime,
+        )  # fmt: skip
+    finally:
+        engine.router.in_flight.pop(attempt, None)
+    log.info("reactivate id=%d -> id=%d provider=%s", parent.id, activation.id, name)
+    return activation

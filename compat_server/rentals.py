@@ -1,0 +1,379 @@
+"""Rents: numbers held for hours, for any sender's SMS (the dialect's rent family).
+
+Rents are their own id space (the store's ``rents`` table). Money follows the purchase
+rules: a rent attempt is stored before each paid call (rent, prolong), a definite
+refusal moves on to the next renting provider, and an unknown outcome stops there, is
+recorded as uncertain and is never retried blindly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from compat_server.config import KeyConfig
+from compat_server.errors import (
+    NoBalance,
+    NoNumbers,
+    ProviderError,
+    UnknownService,
+    UpstreamAuth,
+    UpstreamUncertain,
+    UpstreamUnreachable,
+)
+from compat_server.routing import merge_refusals
+from compat_server.store import (
+    CONFIRMED,
+    PENDING,
+    RECONCILED,
+    REFUSED,
+    RENT_ACTIVE,
+    RENT_CANCELLED,
+    RENT_EXPIRED,
+    RENT_FINISHED,
+    UNCERTAIN,
+    Rent,
+    RentMessage,
+)
+from providers.base import Provider
+from providers.rental import Rental, RentOffer, RentOrder
+
+if TYPE_CHECKING:
+    from compat_server.engine import Engine
+
+log = logging.getLogger("compat_server")
+
+CANCEL_WINDOW = 1200.0  # seconds after the start in which a rent may be cancelled
+RECONCILE_WINDOW = 900.0  # seconds an uncertain rent is looked for upstream
+RECONCILE_WINDOW = 900.0  # seconds an uncertain rent is looked for upstream
+REFUSALS = (NoNumbers, NoBalance, UnknownService, UpstreamUnreachable, UpstreamAuth)
+
+
+class RentClosed(Exception):
+    """The rent is over (its state says how)."""
+
+
+class CantCancel(Exception):
+    """A cancel came after CANCEL_WINDOW."""
+
+
+@dataclass(frozen=True)
+class RentStock:
+    """A service rentable for some hours: lowest display price, total stock."""
+
+    cost: Decimal
+    count: int
+
+
+class Rentals:
+    """Every rent operation of the engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._last_poll: dict[int, float] = {}
+        self._in_flight: set[int] = set()  # rent attempts whose call is running
+
+    def renters(self, key: KeyConfig, country: int | None = None) -> list[str]:
+        """The key's providers that rent (in ``country``, if given), in order."""
+        names = []
+        for name in self.engine.key_providers(key):
+            provider = self.engine.providers[name]
+            if not isinstance(provider, Rental):
+                continue
+            countries = provider.rent_countries()
+            if countries and (country is None or country in countries):
+                names.append(name)
+        return names
+
+    def countries(self, key: KeyConfig) -> list[int]:
+        """Countries where the key can rent."""
+        found: set[int] = set()
+        for name in self.renters(key):
+            found.update(_renter(self.engine.providers[name]).rent_countries())
+        return sorted(found)
+
+    async def stock(
+        self, key: KeyConfig, country: int, hours: int
+    ) -> dict[str, RentStock]:
+        """service -> lowest display price and total count for ``hours`` in a country."""
+        merged: dict[str, RentStock] = {}
+        for name in self.renters(key, country):
+            provider = _renter(self.engine.providers[name])
+            offers: list[RentOffer] = await self.engine.catalog.get(
+                ("rent", name, country, hours),
+                functools.partial(
+                    self.engine.upstreams.call,
+                    name,
+                    "rent_offers",
+                    functools.partial(provider.rent_offers, country, hours),
+                ),
+                [],
+            )
+            for offer in offers:
+                cost = self.engine.prices.display(name, offer.price)
+                old = merged.get(offer.service)
+                if old is None:
+                    merged[offer.service] = RentStock(cost, offer.count)
+                else:
+                    merged[offer.service] = RentStock(
+                        min(old.cost, cost), old.count + offer.count
+                    )
+        return merged
+
+    async def rent(self, key: KeyConfig, order: RentOrder) -> Rent:
+        """Rent one number; stored before this returns. Raises ProviderError."""
+        engine = self.engine
+        refusals: list[ProviderError] = []
+        for name in self.renters(key, order.country):
+            provider = _renter(engine.providers[name])
+            native = type(engine.providers[name]).native_currency(
+                engine.providers[name].options
+            )
+            attempt = await engine.store.begin_rent_attempt(
+                key.key_id,
+                name,
+                "rent",
+                _order_json(order),
+                order.hours,
+                engine.clock(),
+            )
+            # in flight until stored: no reconciler may take this number for an orphan
+            engine.router.in_flight[-attempt] = name
+            self._in_flight.add(attempt)
+            try:
+                try:
+                    purchase = await engine.upstreams.call(
+                        name, "rent", functools.partial(provider.rent, order)
+                    )
+                except REFUSALS as exc:
+                    await engine.store.end_rent_attempt(
+                        attempt, REFUSED, type(exc).__name__, engine.clock()
+                    )
+                    refusals.append(exc)
+                    continue
+                except UpstreamUncertain as exc:
+                    await engine.store.end_rent_attempt(
+                        attempt, UNCERTAIN, exc.detail, engine.clock()
+                    )
+                    log.error(
+                        "rent provider=%s outcome unknown (%s): not retried; rent attempt"
+                        " %d needs checking on the account by hand",
+                        name,
+                        exc.detail,
+                        attempt,
+                    )
+                    raise NoNumbers(name, "rent outcome unknown") from exc
+                cost = engine.prices.display(name, purchase.price)
+                rent = await engine.store.complete_rent(
+                    attempt, key.key_id, name, native, order.service, order.country,
+                    purchase, cost, engine.clock(),
+                )  # fmt: skip
+                log.info(
+                    "rent id=%d provider=%s service=%s country=%d hours=%d",
+                    rent.id, name, order.service, order.country, order.hours,
+                )  # fmt: skip
+                return rent
+            finally:
+                engine.router.in_flight.pop(-attempt, None)
+                self._in_flight.discard(attempt)
+        raise merge_refusals(refusals)
+
+    async def refresh(self, rent: Rent) -> list[RentMessage]:
+        """Poll an active rent (at most once per poll interval); the new messages."""
+        if rent.state != RENT_ACTIVE:
+            return []
+        engine = self.engine
+        if engine.clock() >= rent.until:
+            await self._poll(rent)  # the SMS of its last minutes still count
+            if rent.state == RENT_ACTIVE:
+                await engine.store.set_rent_state(rent, RENT_EXPIRED, engine.clock())
+            return []
+        return await self._poll(rent)
+
+    async def _poll(self, rent: Rent) -> list[RentMessage]:
+        engine = self.engine
+        base = engine.providers.get(rent.provider)
+        if base is None:
+            return []
+        now = engine.clock()
+        if now - self._last_poll.get(rent.id, -1e18) < base.poll_interval:
+            return []
+        self._last_poll[rent.id] = now
+        provider = _renter(base)
+        ref = rent.ref()
+        try:
+            result = await engine.upstreams.call(
+                rent.provider, "rent_poll", lambda: provider.rent_poll(ref)
+            )
+        except ProviderError as exc:
+            log.info(
+                "rent poll id=%d provider=%s failed: %s",
+                rent.id, rent.provider, type(exc).__name__,
+            )  # fmt: skip
+            return []
+        new = await engine.store.add_rent_messages(
+            rent, result.messages, engine.webhooks.rent_rows(rent)
+        )
+        if result.closed and rent.state == RENT_ACTIVE:
+            await engine.store.set_rent_state(rent, RENT_EXPIRED, engine.clock())
+        return new
+
+    async def release(self, rent: Rent, cancel: bool) -> None:
+        """setRentStatus 1 (finish) or 2 (cancel). Raises RentClosed, CantCancel or
+        ProviderError (the rent then stays as it was)."""
+        engine = self.engine
+        if rent.state == RENT_ACTIVE and engine.clock() >= rent.until:
+            await engine.store.set_rent_state(rent, RENT_EXPIRED, engine.clock())
+        if rent.state != RENT_ACTIVE:
+            raise RentClosed(rent.state)
+        if cancel and engine.clock() - rent.created_at > CANCEL_WINDOW:
+            raise CantCancel()
+        provider = _renter(engine.providers[rent.provider])
+        ref = rent.ref()
+        await engine.upstreams.call(
+            rent.provider, "rent_release", lambda: provider.rent_release(ref)
+        )
+        state = RENT_CANCELLED if cancel else RENT_FINISHED
+        await engine.store.set_rent_state(rent, state, engine.clock())
+
+    async def prolong_price(self, rent: Rent, hours: int) -> Decimal:
+        """What prolonging costs, display currency."""
+        provider = _renter(self.engine.providers[rent.provider])
+        ref = rent.ref()
+        native = await self.engine.upstreams.call(
+            rent.provider, "prolong_price", lambda: provider.prolong_price(ref, hours)
+        )
+        return self.engine.prices.display(rent.provider, native)
+
+    async def prolong(self, key: KeyConfig, rent: Rent, hours: int) -> None:
+        """Pay for ``hours`` more (attempt stored first, never retried blindly)."""
+        engine = self.engine
+        if rent.state == RENT_ACTIVE and engine.clock() >= rent.until:
+            await engine.store.set_rent_state(rent, RENT_EXPIRED, engine.clock())
+        if rent.state != RENT_ACTIVE:
+            raise RentClosed(rent.state)
+        provider = _renter(engine.providers[rent.provider])
+        ref = rent.ref()
+        price = await self.prolong_price(rent, hours)
+        attempt = await engine.store.begin_rent_attempt(
+            key.key_id, rent.provider, "prolong", {"rent": rent.id}, hours,
+            engine.clock(), rent_id=rent.id,
+        )  # fmt: skip
+        try:
+            until = await engine.upstreams.call(
+                rent.provider, "prolong", lambda: provider.prolong(ref, hours)
+            )
+        except UpstreamUncertain as exc:
+            await engine.store.end_rent_attempt(
+                attempt, UNCERTAIN, exc.detail, engine.clock()
+            )
+            log.error(
+                "prolong rent id=%d provider=%s outcome unknown: not retried",
+                rent.id, rent.provider,
+            )  # fmt: skip
+            raise
+        except ProviderError as exc:
+            await engine.store.end_rent_attempt(
+                attempt, REFUSED, type(exc).__name__, engine.clock()
+            )
+            raise
+        await engine.store.end_rent_attempt(
+            attempt, CONFIRMED, "", engine.clock(), cost=price
+        )
+        await engine.store.set_rent_state(rent, RENT_ACTIVE, engine.clock(), until)
+
+
+async def reconcile(rentals: Rentals) -> int:
+    """Look upstream for rents whose purchase outcome was unknown; returns orphans.
+
+    An unowned upstream rent is stored (cancelled) under the attempt's key and given
+    back; one rent per attempt, so rents bought elsewhere on the account are spared.
+    """
+    engine = rentals.engine
+    store = engine.store
+    now = engine.clock()
+    orphans = 0
+    for attempt in await store.rent_attempts([UNCERTAIN, PENDING]):
+        if attempt.id in rentals._in_flight:
+            continue
+        if attempt.state == PENDING and now - attempt.created_at < 60:
+            continue  # maybe a rent of this process between its record and its call
+        base = engine.providers.get(attempt.provider)
+        if base is None or not isinstance(base, Rental):
+            continue
+        service, country = attempt.order["service"], attempt.order["country"]
+        try:
+            found = await engine.upstreams.call(
+                attempt.provider,
+                "rent_lookup",
+                functools.partial(
+                    base.rent_lookup, country, service, attempt.created_at - 60
+                ),
+            )
+        except ProviderError as exc:
+            log.info("rent reconcile lookup failed: %s", type(exc).__name__)
+            continue
+        if engine.router.in_flight or rentals._in_flight:
+            return orphans  # a concurrent buy could look like an orphan: next round
+        known = await store.known_upstream_ids(attempt.provider)
+        unknown = [p for p in found or [] if p.upstream_id not in known]
+        if unknown:
+            purchase = unknown[0]
+            native = type(base).native_currency(base.options)
+            rent = await store.complete_rent(
+                attempt.id, attempt.key_id, attempt.provider, native, service,
+                country, purchase, engine.prices.display(attempt.provider, purchase.price),
+                now,
+            )  # fmt: skip
+            await store.set_rent_state(rent, RENT_CANCELLED, now)
+            await store.end_rent_attempt(
+                attempt.id, RECONCILED, "orphan given back", now, purchase.price
+            )
+            log.warning(
+                "rent reconcile provider=%s found an unowned rent: stored as rent"
+                " id=%d (cancelled), giving it back",
+                attempt.provider,
+                rent.id,
+            )
+            orphans += 1
+            try:
+                await engine.upstreams.call(
+                    attempt.provider,
+                    "rent_release",
+                    functools.partial(base.rent_release, rent.ref()),
+                )
+            except ProviderError as exc:
+                log.error(
+                    "rent id=%d provider=%s could not be given back (%s): release it"
+                    " on the account by hand",
+                    rent.id,
+                    attempt.provider,
+                    type(exc).__name__,
+                )
+        elif found is None or now - attempt.created_at > RECONCILE_WINDOW:
+            if found is None:
+                log.error(
+                    "provider=%s cannot list rents: rent attempt %d left unresolved,"
+                    " check the account by hand",
+                    attempt.provider,
+                    attempt.id,
+                )
+            await store.end_rent_attempt(attempt.id, RECONCILED, "nothing found", now)
+    return orphans
+
+
+def _renter(provider: Provider) -> Rental:
+    assert isinstance(provider, Rental)
+    return provider
+
+
+def _order_json(order: RentOrder) -> dict[str, object]:
+    return {
+        "service": order.service,
+        "country": order.country,
+        "hours": order.hours,
+        "operators": list(order.operators),
+    }
