@@ -50,6 +50,7 @@ def serve_forever(
 ) -> int:
     """Run the server until interrupted."""
     from compat_server.app import create_app
+    from compat_server.store import StoreError
 
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -67,6 +68,9 @@ def serve_forever(
             print=None,
             handle_signals=True,
         )
+    except StoreError as exc:  # before OSError: a locked store must not read as a port
+        print(f"sms-compat: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(
             f"sms-compat: cannot listen on {host}:{port}: {exc.strerror}",

@@ -87,6 +87,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8080
     store_path: str = "sms-compat.sqlite3"
+    store_busy_timeout: float = 5.0  # s a store write waits for another process's lock
     lifetime: float = 1200.0
     early_cancel: float = 0.0
     keys: tuple[KeyConfig, ...] = ()
@@ -267,6 +268,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
         host=str(server.get("host", "127.0.0.1")),
         port=_int(server.get("port", 8080), "server.port"),
         store_path=str(store.get("path", "sms-compat.sqlite3")),
+        store_busy_timeout=_float(store.get("busy_timeout", 5.0), "store.busy_timeout"),
         lifetime=_float(activation.get("lifetime", 1200), "activation.lifetime"),
         early_cancel=_float(
             activation.get("early_cancel", 0), "activation.early_cancel"
