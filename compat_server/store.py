@@ -46,6 +46,7 @@ MAX_ID = 2**31 - 1
 # 2026-01-01 00:00:00 UTC: a store created then starts at FIRST_ID
 ID_EPOCH = 1_767_225_600
 IDS_PER_SECOND = 2
+ID_CEILING = MAX_ID - 100_000_000  # the highest first id: room for 10**8 activations
 BUSY_TIMEOUT = 5.0  # s a write waits for another process's lock before failing
 WATCH_INTERVAL = 5.0  # s between checks of the file (and retries of held numbers)
 FILE_MODE = 0o600
@@ -140,7 +141,7 @@ class StoreError(Exception):
 def first_id(now: float) -> int:
     """The first activation id of a store created at ``now``."""
     seed = FIRST_ID + max(0, int(now) - ID_EPOCH) * IDS_PER_SECOND
-    return min(seed, MAX_ID // 2)  # a store created past 2058 still has room
+    return min(seed, ID_CEILING)  # a store created past 2058 still has room
 
 
 def _identity(path: str) -> tuple[int, int] | None:
@@ -165,6 +166,16 @@ def _prepare_file(path: str) -> None:
         finally:
             os.close(fd)
         return
+    if not os.access(path, os.W_OK):
+        raise StoreError(
+            f"store {path} is read-only: the server must be able to write it"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(f"{path}-wal") and not os.access(folder, os.W_OK):
+        raise StoreError(
+            f"store {path}: its directory is read-only (SQLite keeps"
+            f" {os.path.basename(path)}-wal and -shm next to it)"
+        )
     # SQLite gives a new -wal/-shm the database file's mode; older ones are fixed here
     for name in (path, f"{path}-wal", f"{path}-shm"):
         try:
@@ -173,8 +184,9 @@ def _prepare_file(path: str) -> None:
             continue
         if not mode & 0o077:
             continue
+        private = mode & 0o700  # an owner's read-only choice stays
         try:
-            os.chmod(name, FILE_MODE)
+            os.chmod(name, private)
         except OSError as exc:
             log.warning(
                 "store %s is mode %04o (readable by other users), cannot change it: %s",
@@ -187,7 +199,7 @@ def _prepare_file(path: str) -> None:
                 "store %s was mode %04o (readable by other users), now %04o",
                 name,
                 mode,
-                FILE_MODE,
+                private,
             )
 
 
@@ -200,6 +212,8 @@ def _lock(path: str) -> int:
         raise StoreError(
             f"store {path}: cannot create its lock file {name}: {exc.strerror}"
         ) from exc
+    with contextlib.suppress(OSError):  # another owner's lock file keeps its mode
+        os.fchmod(fd, FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
@@ -353,19 +367,16 @@ class Store:
 
     async def close(self) -> None:
         """Write held numbers if the store takes them, close the database, unlock it."""
-        if self._held:
-            try:
-                await self.flush()
-            except StoreError:
-                for activation, _ in self._held.values():
-                    log.error(
-                        "store %s: id=%d provider=%s upstream=%s bought but never"
-                        " stored (its attempt is on disk for the reconciler)",
-                        self.path,
-                        activation.id,
-                        activation.provider,
-                        activation.upstream_id,
-                    )
+        if await self.flush():
+            for activation, _ in self._held.values():
+                log.error(
+                    "store %s: id=%d provider=%s upstream=%s bought but never"
+                    " stored (its attempt is on disk for the reconciler)",
+                    self.path,
+                    activation.id,
+                    activation.provider,
+                    activation.upstream_id,
+                )
         try:
             await self._db.close()
         finally:
@@ -439,16 +450,16 @@ class Store:
     async def flush(self) -> int:
         """Try to write the numbers held in memory; how many remain held."""
         if self._held:
-            async with self._writing():
-                pass
+            with contextlib.suppress(StoreError):
+                async with self._writing():
+                    pass
         return len(self._held)
 
     async def watch(self, interval: float = WATCH_INTERVAL) -> None:
         """Check the file and retry held numbers every ``interval`` s, until cancelled."""
         while True:
             self.check_file()
-            with contextlib.suppress(StoreError):
-                await self.flush()
+            await self.flush()
             await asyncio.sleep(interval)
 
     async def _migrate(self, now: float) -> None:
