@@ -209,8 +209,9 @@ def _lock(path: str) -> int:
     try:
         fd = os.open(name, os.O_RDWR | os.O_CREAT, FILE_MODE)
     except OSError as exc:
+        verb = "open" if os.path.exists(name) else "create"
         raise StoreError(
-            f"store {path}: cannot create its lock file {name}: {exc.strerror}"
+            f"store {path}: cannot {verb} its lock file {name}: {exc.strerror}"
         ) from exc
     with contextlib.suppress(OSError):  # another owner's lock file keeps its mode
         os.fchmod(fd, FILE_MODE)
@@ -339,8 +340,10 @@ class Store:
         try:
             _prepare_file(path)
             db = await aiosqlite.connect(path, timeout=busy_timeout)
-        except BaseException:
+        except BaseException as exc:
             os.close(lock_fd)
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"store {path} cannot be used: {exc}") from exc
             raise
         try:
             await db.execute("PRAGMA journal_mode=WAL")
@@ -393,7 +396,8 @@ class Store:
         current = _identity(self.path)
         if current == self._identity:
             if self.problem == "replaced":
-                self._recovered()
+                log.warning("store %s is back: purchases resume", self.path)
+                self.problem = None
             return True
         if self.problem != "replaced":
             self.problem = "replaced"

@@ -165,6 +165,27 @@ async def test_a_store_replaced_under_the_server_stops_purchases(
     )
 
 
+async def test_a_store_moved_back_in_place_resumes_purchases(
+    start_app: StartApp, store_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await start_app(quick(store_path))
+    caplog.set_level(logging.INFO, "compat_server")
+    os.rename(store_path, f"{store_path}.moved")
+    assert await call(client, action="getNumber", service="tg", country=10) == (
+        200,
+        TEXT,
+        "NO_NUMBERS",
+    )
+    os.rename(f"{store_path}.moved", store_path)  # the same file (inode) again
+    _, _, body = await call(client, action="getNumber", service="tg", country=10)
+    assert body.startswith(f"ACCESS_NUMBER:{FIRST_ID}:")
+    assert [level for level, _ in store_lines(caplog)] == ["ERROR", "WARNING"]
+    assert store_lines(caplog)[1] == (
+        "WARNING",
+        f"store {store_path} is back: purchases resume",
+    )
+
+
 async def test_the_store_file_is_watched_without_any_request(
     store_path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
