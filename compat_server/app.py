@@ -102,11 +102,16 @@ def _http_client(shared: httpx.AsyncClient | None):  # type: ignore[no-untyped-d
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
-    store = await Store.open(app[CONFIG].store_path)
+    config = app[CONFIG]
+    store = await Store.open(config.store_path, app[CLOCK], config.store_busy_timeout)
     app[STORE] = store
+    watch = asyncio.create_task(store.watch()) if app[BACKGROUND] else None
     try:
         yield
     finally:
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         await store.close()
 
 

@@ -72,6 +72,7 @@ def serve_forever(
     """Run the server until interrupted (SIGHUP re-reads the config file)."""
     from compat_server.app import create_app
     from compat_server.ops import setup_logging
+    from compat_server.store import StoreError
 
     setup_logging(level, log_format)
     host = host or config.host
@@ -86,6 +87,9 @@ def serve_forever(
             print=None,
             handle_signals=True,
         )
+    except StoreError as exc:  # before OSError: a locked store must not read as a port
+        print(f"sms-compat: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(
             f"sms-compat: cannot listen on {host}:{port}: {exc.strerror}",

@@ -44,7 +44,7 @@ CURRENCY_NUMBERS = {
 # Options each section accepts; anything else is a typo and refused by name.
 SECTION_OPTIONS: dict[str, tuple[str, ...]] = {
     "server": ("host", "port", "request_deadline"),
-    "store": ("path",),
+    "store": ("path", "busy_timeout"),
     "activation": ("lifetime", "early_cancel"),
     "currency": ("display", "rates"),
     "upstream": ("connect_timeout", "read_timeout", "catalog_ttl"),
@@ -123,6 +123,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8080
     store_path: str = "sms-compat.sqlite3"
+    store_busy_timeout: float = 5.0  # s a store write waits for another process's lock
     lifetime: float = 1200.0
     early_cancel: float = 0.0
     keys: tuple[KeyConfig, ...] = ()
@@ -355,6 +356,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
         host=str(server.get("host", "127.0.0.1")),
         port=_int(server.get("port", 8080), "server.port", low=0, high=65535),
         store_path=str(store.get("path", "sms-compat.sqlite3")),
+        store_busy_timeout=_float(store.get("busy_timeout", 5.0), "store.busy_timeout"),
         lifetime=_float(
             activation.get("lifetime", 1200), "activation.lifetime", positive=True
         ),

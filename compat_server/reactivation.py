@@ -86,7 +86,7 @@ async def reactivate(engine: Engine, key: KeyConfig, parent: Activation) -> Acti
             attempt, key.key_id, name,
             type(provider).native_currency(provider.options), order, purchase,
             engine.prices.display(name, purchase.price), engine.clock(),
-            engine.config.lifetime,
+            engine.config.lifetime, hold=True,  # paid: memory keeps it if the store fails
         )  # fmt: skip
     finally:
         engine.router.in_flight.pop(attempt, None)

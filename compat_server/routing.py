@@ -29,7 +29,14 @@ from compat_server.errors import (
     UpstreamUncertain,
     UpstreamUnreachable,
 )
-from compat_server.store import CANCELLED, REFUSED, UNCERTAIN, Activation, Store
+from compat_server.store import (
+    CANCELLED,
+    REFUSED,
+    UNCERTAIN,
+    Activation,
+    Store,
+    StoreError,
+)
 from providers.base import (
     BACKGROUND,
     BUDGET,
@@ -311,6 +318,9 @@ class Router:
                 attempt = await self.store.begin_purchase(
                     key.key_id, name, native, self.clock()
                 )
+            except StoreError as exc:  # nothing may be bought unrecorded
+                self.budgets.release(hold)
+                raise NoNumbers("store", str(exc)) from exc
             except BaseException:
                 self.budgets.release(hold)
                 raise
@@ -337,6 +347,7 @@ class Router:
                     self.prices.display(name, purchase.price),
                     self.clock(),
                     self.config.lifetime,
+                    hold=True,  # paid: if the store fails now, memory keeps it
                 )
             finally:
                 self.in_flight.pop(attempt, None)
@@ -462,16 +473,14 @@ class Router:
             UpstreamUnreachable,
             UpstreamAuth,
         ) as exc:
-            await self.store.end_purchase(
-                attempt, REFUSED, type(exc).__name__, self.clock()
-            )
+            await self._end_purchase(attempt, REFUSED, type(exc).__name__, self.clock())
             refusals.append(exc)
             log.info(
                 "buy provider=%s refused=%s, trying next", name, type(exc).__name__
             )
             return None
         except UpstreamUncertain as exc:
-            await self.store.end_purchase(attempt, UNCERTAIN, exc.detail, self.clock())
+            await self._end_purchase(attempt, UNCERTAIN, exc.detail, self.clock())
             log.warning(
                 "buy provider=%s outcome unknown (%s): not retried, queued for"
                 " reconciliation as attempt %d",
@@ -480,6 +489,16 @@ class Router:
                 attempt,
             )
             raise NoNumbers(name, "purchase outcome unknown") from exc
+
+    async def _end_purchase(
+        self, attempt: int, state: str, detail: str, now: float
+    ) -> None:
+        # nothing was bought or the attempt stays open for the reconciler either way:
+        # a store that cannot record it must not turn the answer into ERROR_SQL
+        try:
+            await self.store.end_purchase(attempt, state, detail, now)
+        except StoreError:
+            pass
 
 
 def merge_refusals(refusals: Sequence[ProviderError]) -> ProviderError:

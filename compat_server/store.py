@@ -4,21 +4,38 @@ SQLite through aiosqlite, WAL with ``synchronous=FULL``: a write is durable when
 method returns, so a purchase is on disk before ``ACCESS_NUMBER`` leaves the server.
 Activations are also kept in memory (write-through): reads for getStatus never touch
 the disk. The schema carries a version in ``meta``; :data:`MIGRATIONS` upgrades it.
+
+The file holds phone numbers and SMS texts: it (and its ``-wal``/``-shm``) is kept 0600.
+One server per file, enforced with ``flock`` on ``<store>.lock``. A store that is not
+writable, or held by another server, is a :class:`StoreError` at open. While running,
+the file is watched (device and inode): a store deleted or replaced under the server
+stops purchases. A number bought when the store cannot be written (locked, disk full)
+is held in memory under the id reserved before the paid call and written as soon as
+the store accepts writes again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import logging
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import aiosqlite
 
-from providers.base import ActivationRef, Order, Purchase, Sms
+from providers.base import ActivationRef, Clock, Order, Purchase, Sms
 from providers.rental import RentPurchase, RentRef, RentSms
+
+log = logging.getLogger("compat_server")
 
 SCHEMA_VERSION = 3
 FIRST_ID = 100_000  # ids look like real ones and stay far below 2**31
@@ -32,6 +49,17 @@ RENT_ACTIVE, RENT_FINISHED, RENT_CANCELLED, RENT_EXPIRED = (
     "cancelled",
     "expired",
 )
+# A new store's ids start from the clock, so a store recreated on the same machine never
+# hands out an id an earlier one did, as long as that one averaged at most
+# IDS_PER_SECOND purchases since its creation. Ids stay below 2**31 (the official Java
+# client parses them with Integer.parseInt) until about 2058.
+# 2026-01-01 00:00:00 UTC: a store created then starts at FIRST_ID
+ID_EPOCH = 1_767_225_600
+IDS_PER_SECOND = 2
+ID_CEILING = MAX_ID - 100_000_000  # the highest first id: room for 10**8 activations
+BUSY_TIMEOUT = 5.0  # s a write waits for another process's lock before failing
+WATCH_INTERVAL = 5.0  # s between checks of the file (and retries of held numbers)
+FILE_MODE = 0o600
 
 # Activation states. The first three are "open": an upstream order is alive.
 WAIT_CODE, CODE, WAIT_RETRY = "wait_code", "code", "wait_retry"
@@ -171,6 +199,104 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX webhooks_due ON webhooks(state, next_at);
     """,
 }
+
+
+class StoreError(Exception):
+    """The store cannot be used (or written) now; the message names the store and why."""
+
+
+def first_id(now: float) -> int:
+    """The first activation id of a store created at ``now``."""
+    seed = FIRST_ID + max(0, int(now) - ID_EPOCH) * IDS_PER_SECOND
+    return min(seed, ID_CEILING)  # a store created past 2058 still has room
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _prepare_file(path: str) -> None:
+    """Create the store 0600 whatever the umask; tighten an existing store's files."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"store {path}: cannot create it: {exc.strerror}") from exc
+    else:
+        try:
+            os.fchmod(fd, FILE_MODE)  # the umask may have taken bits; set them exactly
+        finally:
+            os.close(fd)
+        return
+    if not os.access(path, os.W_OK):
+        raise StoreError(
+            f"store {path} is read-only: the server must be able to write it"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(f"{path}-wal") and not os.access(folder, os.W_OK):
+        raise StoreError(
+            f"store {path}: its directory is read-only (SQLite keeps"
+            f" {os.path.basename(path)}-wal and -shm next to it)"
+        )
+    # SQLite gives a new -wal/-shm the database file's mode; older ones are fixed here
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        try:
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+        except FileNotFoundError:
+            continue
+        if not mode & 0o077:
+            continue
+        private = mode & 0o700  # an owner's read-only choice stays
+        try:
+            os.chmod(name, private)
+        except OSError as exc:
+            log.warning(
+                "store %s is mode %04o (readable by other users), cannot change it: %s",
+                name,
+                mode,
+                exc.strerror,
+            )
+        else:
+            log.warning(
+                "store %s was mode %04o (readable by other users), now %04o",
+                name,
+                mode,
+                private,
+            )
+
+
+def _lock(path: str) -> int:
+    """Hold ``<path>.lock`` exclusively (one server per store); its descriptor."""
+    name = f"{path}.lock"
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    except OSError as exc:
+        verb = "open" if os.path.exists(name) else "create"
+        raise StoreError(
+            f"store {path}: cannot {verb} its lock file {name}: {exc.strerror}"
+        ) from exc
+    with contextlib.suppress(OSError):  # another owner's lock file keeps its mode
+        os.fchmod(fd, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            holder = ""
+        os.close(fd)
+        by = f" (pid {holder})" if holder.isdigit() else ""
+        raise StoreError(
+            f"store {path} is in use by another sms-compat server{by}"
+        ) from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 @dataclass
@@ -333,35 +459,162 @@ class OutboxOp:
 class Store:
     """Durable state of the server. Use :meth:`open` and :meth:`close`."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(
+        self, db: aiosqlite.Connection, path: str = "", lock_fd: int | None = None
+    ) -> None:
         self._db = db
+        self.path = path
+        self._lock_fd = lock_fd
+        self._identity = _identity(path) if path else None
         self._cache: dict[int, Activation] = {}
         self._write = asyncio.Lock()
         self._locks: dict[int, asyncio.Lock] = {}
         self._spent: dict[str, Decimal] = {}  # key_id -> spend, once read (see spent)
+        self._reserved: dict[int, int] = {}  # attempt id -> activation id set aside
+        # bought, answered, not yet written: activation id -> (activation, attempt id)
+        self._held: dict[int, tuple[Activation, int | None]] = {}
+        self.problem: str | None = None  # why writes fail now (None: they work)
 
     @classmethod
-    async def open(cls, path: str) -> Store:
-        """Open (creating or migrating) the database at ``path``."""
-        db = await aiosqlite.connect(path)
+    async def open(
+        cls, path: str, clock: Clock = time.time, busy_timeout: float = BUSY_TIMEOUT
+    ) -> Store:
+        """Open (creating or migrating) the database at ``path``.
+
+        Raises StoreError (one line naming the store) when another server holds it,
+        or it cannot be opened, migrated or written.
+        """
+        lock_fd = _lock(path)
+        try:
+            _prepare_file(path)
+            db = await aiosqlite.connect(path, timeout=busy_timeout)
+        except BaseException as exc:
+            os.close(lock_fd)
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"store {path} cannot be used: {exc}") from exc
+            raise
         try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=FULL")
             await db.execute("PRAGMA foreign_keys=ON")
             db.row_factory = aiosqlite.Row
-            store = cls(db)
-            await store._migrate()
+            store = cls(db, path, lock_fd)
+            await store._migrate(clock())
+            # a read-only file or directory lets SQLite open and read: only a write
+            # tells, and a server that cannot store a purchase must not start
+            await db.execute(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES ('opened_at', ?)",
+                (str(clock()),),
+            )
+            await db.commit()
             await store._load_open()
-        except BaseException:
+        except BaseException as exc:
             await db.close()
+            os.close(lock_fd)
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"store {path} cannot be used: {exc}") from exc
             raise
         return store
 
     async def close(self) -> None:
-        """Close the database."""
-        await self._db.close()
+        """Write held numbers if the store takes them, close the database, unlock it."""
+        if await self.flush():
+            for activation, _ in self._held.values():
+                log.error(
+                    "store %s: id=%d provider=%s upstream=%s bought but never"
+                    " stored (its attempt is on disk for the reconciler)",
+                    self.path,
+                    activation.id,
+                    activation.provider,
+                    activation.upstream_id,
+                )
+        try:
+            await self._db.close()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
-    async def _migrate(self) -> None:
+    # ---- health of the file -------------------------------------------------------------
+
+    def check_file(self) -> bool:
+        """Whether the path still names the file opened; logs once when that changes."""
+        if self._identity is None:
+            return True
+        current = _identity(self.path)
+        if current == self._identity:
+            if self.problem == "replaced":
+                log.warning("store %s is back: purchases resume", self.path)
+                self.problem = None
+            return True
+        if self.problem != "replaced":
+            self.problem = "replaced"
+            log.error(
+                "store %s was %s while the server runs: purchases stopped (getNumber"
+                " answers NO_NUMBERS); restore the file or restart the server",
+                self.path,
+                "deleted" if current is None else "replaced by another file",
+            )
+        return False
+
+    def _failing(self, exc: BaseException) -> StoreError:
+        reason = str(exc) or type(exc).__name__
+        if self.problem is None:
+            log.error("store %s cannot be written: %s", self.path, reason)
+        self.problem = self.problem or reason
+        return StoreError(f"store {self.path}: {reason}")
+
+    def _recovered(self) -> None:
+        if self.problem is not None:
+            log.warning("store %s is writable again", self.path)
+            self.problem = None
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        """One write transaction: held numbers first, then the body, then commit.
+
+        A failure rolls everything back (no transaction is left open) and raises
+        StoreError when SQLite reports a condition of the file (locked, full, I/O).
+        """
+        async with self._write:
+            try:
+                held = dict(self._held)
+                for activation, attempt_id in held.values():
+                    await self._insert(activation, attempt_id)
+                yield
+                await self._db.commit()
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    await self._db.rollback()
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise self._failing(exc) from exc
+                raise
+            if self.problem is not None and self.problem != "replaced":
+                self._recovered()
+            for activation_id in held:
+                activation, _ = self._held.pop(activation_id)
+                log.warning(
+                    "store %s: id=%d held in memory is now stored",
+                    self.path,
+                    activation_id,
+                )
+
+    async def flush(self) -> int:
+        """Try to write the numbers held in memory; how many remain held."""
+        if self._held:
+            with contextlib.suppress(StoreError):
+                async with self._writing():
+                    pass
+        return len(self._held)
+
+    async def watch(self, interval: float = WATCH_INTERVAL) -> None:
+        """Check the file and retry held numbers every ``interval`` s, until cancelled."""
+        while True:
+            self.check_file()
+            await self.flush()
+            await asyncio.sleep(interval)
+
+    async def _migrate(self, now: float) -> None:
         await self._db.execute(
             "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
         )
@@ -371,13 +624,15 @@ class Store:
             row = await cur.fetchone()
         version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:
-            raise RuntimeError(f"database schema {version} is newer than this program")
+            raise StoreError(
+                f"store {self.path}: schema {version} is newer than this program"
+            )
         for target in range(version + 1, SCHEMA_VERSION + 1):
             await self._db.executescript(MIGRATIONS[target])
             if target == 1:
                 await self._db.execute(
                     "INSERT INTO sqlite_sequence (name, seq) VALUES ('activations', ?)",
-                    (FIRST_ID - 1,),
+                    (first_id(now) - 1,),
                 )
             if target == 3:
                 await self._db.execute(
@@ -449,7 +704,13 @@ class Store:
     async def begin_purchase(
         self, key_id: str, provider: str, order: Order, now: float
     ) -> int:
-        """Record that a paid call is about to be made; durable on return."""
+        """Record that a paid call is about to be made; durable on return.
+
+        The attempt also sets aside the id its number will get. Raises StoreError when
+        the store cannot take it (replaced, locked, full): then nothing may be bought.
+        """
+        if not self.check_file():
+            raise StoreError(f"store {self.path} was replaced or deleted")
         order_json = json.dumps(
             {
                 "service": order.service,
@@ -459,10 +720,21 @@ class Store:
                 "max_price": None if order.max_price is None else str(order.max_price),
             }
         )
-        async with self._write:
+        async with self._writing():
+            await self._db.execute(
+                "UPDATE sqlite_sequence SET seq=seq+1 WHERE name='activations'"
+            )
+            async with self._db.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name='activations'"
+            ) as seq:
+                row = await seq.fetchone()
+            reserved = int(row[0]) if row else None
+            if reserved is not None and reserved >= MAX_ID:
+                raise StoreError(f"store {self.path}: no activation id left")
             cur = await self._db.execute(
                 "INSERT INTO purchases (key_id, provider, service, country, order_json,"
-                " state, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                " state, activation_id, created_at, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
                 (
                     key_id,
                     provider,
@@ -470,24 +742,90 @@ class Store:
                     order.country,
                     order_json,
                     PENDING,
+                    reserved,
                     now,
                     now,
                 ),
             )
-            await self._db.commit()
         assert cur.lastrowid is not None
+        if reserved is not None:
+            self._reserved[cur.lastrowid] = reserved
         return cur.lastrowid
 
     async def end_purchase(
         self, attempt_id: int, state: str, detail: str, now: float
     ) -> None:
-        """Close an attempt that bought nothing (refused) or may have (uncertain)."""
-        async with self._write:
+        """Close an attempt that bought nothing (refused) or may have (uncertain).
+
+        A refused attempt gives its set-aside id back when no later one took the next.
+        """
+        reserved = self._reserved.pop(attempt_id, None)
+        if state != REFUSED:
+            reserved = None  # kept on disk: a reconciled order takes it
+        async with self._writing():
             await self._db.execute(
                 "UPDATE purchases SET state=?, detail=?, updated_at=? WHERE id=?",
                 (state, detail, now, attempt_id),
             )
-            await self._db.commit()
+            if reserved is not None:
+                # never shown to anyone: so ids stay consecutive for what is sold
+                await self._db.execute(
+                    "UPDATE purchases SET activation_id=NULL WHERE id=?", (attempt_id,)
+                )
+                await self._db.execute(
+                    "UPDATE sqlite_sequence SET seq=seq-1"
+                    " WHERE name='activations' AND seq=?",
+                    (reserved,),
+                )
+
+    async def _reserved_id(self, attempt_id: int) -> int | None:
+        reserved = self._reserved.pop(attempt_id, None)
+        if reserved is not None:
+            return reserved
+        async with self._db.execute(
+            "SELECT activation_id FROM purchases WHERE id=?", (attempt_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    async def _insert(self, activation: Activation, attempt_id: int | None) -> int:
+        """INSERT one activation (and confirm its attempt) inside a write transaction."""
+        cur = await self._db.execute(
+            "INSERT INTO activations (id, key_id, provider, upstream_id, phone, service,"
+            " country, operator, price, currency, cost, state, extra, created_at,"
+            " updated_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                activation.id or None,
+                activation.key_id,
+                activation.provider,
+                activation.upstream_id,
+                activation.phone,
+                activation.service,
+                activation.country,
+                activation.operator,
+                str(activation.price),
+                activation.currency,
+                str(activation.cost),
+                activation.state,
+                json.dumps(activation.extra),
+                activation.created_at,
+                activation.updated_at,
+                activation.expires_at,
+            ),
+        )
+        activation_id = cur.lastrowid
+        assert activation_id is not None and activation_id < MAX_ID
+        if attempt_id is not None:
+            await self._db.execute(
+                "UPDATE purchases SET state=?, activation_id=?, updated_at=? WHERE id=?",
+                (
+                    CONFIRMED if activation.state == WAIT_CODE else RECONCILED,
+                    activation_id,
+                    activation.created_at,
+                    attempt_id,
+                ),
+            )
+        return activation_id
 
     async def complete_purchase(
         self,
@@ -501,47 +839,18 @@ class Store:
         now: float,
         lifetime: float,
         state: str = WAIT_CODE,
+        *,
+        hold: bool = False,
     ) -> Activation:
-        """Store the bought number as an activation (and confirm its attempt) atomically."""
-        extra = dict(purchase.extra)
-        async with self._write:
-            cur = await self._db.execute(
-                "INSERT INTO activations (key_id, provider, upstream_id, phone, service,"
-                " country, operator, price, currency, cost, state, extra, created_at,"
-                " updated_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    key_id,
-                    provider,
-                    purchase.upstream_id,
-                    purchase.phone,
-                    order.service,
-                    order.country,
-                    purchase.operator,
-                    str(purchase.price),
-                    currency,
-                    str(cost),
-                    state,
-                    json.dumps(extra),
-                    now,
-                    now,
-                    now + lifetime,
-                ),
-            )
-            activation_id = cur.lastrowid
-            assert activation_id is not None and activation_id < MAX_ID
-            if attempt_id is not None:
-                await self._db.execute(
-                    "UPDATE purchases SET state=?, activation_id=?, updated_at=? WHERE id=?",
-                    (
-                        CONFIRMED if state == WAIT_CODE else RECONCILED,
-                        activation_id,
-                        now,
-                        attempt_id,
-                    ),
-                )
-            await self._db.commit()
+        """Store the bought number as an activation (and confirm its attempt) atomically.
+
+        It gets the id its attempt set aside. When the store cannot be written, raises
+        StoreError; with ``hold`` (a paid number the client is waiting for) it keeps
+        the activation in memory instead, readable at once and written as soon as the
+        store accepts a write (:meth:`flush`, any other write, :meth:`watch`).
+        """
         activation = Activation(
-            id=activation_id,
+            id=0 if attempt_id is None else (await self._reserved_id(attempt_id) or 0),
             key_id=key_id,
             provider=provider,
             upstream_id=purchase.upstream_id,
@@ -556,8 +865,23 @@ class Store:
             created_at=now,
             updated_at=now,
             expires_at=now + lifetime,
-            extra=extra,
+            extra=dict(purchase.extra),
         )
+        try:
+            async with self._writing():
+                activation.id = await self._insert(activation, attempt_id)
+        except StoreError:
+            if not hold or not activation.id:
+                raise
+            self._held[activation.id] = (activation, attempt_id)
+            log.warning(
+                "store %s: id=%d provider=%s bought but not stored (%s): held in"
+                " memory until the store takes it",
+                self.path,
+                activation.id,
+                provider,
+                self.problem,
+            )
         if activation.is_open:
             self._cache[activation.id] = activation
         if state not in (CANCELLED, EXPIRED):
@@ -587,7 +911,8 @@ class Store:
                 else Decimal(data["max_price"]),
             )
             result.append(Attempt(row[0], row[1], row[2], order, row[4], row[5]))
-        return result
+        held = {attempt_id for _, attempt_id in self._held.values()}
+        return [a for a in result if a.id not in held]
 
     async def known_upstream_ids(self, provider: str) -> set[str]:
         """Every upstream id (current or replaced) stored for a provider, rents too
@@ -606,6 +931,9 @@ class Store:
             "SELECT upstream_id FROM rents WHERE provider=?", (provider,)
         ) as cur:
             known.update(row[0] for row in await cur.fetchall())
+        known.update(
+            a.upstream_id for a, _ in self._held.values() if a.provider == provider
+        )
         return known
 
     # ---- activations --------------------------------------------------------------------
@@ -657,7 +985,7 @@ class Store:
         if not new:
             return False
         state = CODE if activation.is_open else activation.state
-        async with self._write:
+        async with self._writing():
             await self._db.executemany(
                 "INSERT OR IGNORE INTO messages (activation_id, uid, text, code, received_at)"
                 " VALUES (?,?,?,?,?)",
@@ -669,7 +997,6 @@ class Store:
             )
             if webhooks is not None:
                 await self._queue_webhooks(webhooks(new), new[-1].received_at)
-            await self._db.commit()
         activation.messages.extend(
             Message(m.uid, m.text, m.code, m.received_at) for m in new
         )
@@ -697,7 +1024,7 @@ class Store:
             )
             activation.upstream_id = purchase.upstream_id
         extra = dict(activation.extra, _retry_mark=str(activation.retry_mark))
-        async with self._write:
+        async with self._writing():
             await self._db.execute(
                 "UPDATE activations SET state=?, upstream_id=?, extra=?, updated_at=?"
                 " WHERE id=?",
@@ -709,7 +1036,6 @@ class Store:
                     " VALUES (?,?,?,?)",
                     (activation.id, outbox, now, now),
                 )
-            await self._db.commit()
         unspent = (CANCELLED, EXPIRED)
         if (activation.state in unspent) != (state in unspent):
             sign = 1 if state not in unspent else -1
@@ -722,7 +1048,7 @@ class Store:
 
     async def prune(self, before: float) -> int:
         """Forget attempts that bought nothing, and delivered calls, older than ``before``."""
-        async with self._write:
+        async with self._writing():
             cur = await self._db.execute(
                 "DELETE FROM purchases WHERE state=? AND updated_at<?",
                 (REFUSED, before),
@@ -732,7 +1058,6 @@ class Store:
                 "DELETE FROM outbox WHERE done=1 AND created_at<?", (before,)
             )
             removed += cur.rowcount
-            await self._db.commit()
         return removed
 
     # ---- provider health ----------------------------------------------------------------
@@ -741,24 +1066,22 @@ class Store:
         self, provider: str, state: str, failures: int, now: float
     ) -> None:
         """Record a circuit-breaker state change (read by ``check-config --ping``)."""
-        async with self._write:
+        async with self._writing():
             await self._db.execute(
                 "INSERT OR REPLACE INTO health (provider, state, failures, changed_at)"
                 " VALUES (?,?,?,?)",
                 (provider, state, failures, now),
             )
-            await self._db.commit()
 
     # ---- outbox -------------------------------------------------------------------------
 
     async def enqueue(self, activation_id: int, op: str, now: float) -> None:
         """Queue an upstream call to be retried until it succeeds."""
-        async with self._write:
+        async with self._writing():
             await self._db.execute(
                 "INSERT INTO outbox (activation_id, op, next_at, created_at) VALUES (?,?,?,?)",
                 (activation_id, op, now, now),
             )
-            await self._db.commit()
 
     async def due_ops(self, now: float, limit: int = 50) -> list[OutboxOp]:
         """Queued calls whose time has come."""
@@ -779,18 +1102,16 @@ class Store:
 
     async def op_done(self, op_id: int) -> None:
         """Mark a queued call as delivered."""
-        async with self._write:
+        async with self._writing():
             await self._db.execute("UPDATE outbox SET done=1 WHERE id=?", (op_id,))
-            await self._db.commit()
 
     async def op_failed(self, op_id: int, next_at: float, error: str) -> None:
         """Reschedule a queued call after a failure."""
-        async with self._write:
+        async with self._writing():
             await self._db.execute(
                 "UPDATE outbox SET attempts=attempts+1, next_at=?, last_error=? WHERE id=?",
                 (next_at, error[:200], op_id),
             )
-            await self._db.commit()
 
     # ---- money and figures for the operator ---------------------------------------------
 
@@ -880,14 +1201,13 @@ class Store:
         rent_id: int | None = None,
     ) -> int:
         """Record that a paid rent call (rent or prolong) is about to be made."""
-        async with self._write:
+        async with self._writing():
             cur = await self._db.execute(
                 "INSERT INTO rent_attempts (key_id, provider, kind, rent_id, order_json,"
                 " hours, state, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
                 (key_id, provider, kind, rent_id, json.dumps(order), hours, PENDING,
                  now, now),
             )  # fmt: skip
-            await self._db.commit()
         assert cur.lastrowid is not None
         return cur.lastrowid
 
@@ -901,14 +1221,13 @@ class Store:
         cost: Decimal | None = None,
     ) -> None:
         """Close a rent attempt: refused, uncertain, or confirmed (with its price)."""
-        async with self._write:
+        async with self._writing():
             await self._db.execute(
                 "UPDATE rent_attempts SET state=?, detail=?, price=?, cost=?,"
                 " updated_at=? WHERE id=?",
                 (state, detail, "" if price is None else str(price),
                  "" if cost is None else str(cost), now, attempt_id),
             )  # fmt: skip
-            await self._db.commit()
 
     async def complete_rent(
         self,
@@ -924,7 +1243,7 @@ class Store:
     ) -> Rent:
         """Store a rented number (and confirm its attempt) atomically."""
         extra = dict(purchase.extra)
-        async with self._write:
+        async with self._writing():
             cur = await self._db.execute(
                 "INSERT INTO rents (key_id, provider, upstream_id, phone, service,"
                 " country, currency, state, extra, created_at, updated_at, until)"
@@ -940,7 +1259,6 @@ class Store:
                 " updated_at=? WHERE id=?",
                 (CONFIRMED, rent_id, str(purchase.price), str(cost), now, attempt_id),
             )
-            await self._db.commit()
         return Rent(
             rent_id, key_id, provider, purchase.upstream_id, purchase.phone, service,
             country, currency, RENT_ACTIVE, now, now, purchase.until, extra,
@@ -1012,7 +1330,7 @@ class Store:
         ]
         if not new:
             return []
-        async with self._write:
+        async with self._writing():
             await self._db.executemany(
                 "INSERT OR IGNORE INTO rent_messages (rent_id, uid, sender, text, code,"
                 " received_at) VALUES (?,?,?,?,?,?)",
@@ -1023,7 +1341,6 @@ class Store:
             )
             if webhooks is not None:
                 await self._queue_webhooks(webhooks(new), new[-1].received_at)
-            await self._db.commit()
         rent.messages.extend(new)
         return new
 
@@ -1033,12 +1350,11 @@ class Store:
         """Change a rent's state (and its end, after a prolongation)."""
         if until is not None:
             rent.until = until
-        async with self._write:
+        async with self._writing():
             await self._db.execute(
                 "UPDATE rents SET state=?, until=?, updated_at=? WHERE id=?",
                 (state, rent.until, now, rent.id),
             )
-            await self._db.commit()
         rent.state = state
         rent.updated_at = now
 
@@ -1081,23 +1397,21 @@ class Store:
 
     async def webhook_done(self, job_id: int, state: str, error: str = "") -> None:
         """Mark a delivery as delivered (or given up)."""
-        async with self._write:
+        async with self._writing():
             await self._db.execute(
                 "UPDATE webhooks SET state=?, attempts=attempts+1, last_error=?"
                 " WHERE id=?",
                 (state, error[:200], job_id),
             )
-            await self._db.commit()
 
     async def webhook_failed(self, job_id: int, next_at: float, error: str) -> None:
         """Reschedule a delivery after a failed attempt."""
-        async with self._write:
+        async with self._writing():
             await self._db.execute(
                 "UPDATE webhooks SET attempts=attempts+1, next_at=?, last_error=?"
                 " WHERE id=?",
                 (next_at, error[:200], job_id),
             )
-            await self._db.commit()
 
     async def webhook_states(self) -> list[tuple[str, int, str]]:
         """(source, attempts, state) of every delivery, oldest first."""

@@ -21,10 +21,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from compat_server.app import create_app
+from compat_server.app import ENGINE, create_app
 from compat_server.config import Config, parse_config
 from compat_server.errors import NotSent
-from compat_server.store import CANCELLED, REFUSED, Store
+from compat_server.store import CANCELLED, REFUSED
 from providers.base import BACKGROUND, CLIENT, PAID, Budget, Pacer
 from tests.conftest import API, KEY, StartApp, call, engine_of
 from tests.fakes import smspva, thuecodesim
@@ -233,9 +233,11 @@ async def serve_app(
     and as aiohttp's test server does (the handler is cancelled): both must release
     a number whose client left."""
     runners: list[web.AppRunner] = []
+    apps: list[web.Application] = []
 
     async def start(config: Config) -> str:
         app = create_app(config, clock=clock, background=True)
+        apps.append(app)
         runner = web.AppRunner(
             app, handler_cancellation=request.param == "handler cancelled"
         )
@@ -248,6 +250,7 @@ async def serve_app(
         port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         return f"http://127.0.0.1:{port}"
 
+    start.apps = apps  # type: ignore[attr-defined]
     yield start
     for runner in runners:
         await runner.cleanup()
@@ -299,11 +302,8 @@ async def test_a_number_whose_client_left_is_cancelled_upstream(
             await asyncio.sleep(0.05)
     [order] = fake.orders.values()
     assert order.state == "cancelled"
-    store = await Store.open(store_path)
-    try:
-        [stored] = await store.for_key(config.keys[0].key_id, open_only=False)
-    finally:
-        await store.close()
+    store = serve_app.apps[-1][ENGINE].store  # type: ignore[attr-defined]
+    [stored] = await store.for_key(config.keys[0].key_id, open_only=False)
     assert (stored.state, stored.upstream_id) == (CANCELLED, order.id)
     [line] = [r.getMessage() for r in caplog.records if "client left" in r.getMessage()]
     assert line == (
