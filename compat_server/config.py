@@ -86,6 +86,8 @@ class Config:
 
     host: str = "127.0.0.1"
     port: int = 8080
+    tls_port: int = 443
+    tls_dir: str | None = None  # server.tls.dir: https beside http when set
     store_path: str = "sms-compat.sqlite3"
     lifetime: float = 1200.0
     early_cancel: float = 0.0
@@ -263,9 +265,22 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
     if len({k.key for k in keys}) != len(keys):
         raise ConfigError("keys: the same key is listed twice")
 
+    tls = server.get("tls") or {}
+    if not isinstance(tls, dict):
+        raise ConfigError("server.tls: must be a mapping (port, dir)")
+    for name in tls:
+        if name not in ("port", "dir"):
+            raise ConfigError(f"server.tls.{name}: unknown (known: dir, port)")
+    if tls and not tls.get("dir"):
+        raise ConfigError(
+            "server.tls.dir: missing (the directory of `sms-compat tls init`)"
+        )
+
     return Config(
         host=str(server.get("host", "127.0.0.1")),
         port=_int(server.get("port", 8080), "server.port"),
+        tls_port=_int(tls.get("port", 443), "server.tls.port"),
+        tls_dir=str(tls["dir"]) if tls else None,
         store_path=str(store.get("path", "sms-compat.sqlite3")),
         lifetime=_float(activation.get("lifetime", 1200), "activation.lifetime"),
         early_cancel=_float(
@@ -306,7 +321,8 @@ def describe(config: Config) -> str:
 
     lines = [
         f"config: {config.source or '(in memory)'}",
-        f"server: {config.host}:{config.port}",
+        f"server: {config.host}:{config.port}"
+        + (f" https:{config.tls_port} tls={config.tls_dir}" if config.tls_dir else ""),
         f"store: {config.store_path}",
         f"activation: lifetime={config.lifetime:g}s early_cancel={config.early_cancel:g}s",
         f"currency: {config.currency} rates="
