@@ -104,12 +104,12 @@ def init(
     folder = Path(directory)
     now = now or dt.datetime.now(dt.timezone.utc)
     names = _names(hosts)
+    if folder.exists() and not folder.is_dir():
+        raise TlsError(f"{folder} is not a directory")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TlsError(f"cannot create {folder} ({_reason(exc)})") from None
-    if not folder.is_dir():
-        raise TlsError(f"{folder} is not a directory")
     ca_cert_path, ca_key_path = folder / CA_CERT, folder / CA_KEY
     if ca_cert_path.exists() != ca_key_path.exists():
         present, absent = (
