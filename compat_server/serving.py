@@ -8,6 +8,7 @@ with an explicit list of :class:`Listener`.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,7 +54,9 @@ async def start(
             try:
                 await site.start()
             except OSError as exc:
-                raise ListenError(listener, exc.strerror or str(exc)) from None
+                # asyncio's strerror repeats the address: keep the system's words
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise ListenError(listener, reason) from None
     except BaseException:
         await runner.cleanup()
         raise

@@ -74,7 +74,7 @@ _HOSTNAME = re.compile(
 _MARK_BEGIN = "# sms-compat local CA"
 _MARK_END = "# end of sms-compat local CA"
 _BLOCK = re.compile(
-    rf"\n?{re.escape(_MARK_BEGIN)} [^\n]*\n.*?{re.escape(_MARK_END)}\n", re.DOTALL
+    rf"{re.escape(_MARK_BEGIN)} [^\n]*\n.*?{re.escape(_MARK_END)}\n", re.DOTALL
 )
 
 

@@ -224,6 +224,7 @@ async def raw_get(
 
 async def test_every_name_over_https_and_http_on_one_app(stack: Stack, tls_dir: Path) -> None:
     trusting = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
+    trusting.verify_flags |= ssl.VERIFY_X509_STRICT  # Python 3.13's default
     for name in hosts_example_names():
         assert await raw_get(stack.tls_port, name, trusting) == (
             "HTTP/1.1 200 OK", "ACCESS_BALANCE:1000.00"
@@ -451,3 +452,244 @@ async def test_without_trust_the_client_refuses(
     assert "CERTIFICATE_VERIFY_FAILED" in run.steps[0][1]
     assert run.returncode == 3
     assert await stack.app[ENGINE].store.count() == 0
+
+
+# ---- serve, the real CLI in a subprocess --------------------------------------------
+
+
+def serve_config(tmp_path: Path, tls_dir: Path, tls_port: int = 0) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"server: {{host: 127.0.0.1, port: 0, tls: {{port: {tls_port}, dir: {tls_dir}}}}}\n"
+        f"store: {{path: {tmp_path / 'store.sqlite3'}}}\n"
+        f"keys: [{{key: {KEY}, alias: tls-check, providers: [sb]}}]\n"
+        "providers: {sb: {type: sandbox}}\n",
+        encoding="utf-8",
+    )
+    return str(path)
+
+
+def serve_fails(config: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("serve", "--config", config, "--log-level", "WARNING", *extra)
+
+
+def expired_dir(folder: Path) -> str:
+    """A directory whose server certificate ran out; the expected message."""
+    tls.init(folder, now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=900))
+    cert = x509.load_pem_x509_certificates((folder / "server.pem").read_bytes())[0]
+    return (
+        f"{folder}/server.pem expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC:"
+        f" re-issue it with `sms-compat tls init --dir {folder}`"
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing-dir", "not-a-dir", "missing-file", "unreadable-key", "unreadable-dir",
+     "expired", "foreign-cert", "foreign-key", "garbage-cert"],
+)  # fmt: skip
+def test_serve_refuses_bad_tls_dir_in_one_line(tmp_path: Path, case: str) -> None:
+    folder = tmp_path / "tls"
+    other = tmp_path / "other"
+    if case not in ("missing-dir", "not-a-dir", "expired"):
+        tls.init(folder)
+    message = {
+        "missing-dir": f"{folder} does not exist: create it with"
+        f" `sms-compat tls init --dir {folder}`",
+        "not-a-dir": f"{folder} is not a directory",
+        "missing-file": f"{folder}/server-key.pem is missing: run"
+        f" `sms-compat tls init --dir {folder}`",
+        "unreadable-key": f"cannot read {folder}/server-key.pem (Is a directory)",
+        "unreadable-dir": f"cannot read {folder}/ca.pem (Permission denied)",
+        "foreign-cert": f"{folder}/server.pem was not issued by {folder}/ca.pem:"
+        f" re-issue it with `sms-compat tls init --dir {folder}`",
+        "foreign-key": f"{folder}/server-key.pem is not the key of {folder}/server.pem",
+        "garbage-cert": f"{folder}/server.pem is not a PEM certificate",
+    }.get(case, "")
+    if case == "not-a-dir":
+        folder.write_text("")
+    elif case == "missing-file":
+        (folder / "server-key.pem").unlink()
+    elif case == "unreadable-key":
+        (folder / "server-key.pem").unlink()
+        (folder / "server-key.pem").mkdir()
+    elif case == "unreadable-dir":
+        if os.geteuid() == 0:
+            pytest.skip("root reads a mode-000 directory (the Is-a-directory case covers it)")
+        folder.chmod(0)
+    elif case == "expired":
+        message = expired_dir(folder)
+    elif case in ("foreign-cert", "foreign-key"):
+        tls.init(other)
+        names = ["server-key.pem"] if case == "foreign-key" else ["server.pem", "server-key.pem"]
+        for name in names:
+            shutil.copy(other / name, folder / name)
+    elif case == "garbage-cert":
+        (folder / "server.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
+    try:
+        done = serve_fails(serve_config(tmp_path, folder))
+    finally:
+        if case == "unreadable-dir":
+            folder.chmod(0o755)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"sms-compat: tls: {message}\n"
+
+
+def test_serve_tls_port_in_use_is_one_line(tmp_path: Path, tls_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = serve_fails(serve_config(tmp_path, tls_dir, port))
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (
+        f"sms-compat: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+
+
+def test_hosts_trick_without_certificate_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"store: {{path: {tmp_path / 's.sqlite3'}}}\n"
+        "keys: [{key: k, providers: [sb]}]\nproviders: {sb: {type: sandbox}}\n"
+    )
+    done = serve_fails(str(path), "--hosts-trick")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "sms-compat: tls: --hosts-trick needs a certificate: run `sms-compat tls init"
+        " --dir DIR`, then pass --tls-dir DIR (or set server.tls.dir)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("tls_section", "message"),
+    [
+        ("{port: 443}", "server.tls.dir: missing (the directory of `sms-compat tls init`)"),
+        ("{dir: x, cert: y}", "server.tls.cert: unknown (known: dir, port)"),
+        ("{dir: x, port: https}", "server.tls.port: must be a whole number"),
+        ("x", "server.tls: must be a mapping (port, dir)"),
+    ],
+)  # fmt: skip
+def test_bad_tls_config(tmp_path: Path, tls_section: str, message: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"server: {{tls: {tls_section}}}\n"
+        "keys: [{key: k, providers: [sb]}]\nproviders: {sb: {type: sandbox}}\n"
+    )
+    done = run_cli("check-config", "--config", str(path))
+    assert (done.returncode, done.stderr) == (2, f"sms-compat: config error: {message}\n")
+
+
+def test_real_serve_answers_https_and_http_then_stops(tmp_path: Path, tls_dir: Path) -> None:
+    """The production entry point: both listeners on one app, a clean stop on SIGTERM."""
+    import select
+    import signal
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--config", serve_config(tmp_path, tls_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        lines = []
+        while len(lines) < 2:
+            ready, _, _ = select.select([proc.stdout], [], [], 30)
+            assert ready, "serve printed no listening address within 30 s"
+            lines.append(proc.stdout.readline().strip())
+        http_url, https_url = (line.removeprefix("sms-compat: serving ") for line in lines)
+        assert http_url.startswith("http://127.0.0.1:") and http_url.endswith(API)
+        assert https_url.startswith("https://127.0.0.1:") and https_url.endswith(API)
+        trusting = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
+        query = f"?api_key={KEY}&action="
+        with urllib.request.urlopen(https_url + query + "getNumber&service=tg&country=10",
+                                    context=trusting, timeout=10) as resp:  # fmt: skip
+            assert (resp.status, resp.headers["Content-Type"]) == (
+                200, "text/plain; charset=utf-8"
+            )
+            ident = resp.read().decode().split(":")[1]
+        with urllib.request.urlopen(http_url + query + f"getStatus&id={ident}",
+                                    timeout=10) as resp:  # fmt: skip
+            assert resp.read() == b"STATUS_WAIT_CODE"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "Traceback" not in stderr
+    assert "action=getNumber key=tls-check provider=sb outcome=ACCESS_NUMBER" in stderr
+
+
+# ---- trust-python -------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_certifi(tmp_path: Path) -> Path:
+    """A copy of certifi first on PYTHONPATH: an interpreter whose bundle we may edit."""
+    site = tmp_path / "site"
+    shutil.copytree(Path(certifi.__file__).parent, site / "certifi")
+    return site
+
+
+async def test_trust_python_adds_once_and_undoes(
+    own_certifi: Path, tls_dir: Path, stack: Stack, clock: FakeClock
+) -> None:
+    env = clean_env(PYTHONPATH=str(own_certifi))
+    bundle = own_certifi / "certifi" / "cacert.pem"
+    original = bundle.read_bytes()
+    python = sys.executable
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        done = run_cli("tls", "trust-python", python, *args, env=env)
+        return done.returncode, done.stdout, done.stderr
+
+    assert cli("--dir", str(tls_dir)) == (0, f"sms-compat: {bundle} now trusts {tls_dir}/ca.pem"
+                                          f" (undo: sms-compat tls trust-python {python} --undo)\n", "")  # fmt: skip
+    assert cli("--dir", str(tls_dir)) == (0, f"sms-compat: {bundle} already trusts {tls_dir}/ca.pem\n", "")  # fmt: skip
+    assert bundle.read_bytes() == original + (
+        b"# sms-compat local CA sha256="
+        + x509.load_pem_x509_certificate((tls_dir / "ca.pem").read_bytes())
+        .fingerprint(tls.hashes.SHA256()).hex().encode()
+        + b"\n" + (tls_dir / "ca.pem").read_bytes() + b"# end of sms-compat local CA\n"
+    )  # fmt: skip
+
+    # requests reads certifi: the official client now works with nothing in the env
+    run = await drive(stack, clock, "smsactivate", env)
+    activation = await stack.app[ENGINE].store.get(100_000)
+    assert activation is not None
+    assert run.steps == expected_steps("smsactivate", activation.phone, activation.code)
+    # aiohttp does not read certifi: the system store or SSL_CERT_FILE, not this
+    refused = await drive(stack, clock, "async-sms-activate", env)
+    assert refused.steps[0][0] == "error" and "CERTIFICATE_VERIFY_FAILED" in refused.steps[0][1]
+
+    assert cli("--undo") == (0, f"sms-compat: removed the sms-compat CA from {bundle}\n", "")
+    assert bundle.read_bytes() == original
+    assert cli("--undo") == (
+        0, f"sms-compat: {bundle} holds no CA added by sms-compat: nothing to undo\n", ""
+    )  # fmt: skip
+    again = await drive(stack, clock, "smsactivate", env)
+    assert again.steps[0][0] == "error" and "CERTIFICATE_VERIFY_FAILED" in again.steps[0][1]
+
+
+@pytest.mark.parametrize(
+    ("certifi_source", "message"),
+    [
+        ("raise ImportError('no certifi here')", "{python} cannot import certifi"
+         " (ImportError: no certifi here)"),
+        ("def where():\n    return '/etc/ssl/certs/ca-certificates.crt'\n",
+         "{python} reads /etc/ssl/certs/ca-certificates.crt, not a certifi package's own"
+         " file (likely the system store): trust ca.pem system-wide instead (see the README)"),
+        (None, "cannot run /nonexistent/python3 (No such file or directory)"),
+    ],
+)  # fmt: skip
+def test_trust_python_bad_input(
+    tmp_path: Path, tls_dir: Path, certifi_source: str | None, message: str
+) -> None:
+    python = sys.executable if certifi_source is not None else "/nonexistent/python3"
+    (tmp_path / "site" / "certifi").mkdir(parents=True)
+    (tmp_path / "site" / "certifi" / "__init__.py").write_text(certifi_source or "")
+    done = run_cli(
+        "tls", "trust-python", python, "--dir", str(tls_dir),
+        env=clean_env(PYTHONPATH=str(tmp_path / "site")),
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"sms-compat: tls: {message.format(python=python)}\n"
