@@ -693,3 +693,30 @@ def test_trust_python_bad_input(
     )  # fmt: skip
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr == f"sms-compat: tls: {message.format(python=python)}\n"
+
+
+@pytest.mark.parametrize(
+    ("client", "variable", "trusts"),
+    [
+        ("smsactivate", "REQUESTS_CA_BUNDLE", True),  # requests
+        ("smsactivate", "SSL_CERT_FILE", False),
+        ("grizzly-sms-client", "SSL_CERT_FILE", True),  # httpx
+        ("grizzly-sms-client", "REQUESTS_CA_BUNDLE", False),
+        ("async-sms-activate", "SSL_CERT_FILE", True),  # aiohttp
+        ("async-sms-activate", "REQUESTS_CA_BUNDLE", False),
+    ],
+)
+async def test_which_library_reads_which_variable(
+    client: str, variable: str, trusts: bool, stack: Stack, clock: FakeClock,
+    tls_dir: Path,
+) -> None:  # fmt: skip
+    """The README's table: one variable at a time, with only our CA in it."""
+    run = await drive(stack, clock, client, clean_env(**{variable: str(tls_dir / "ca.pem")}))
+    if trusts:
+        activation = await stack.app[ENGINE].store.get(100_000)
+        assert activation is not None
+        assert run.steps == expected_steps(client, activation.phone, activation.code)
+    else:
+        assert len(run.steps) == 1 and run.steps[0][0] == "error", run.steps
+        assert "CERTIFICATE_VERIFY_FAILED" in run.steps[0][1], run.steps
+        assert await stack.app[ENGINE].store.count() == 0
