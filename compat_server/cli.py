@@ -15,8 +15,6 @@ from compat_server.errors import ConfigError, ProviderError, UpstreamAuth
 from compat_server.tls import TlsError
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from compat_server.serving import Listener
 
 EXIT_CONFIG = 2
@@ -87,9 +85,9 @@ def serve_forever(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
-    def started(runner: web.AppRunner) -> None:
-        for url in serving.bound_urls(runner, "/stubs/handler_api.php"):
-            print(f"sms-compat: serving {url}", flush=True)
+    def started(serve: serving.Serving) -> None:
+        for url in serve.urls:
+            print(f"sms-compat: serving {url}/stubs/handler_api.php", flush=True)
 
     try:
         serving.run(

@@ -11,7 +11,7 @@ import asyncio
 import os
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -40,14 +40,24 @@ class ListenError(Exception):
         self.reason = reason
 
 
+@dataclass
+class Serving:
+    """A started app: its runner and, per listener in order, the URLs it accepts on."""
+
+    runner: web.AppRunner
+    urls: list[str] = field(default_factory=list)  # real ports, also for port 0
+
+
 async def start(
     app: web.Application, listeners: Sequence[Listener], **runner_kwargs: Any
-) -> web.AppRunner:
+) -> Serving:
     """Start the app and every listener; on a bind failure undo it all, ListenError."""
     runner = web.AppRunner(app, **runner_kwargs)
     await runner.setup()
+    serving = Serving(runner)
     try:
         for listener in listeners:
+            before = set(runner.addresses)  # of the sites started so far
             site = web.TCPSite(
                 runner, listener.host, listener.port, ssl_context=listener.ssl_context
             )
@@ -57,41 +67,33 @@ async def start(
                 # asyncio's strerror repeats the address: keep the system's words
                 reason = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise ListenError(listener, reason) from None
+            for address in runner.addresses:
+                if address not in before:
+                    host, port = address[:2]
+                    host = f"[{host}]" if ":" in host else host
+                    serving.urls.append(f"{listener.scheme}://{host}:{port}")
     except BaseException:
         await runner.cleanup()
         raise
-    return runner
-
-
-def bound_urls(runner: web.AppRunner, path: str = "/") -> list[str]:
-    """``scheme://host:port`` + path of each started site, with the real port."""
-    urls = []
-    for site in runner.sites:
-        scheme = "https" if getattr(site, "_ssl_context", None) else "http"
-        server = getattr(site, "_server", None)
-        for sock in getattr(server, "sockets", None) or ():
-            host, port = sock.getsockname()[:2]
-            host = f"[{host}]" if ":" in host else host
-            urls.append(f"{scheme}://{host}:{port}{path}")
-    return sorted(urls, key=lambda url: url.startswith("https"))  # http first
+    return serving
 
 
 def run(
     app: web.Application,
     listeners: Sequence[Listener],
     *,
-    started: Callable[[web.AppRunner], None] = lambda runner: None,
+    started: Callable[[Serving], None] = lambda serving: None,
     **runner_kwargs: Any,
 ) -> None:
     """Serve until SIGINT/SIGTERM (``handle_signals=True``); ListenError if a bind fails."""
 
     async def serve() -> None:
-        runner = await start(app, listeners, **runner_kwargs)
+        serving = await start(app, listeners, **runner_kwargs)
         try:
-            started(runner)
+            started(serving)
             await asyncio.Event().wait()
         finally:
-            await runner.cleanup()
+            await serving.runner.cleanup()
 
     try:
         asyncio.run(serve())

@@ -193,16 +193,15 @@ class Stack:
 @pytest.fixture
 async def stack(config: Config, clock: FakeClock, tls_dir: Path) -> AsyncIterator[Stack]:
     app = create_app(config, clock=clock, background=False)
-    runner = await serving.start(
+    started = await serving.start(
         app,
         [Listener("127.0.0.1", 0), Listener("127.0.0.1", 0, tls.server_context(tls_dir))],
         access_log=None,
     )
-    urls = serving.bound_urls(runner)
-    ports = [int(u.rsplit(":", 1)[1].rstrip("/")) for u in urls]
-    assert [u.split(":")[0] for u in urls] == ["http", "https"]
-    yield Stack(runner, ports[0], ports[1])
-    await runner.cleanup()
+    ports = [int(url.rsplit(":", 1)[1]) for url in started.urls]
+    assert started.urls == [f"http://127.0.0.1:{ports[0]}", f"https://127.0.0.1:{ports[1]}"]
+    yield Stack(started.runner, ports[0], ports[1])
+    await started.runner.cleanup()
 
 
 async def raw_get(
@@ -582,8 +581,8 @@ def test_bad_tls_config(tmp_path: Path, tls_section: str, message: str) -> None:
 
 def test_real_serve_answers_https_and_http_then_stops(tmp_path: Path, tls_dir: Path) -> None:
     """The production entry point: both listeners on one app, a clean stop on SIGTERM."""
-    import select
     import signal
+    import threading
     import urllib.request
 
     proc = subprocess.Popen(
@@ -591,12 +590,10 @@ def test_real_serve_answers_https_and_http_then_stops(tmp_path: Path, tls_dir: P
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
     )  # fmt: skip
     assert proc.stdout is not None
+    watchdog = threading.Timer(60, proc.kill)  # a hung server fails the test, not CI
+    watchdog.start()
     try:
-        lines = []
-        while len(lines) < 2:
-            ready, _, _ = select.select([proc.stdout], [], [], 30)
-            assert ready, "serve printed no listening address within 30 s"
-            lines.append(proc.stdout.readline().strip())
+        lines = [proc.stdout.readline().strip() for _ in range(2)]
         http_url, https_url = (line.removeprefix("sms-compat: serving ") for line in lines)
         assert http_url.startswith("http://127.0.0.1:") and http_url.endswith(API)
         assert https_url.startswith("https://127.0.0.1:") and https_url.endswith(API)
@@ -614,6 +611,7 @@ def test_real_serve_answers_https_and_http_then_stops(tmp_path: Path, tls_dir: P
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
+        watchdog.cancel()
     assert proc.returncode == 0
     assert "Traceback" not in stderr
     assert "action=getNumber key=tls-check provider=sb outcome=ACCESS_NUMBER" in stderr
