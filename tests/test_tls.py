@@ -484,8 +484,8 @@ def expired_dir(folder: Path) -> str:
 
 @pytest.mark.parametrize(
     "case",
-    ["missing-dir", "not-a-dir", "missing-file", "unreadable-key", "unreadable-dir",
-     "expired", "foreign-cert", "foreign-key", "garbage-cert"],
+    ["missing-dir", "not-a-dir", "missing-file", "unreadable-key", "expired",
+     "foreign-cert", "foreign-key", "garbage-cert"],
 )  # fmt: skip
 def test_serve_refuses_bad_tls_dir_in_one_line(tmp_path: Path, case: str) -> None:
     folder = tmp_path / "tls"
@@ -499,7 +499,6 @@ def test_serve_refuses_bad_tls_dir_in_one_line(tmp_path: Path, case: str) -> Non
         "missing-file": f"{folder}/server-key.pem is missing: run"
         f" `sms-compat tls init --dir {folder}`",
         "unreadable-key": f"cannot read {folder}/server-key.pem (Is a directory)",
-        "unreadable-dir": f"cannot read {folder}/ca.pem (Permission denied)",
         "foreign-cert": f"{folder}/server.pem was not issued by {folder}/ca.pem:"
         f" re-issue it with `sms-compat tls init --dir {folder}`",
         "foreign-key": f"{folder}/server-key.pem is not the key of {folder}/server.pem",
@@ -512,10 +511,6 @@ def test_serve_refuses_bad_tls_dir_in_one_line(tmp_path: Path, case: str) -> Non
     elif case == "unreadable-key":
         (folder / "server-key.pem").unlink()
         (folder / "server-key.pem").mkdir()
-    elif case == "unreadable-dir":
-        if os.geteuid() == 0:
-            pytest.skip("root reads a mode-000 directory (the Is-a-directory case covers it)")
-        folder.chmod(0)
     elif case == "expired":
         message = expired_dir(folder)
     elif case in ("foreign-cert", "foreign-key"):
@@ -525,13 +520,33 @@ def test_serve_refuses_bad_tls_dir_in_one_line(tmp_path: Path, case: str) -> Non
             shutil.copy(other / name, folder / name)
     elif case == "garbage-cert":
         (folder / "server.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
-    try:
-        done = serve_fails(serve_config(tmp_path, folder))
-    finally:
-        if case == "unreadable-dir":
-            folder.chmod(0o755)
+    done = serve_fails(serve_config(tmp_path, folder))
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr == f"sms-compat: tls: {message}\n"
+
+
+def test_serve_refuses_unreadable_tls_dir_in_one_line(tmp_path: Path) -> None:
+    """A directory the server's user may not read. Root reads everything, so as root
+    the server runs without the capabilities that bypass file modes (setpriv)."""
+    folder = tmp_path / "tls"
+    tls.init(folder)
+    command = [*CLI, "serve", "--config", serve_config(tmp_path, folder),
+               "--log-level", "WARNING"]  # fmt: skip
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without util-linux's setpriv")
+        command = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", *command]
+    folder.chmod(0)
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=60, check=False,
+            env=clean_env(), cwd=ROOT,
+        )  # fmt: skip
+    finally:
+        folder.chmod(0o755)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"sms-compat: tls: cannot read {folder}/ca.pem (Permission denied)\n"
 
 
 def test_serve_tls_port_in_use_is_one_line(tmp_path: Path, tls_dir: Path) -> None:
@@ -577,6 +592,12 @@ def test_bad_tls_config(tmp_path: Path, tls_section: str, message: str) -> None:
     )
     done = run_cli("check-config", "--config", str(path))
     assert (done.returncode, done.stderr) == (2, f"sms-compat: config error: {message}\n")
+
+
+def test_check_config_shows_tls(tmp_path: Path, tls_dir: Path) -> None:
+    done = run_cli("check-config", "--config", serve_config(tmp_path, tls_dir, 8443))
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines()[1] == f"server: 127.0.0.1:0 https:8443 tls={tls_dir}"
 
 
 def test_real_serve_answers_https_and_http_then_stops(tmp_path: Path, tls_dir: Path) -> None:
