@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--tls-dir", help="https beside http (overrides server.tls.dir)")
     serve.add_argument(
-        "--hosts-trick", action="store_true", help="http on port 80 and https on 443"
+        "--hosts-trick",
+        action="store_true",
+        help="http on port 80 and https on 443 (instead of --port and server ports)",
     )
     check = sub.add_parser("check-config", help="validate the config, print it masked")
     check.add_argument("--config", default="config.yaml")
@@ -171,12 +173,8 @@ def tls_command(args: argparse.Namespace) -> int:
                 print(f"sms-compat: for Python tools: {folder / tls.BUNDLE}"
                       " (certifi's roots + this CA)")  # fmt: skip
         else:
-            if not args.undo and args.dir is None:
-                print("sms-compat: tls: --dir DIR is required", file=sys.stderr)
-                return EXIT_CONFIG
-            print(
-                "sms-compat: " + tls.trust_python(args.python, args.dir, undo=args.undo)
-            )
+            done = tls.trust_python(args.python, args.dir, undo=args.undo)
+            print(f"sms-compat: {done}")
     except tls.TlsError as exc:
         print(f"sms-compat: tls: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -233,27 +233,28 @@ def trust_python(
 ) -> str:
     """Add ca.pem of ``directory`` to the certifi bundle of ``python`` (once), or with
     ``undo`` remove every CA this command added; returns what was done, in one line."""
-    bundle = certifi_bundle(python)
-    try:
-        text = bundle.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TlsError(f"cannot read {bundle} ({_reason(exc)})") from None
     if undo:
-        kept, count = _BLOCK.subn("", text)
-        if not count:
-            return f"{bundle} holds no CA added by sms-compat: nothing to undo"
-        _rewrite(bundle, kept)
-        return f"removed the sms-compat CA from {bundle}"
+        return _untrust(certifi_bundle(python))
     if directory is None:
-        raise TlsError("--dir is required (the directory of `tls init`)")
+        raise TlsError("--dir DIR is required (the directory of `tls init`)")
     ca_path = Path(directory) / CA_CERT
     ca_cert = _load_cert(ca_path)
     _check_ca(ca_cert, ca_path, dt.datetime.now(dt.timezone.utc))
+    bundle = certifi_bundle(python)
+    text = _read_bundle(bundle)
     if _fingerprint(ca_cert) in text:
         return f"{bundle} already trusts {ca_path}"
     block = _marked(ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
     _rewrite(bundle, text.rstrip("\n") + "\n" + block.decode())
     return f"{bundle} now trusts {ca_path} (undo: sms-compat tls trust-python {python} --undo)"
+
+
+def _untrust(bundle: Path) -> str:
+    kept, count = _BLOCK.subn("", _read_bundle(bundle))
+    if not count:
+        return f"{bundle} holds no CA added by sms-compat: nothing to undo"
+    _rewrite(bundle, kept)
+    return f"removed the sms-compat CA from {bundle}"
 
 
 # ---- building -------------------------------------------------------------------------
@@ -496,6 +497,13 @@ def _write(path: Path, data: bytes, *, private: bool = False) -> None:
             raise
     except OSError as exc:
         raise TlsError(f"cannot write {path} ({_reason(exc)})") from None
+
+
+def _read_bundle(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TlsError(f"cannot read {path} ({_reason(exc)})") from None
 
 
 def _rewrite(path: Path, text: str) -> None:

@@ -698,6 +698,7 @@ async def test_trust_python_adds_once_and_undoes(
          "{python} reads /etc/ssl/certs/ca-certificates.crt, not a certifi package's own"
          " file (likely the system store): trust ca.pem system-wide instead (see the README)"),
         (None, "cannot run /nonexistent/python3 (No such file or directory)"),
+        ("no-dir", "--dir DIR is required (the directory of `tls init`)"),
     ],
 )  # fmt: skip
 def test_trust_python_bad_input(
@@ -705,9 +706,11 @@ def test_trust_python_bad_input(
 ) -> None:
     python = sys.executable if certifi_source is not None else "/nonexistent/python3"
     (tmp_path / "site" / "certifi").mkdir(parents=True)
-    (tmp_path / "site" / "certifi" / "__init__.py").write_text(certifi_source or "")
+    if certifi_source != "no-dir":
+        (tmp_path / "site" / "certifi" / "__init__.py").write_text(certifi_source or "")
+    where = [] if certifi_source == "no-dir" else ["--dir", str(tls_dir)]
     done = run_cli(
-        "tls", "trust-python", python, "--dir", str(tls_dir),
+        "tls", "trust-python", python, *where,
         env=clean_env(PYTHONPATH=str(tmp_path / "site")),
     )  # fmt: skip
     assert (done.returncode, done.stdout) == (2, "")
