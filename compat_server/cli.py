@@ -77,15 +77,15 @@ def serve_forever(
     from compat_server import serving
     from compat_server.app import create_app
 
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         listeners = plan_listeners(config, host, port, tls_dir, hosts_trick)
     except TlsError as exc:
         print(f"sms-compat: tls: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
     def started(serve: serving.Serving) -> None:
         for url in serve.urls:

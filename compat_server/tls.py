@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
 import re
 import secrets
@@ -33,6 +34,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+log = logging.getLogger("compat_server.tls")
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca-key.pem"
@@ -66,6 +69,7 @@ LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 CA_DAYS = 3650
 # Apple refuses TLS server certificates valid for more than 825 days, whoever signed them
 SERVER_DAYS = 825
+RENEW_WARNING = dt.timedelta(days=30)  # serve warns this long before expiry
 KEY_BITS = 2048  # RSA: the one key type every TLS stack a user may run accepts
 
 _HOSTNAME = re.compile(
@@ -172,6 +176,13 @@ def server_context(
             f" with `sms-compat tls init --dir {folder}`"
         ) from None
     _check_validity(server_cert, folder / SERVER_CERT, now, folder)
+    if server_cert.not_valid_after_utc - now < RENEW_WARNING:
+        log.warning(
+            "%s expires on %s: re-issue it with `sms-compat tls init --dir %s`",
+            folder / SERVER_CERT,
+            f"{server_cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
+            folder,
+        )
     _check_ca(ca_cert, folder / CA_CERT, now)
     key = _load_key(folder / SERVER_KEY)
     if not _same_key(key, server_cert):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import socket
@@ -547,6 +548,25 @@ def test_serve_refuses_unreadable_tls_dir_in_one_line(tmp_path: Path) -> None:
         folder.chmod(0o755)
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr == f"sms-compat: tls: cannot read {folder}/ca.pem (Permission denied)\n"
+
+
+def test_serve_warns_a_month_before_expiry(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "tls"
+    now = dt.datetime.now(dt.timezone.utc)
+    tls.init(folder, now=now - dt.timedelta(days=800))  # 25 days left
+    cert = x509.load_pem_x509_certificates((folder / "server.pem").read_bytes())[0]
+    caplog.set_level(logging.WARNING, logger="compat_server.tls")
+    tls.server_context(folder, now=now)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [(
+        "WARNING",
+        f"{folder}/server.pem expires on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC:"
+        f" re-issue it with `sms-compat tls init --dir {folder}`",
+    )]  # fmt: skip
+    caplog.clear()
+    tls.server_context(folder, now=now - dt.timedelta(days=10))
+    assert caplog.records == []
 
 
 def test_serve_tls_port_in_use_is_one_line(tmp_path: Path, tls_dir: Path) -> None:
