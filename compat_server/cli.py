@@ -1,4 +1,4 @@
-"""Command line: ``sms-compat serve`` and ``sms-compat check-config [--ping]``."""
+"""Command line: ``sms-compat serve``, ``check-config [--ping]`` and ``tls ...``."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import asyncio
 import sys
 import time
 from decimal import Decimal
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from compat_server.config import Config, describe, load_config
 from compat_server.errors import ConfigError, ProviderError, UpstreamAuth
+from compat_server.tls import TlsError
+
+if TYPE_CHECKING:
+    from compat_server.serving import Listener
 
 EXIT_CONFIG = 2
 
@@ -32,12 +35,21 @@ def main(argv: list[str] | None = None) -> int:
         default="text",
         help="json: one object per line, with activation id, price, client address",
     )
+    serve.add_argument("--tls-dir", help="https beside http (overrides server.tls.dir)")
+    serve.add_argument(
+        "--hosts-trick",
+        action="store_true",
+        help="http on port 80 and https on 443 (instead of --port and server ports)",
+    )
     check = sub.add_parser("check-config", help="validate the config, print it masked")
     check.add_argument("--config", default="config.yaml")
     check.add_argument(
         "--ping", action="store_true", help="call every provider's balance"
     )
+    add_tls_commands(sub)
     args = parser.parse_args(argv)
+    if args.command == "tls":
+        return tls_command(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -48,7 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.ping:
             return asyncio.run(ping(config))
         return 0
-    return serve_forever(config, args.host, args.port, args.log_level, args.log_format)
+    return serve_forever(
+        config,
+        args.host,
+        args.port,
+        args.log_level,
+        args.log_format,
+        tls_dir=args.tls_dir,
+        hosts_trick=args.hosts_trick,
+    )
 
 
 def version() -> str:
@@ -68,34 +88,120 @@ def serve_forever(
     port: int | None,
     level: str,
     log_format: str = "text",
+    *,
+    tls_dir: str | None = None,
+    hosts_trick: bool = False,
 ) -> int:
-    """Run the server until interrupted (SIGHUP re-reads the config file)."""
+    """Run the server until interrupted; https beside http when a TLS dir is set.
+
+    SIGHUP re-reads the config file.
+    """
+    from compat_server import serving
     from compat_server.app import create_app
     from compat_server.ops import setup_logging
     from compat_server.store import StoreError
 
     setup_logging(level, log_format)
-    host = host or config.host
-    port = port or config.port
-    print(f"sms-compat: serving http://{host}:{port}/stubs/handler_api.php", flush=True)
     try:
-        web.run_app(
+        listeners = plan_listeners(config, host, port, tls_dir, hosts_trick)
+    except TlsError as exc:
+        print(f"sms-compat: tls: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    def started(serve: serving.Serving) -> None:
+        for url in serve.urls:
+            print(f"sms-compat: serving {url}/stubs/handler_api.php", flush=True)
+
+    try:
+        serving.run(
             create_app(config, sighup=True),
-            host=host,
-            port=port,
+            listeners,
+            started=started,
             access_log=None,  # its lines carry the full URL, api_key included
-            print=None,
             handle_signals=True,
         )
-    except StoreError as exc:  # before OSError: a locked store must not read as a port
+    except StoreError as exc:  # a locked or unusable store: one line
         print(f"sms-compat: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(
-            f"sms-compat: cannot listen on {host}:{port}: {exc.strerror}",
-            file=sys.stderr,
-        )
+    except serving.ListenError as exc:
+        print(f"sms-compat: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def plan_listeners(
+    config: Config,
+    host: str | None,
+    port: int | None,
+    tls_dir: str | None,
+    hosts_trick: bool,
+) -> list[Listener]:
+    """http from the config (``--hosts-trick``: port 80), https beside it when a TLS
+    dir is set (``--hosts-trick``: port 443, and the dir is required)."""
+    from compat_server.serving import Listener
+    from compat_server.tls import server_context
+
+    host = host or config.host
+    tls_dir = tls_dir or config.tls_dir
+    if hosts_trick and tls_dir is None:
+        raise TlsError(
+            "--hosts-trick needs a certificate: run `sms-compat tls init --dir DIR`,"
+            " then pass --tls-dir DIR (or set server.tls.dir)"
+        )
+    listeners = [Listener(host, 80 if hosts_trick else (port or config.port))]
+    if tls_dir is not None:
+        listeners.append(
+            Listener(
+                host, 443 if hosts_trick else config.tls_port, server_context(tls_dir)
+            )
+        )
+    return listeners
+
+
+def add_tls_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``tls init`` and ``tls trust-python``."""
+    tls = sub.add_parser("tls", help="certificates for the hosts trick over https")
+    commands = tls.add_subparsers(dest="tls_command", required=True)
+    init = commands.add_parser("init", help="make a local CA and a server certificate")
+    init.add_argument("--dir", required=True, help="where the files go")
+    init.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name (or IP) the certificate must cover; repeatable",
+    )
+    trust = commands.add_parser(
+        "trust-python", help="add ca.pem to a Python interpreter's certifi bundle"
+    )
+    trust.add_argument("python", metavar="PYTHON", help="path of the interpreter")
+    trust.add_argument("--dir", help="the directory of `tls init`")
+    trust.add_argument("--undo", action="store_true", help="remove what was added")
+
+
+def tls_command(args: argparse.Namespace) -> int:
+    """Run a ``tls`` subcommand: one line per outcome; errors exit 2, no traceback."""
+    from compat_server import tls
+
+    try:
+        if args.tls_command == "init":
+            issued = tls.init(args.dir, args.host)
+            folder = issued.directory
+            ca = "created" if issued.ca_created else "kept"
+            print(f"sms-compat: CA {ca}: {folder / tls.CA_CERT} (install this file;"
+                  f" {folder / tls.CA_KEY} stays private)")  # fmt: skip
+            print(f"sms-compat: server certificate {folder / tls.SERVER_CERT} for"
+                  f" {len(issued.names)} names, valid until"
+                  f" {issued.not_after:%Y-%m-%d}")  # fmt: skip
+            if issued.bundle:
+                print(f"sms-compat: for Python tools: {folder / tls.BUNDLE}"
+                      " (certifi's roots + this CA)")  # fmt: skip
+        else:
+            done = tls.trust_python(args.python, args.dir, undo=args.undo)
+            print(f"sms-compat: {done}")
+    except tls.TlsError as exc:
+        print(f"sms-compat: tls: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 

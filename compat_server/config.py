@@ -43,7 +43,7 @@ CURRENCY_NUMBERS = {
 
 # Options each section accepts; anything else is a typo and refused by name.
 SECTION_OPTIONS: dict[str, tuple[str, ...]] = {
-    "server": ("host", "port", "request_deadline"),
+    "server": ("host", "port", "request_deadline", "tls"),
     "store": ("path", "busy_timeout"),
     "activation": ("lifetime", "early_cancel"),
     "currency": ("display", "rates"),
@@ -122,6 +122,8 @@ class Config:
 
     host: str = "127.0.0.1"
     port: int = 8080
+    tls_port: int = 443
+    tls_dir: str | None = None  # server.tls.dir: https beside http when set
     store_path: str = "sms-compat.sqlite3"
     store_busy_timeout: float = 5.0  # s a store write waits for another process's lock
     lifetime: float = 1200.0
@@ -352,9 +354,22 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
     ):
         raise ConfigError("admin.token: must be a string of at least 16 characters")
 
+    tls = server.get("tls") or {}
+    if not isinstance(tls, dict):
+        raise ConfigError("server.tls: must be a mapping (port, dir)")
+    for name in tls:
+        if name not in ("port", "dir"):
+            raise ConfigError(f"server.tls.{name}: unknown (known: dir, port)")
+    if tls and not tls.get("dir"):
+        raise ConfigError(
+            "server.tls.dir: missing (the directory of `sms-compat tls init`)"
+        )
+
     return Config(
         host=str(server.get("host", "127.0.0.1")),
         port=_int(server.get("port", 8080), "server.port", low=0, high=65535),
+        tls_port=_int(tls.get("port", 443), "server.tls.port"),
+        tls_dir=str(tls["dir"]) if tls else None,
         store_path=str(store.get("path", "sms-compat.sqlite3")),
         store_busy_timeout=_float(store.get("busy_timeout", 5.0), "store.busy_timeout"),
         lifetime=_float(
@@ -408,7 +423,8 @@ def describe(config: Config) -> str:
 
     lines = [
         f"config: {config.source or '(in memory)'}",
-        f"server: {config.host}:{config.port}",
+        f"server: {config.host}:{config.port}"
+        + (f" https:{config.tls_port} tls={config.tls_dir}" if config.tls_dir else ""),
         f"store: {config.store_path}",
         f"activation: lifetime={config.lifetime:g}s early_cancel={config.early_cancel:g}s",
         f"currency: {config.currency} rates="

@@ -47,7 +47,7 @@ def raw_with(store_path: str, section: str, value: Any) -> dict[str, Any]:
     [
         (("server", {"port": -5}), "server.port: must be between 0 and 65535, got -5"),
         (("server", {"port": 70000}), "server.port: must be between 0 and 65535, got 70000"),
-        (("server", {"prot": 80}), "server.prot: unknown option (known: host, port, request_deadline)"),
+        (("server", {"prot": 80}), "server.prot: unknown option (known: host, port, request_deadline, tls)"),
         (("store", {"path": "x", "wal": True}), "store.wal: unknown option (known: busy_timeout, path)"),
         (("activation", {"lifetime": 0}), "activation.lifetime: must be greater than 0"),
         (("activation", {"lifetme": 5}),

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from compat_server import cli
+from compat_server import cli, serving
 from compat_server.app import create_app
 from compat_server.config import parse_config
 from tests.conftest import API, FakeClock
@@ -377,7 +376,7 @@ def test_serve_runs_without_access_log_and_quiets_httpx(
     every request line) and leaves httpx/httpcore at WARNING."""
     seen: dict[str, Any] = {}
     monkeypatch.setattr(logging, "basicConfig", lambda **kw: seen.update(log=kw))
-    monkeypatch.setattr(web, "run_app", lambda app, **kw: seen.update(run=kw))
+    monkeypatch.setattr(serving, "run", lambda app, listeners, **kw: seen.update(run=kw))
     for name in ("httpx", "httpcore"):
         monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
     sandbox = {"sandbox": KINDS["sandbox"].options("")}
