@@ -29,6 +29,7 @@ ENGINE = web.AppKey("engine", Engine)
 BACKGROUND = web.AppKey("background", bool)
 
 PATHS = ("/stubs/handler_api.php", "/stubs/handler_api")
+METHODS = ("GET", "POST")
 
 
 def create_app(
@@ -52,8 +53,25 @@ def create_app(
     app[BACKGROUND] = background
     app.cleanup_ctx.extend([_http_client(http), _database, _engine, _background_tasks])
     for path in PATHS:
-        app.router.add_route("*", path, handle_api)
+        for method in METHODS:  # never "*": HEAD or OPTIONS must not buy a number
+            app.router.add_route(method, path, handle_api)
+        app.router.add_route("*", path, method_not_allowed)
     return app
+
+
+async def method_not_allowed(request: web.Request) -> web.StreamResponse:
+    """405 for every method but GET and POST; nothing runs, nothing is bought.
+
+    A CORS preflight (OPTIONS) gets no grant either: sms-activate clients are
+    server-side programs, and a browser page holding an api_key would hand the key's
+    money to anyone who reads the page.
+    """
+    log.info("method=%s outcome=405", _printable(request.method[:16]))
+    return web.Response(
+        status=405,
+        text="405: Method Not Allowed",
+        headers={"Allow": ", ".join(METHODS)},
+    )
 
 
 def quiet_secret_loggers() -> None:

@@ -108,6 +108,9 @@ async def read_params(request: web.Request) -> dict[str, str]:
     for name, value in request.query.items():
         params.setdefault(name.strip(), value)
     if request.method == "POST" and request.can_read_body:
+        declared = request.content_length
+        if declared is not None and declared > MAX_BODY:
+            raise errors.BadParameter("body too large")  # refused before reading it
         if request.content_type == "multipart/form-data":
             try:
                 form = await request.post()  # bounded by the app's client_max_size
@@ -115,10 +118,7 @@ async def read_params(request: web.Request) -> dict[str, str]:
                 raise errors.BadParameter("malformed or oversized multipart") from None
             params.update({k.strip(): v for k, v in form.items() if isinstance(v, str)})
         else:
-            raw = await request.content.read(MAX_BODY + 1)
-            if len(raw) > MAX_BODY:
-                raise errors.BadParameter("body too large")
-            params.update(_parse_body(raw, request.content_type))
+            params.update(_parse_body(await _read_body(request), request.content_type))
     if len(params) > MAX_PARAMS:
         raise errors.BadParameter("too many parameters")
     for name, value in params.items():
@@ -126,6 +126,15 @@ async def read_params(request: web.Request) -> dict[str, str]:
             # lone surrogates (a JSON "\ud800") cannot be stored or compared as UTF-8
             raise errors.BadParameter("parameter is not valid text")
     return {k: v.strip() for k, v in params.items()}
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body, however many TCP segments or chunks it came in; BadParameter
+    past MAX_BODY (the app's client_max_size), before anything is parsed."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise errors.BadParameter("body too large") from None
 
 
 def _encodable(text: str) -> bool:
