@@ -165,7 +165,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     call: Call | None = None
     outcome = "?"
     try:
-        params = await dialect.read_params(request)
+        params = await dialect.read_params(request, request.app[CONFIG].body_timeout)
         action = dialect.param(params, "action")[:40] or "-"
         presented = params.get("api_key", "")
         if not presented:

@@ -103,6 +103,10 @@ class Config:
     outbox_max_backoff: float = 300.0
     sweep_interval: float = 5.0
     reconcile_interval: float = 10.0
+    body_timeout: float = 10.0
+    max_connections: int = 1024  # 0: no cap (beyond the descriptor limit)
+    max_connections_per_client: int = 256  # per client address; 0: no cap
+    log_repeat_interval: float = 60.0  # a repeating failure is logged once per interval
     source: str = ""
 
     def find_key(self, presented: str) -> KeyConfig | None:
@@ -295,6 +299,17 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
         reconcile_interval=_float(
             workers.get("reconcile_interval", 10), "workers.reconcile_interval"
         ),
+        body_timeout=_float(server.get("body_timeout", 10), "server.body_timeout"),
+        max_connections=_count(
+            server.get("max_connections", 1024), "server.max_connections"
+        ),
+        max_connections_per_client=_count(
+            server.get("max_connections_per_client", 256),
+            "server.max_connections_per_client",
+        ),
+        log_repeat_interval=_float(
+            server.get("log_repeat_interval", 60), "server.log_repeat_interval"
+        ),
         source=source,
     )
 
@@ -393,6 +408,13 @@ def _int(value: Any, where: str) -> int:
         return int(value)
     except ValueError:
         raise ConfigError(f"{where}: must be a whole number") from None
+
+
+def _count(value: Any, where: str) -> int:
+    result = _int(value, where)
+    if result < 0:
+        raise ConfigError(f"{where}: must not be negative (0 means no cap)")
+    return result
 
 
 def _float(value: Any, where: str) -> float:

@@ -18,9 +18,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from compat_server.app import ENGINE, create_app
+from compat_server.config import parse_config
 from compat_server.dialect import MAX_BODY
 from compat_server.engine import Engine
-from tests.conftest import API, KEY, FakeClock
+from tests.conftest import API, KEY, FakeClock, sandbox_raw
 
 GAP = 0.05  # seconds between two writes of one request
 BUY = f"api_key={KEY}&action=getNumber&service=tg&country=10"
@@ -29,6 +30,18 @@ BALANCE = "ACCESS_BALANCE:1000.00"
 
 @pytest.fixture
 async def server(aiohttp_server: Any, config: Any, clock: FakeClock) -> TestServer:
+    srv: TestServer = await aiohttp_server(
+        create_app(config, clock=clock, background=False), host="127.0.0.1"
+    )
+    return srv
+
+
+@pytest.fixture
+async def quick(aiohttp_server: Any, store_path: str, clock: FakeClock) -> TestServer:
+    """A server whose body_timeout is 0.3 s instead of 10 s: the tests that use it are
+    about what happens when it runs out."""
+    server = {"host": "127.0.0.1", "port": 0, "body_timeout": 0.3}
+    config = parse_config(sandbox_raw(store_path, server=server))
     srv: TestServer = await aiohttp_server(
         create_app(config, clock=clock, background=False), host="127.0.0.1"
     )
@@ -48,8 +61,8 @@ async def bought(server: TestServer) -> tuple[int, int]:
 class Answer:
     """One raw HTTP response: status, headers (lower-case names), body."""
 
-    def __init__(self, raw: bytes) -> None:
-        head, _, self.body = raw.partition(b"\r\n\r\n")
+    def __init__(self, head: bytes, body: bytes) -> None:
+        self.body = body
         lines = head.decode("latin-1").split("\r\n")
         self.status = int(lines[0].split()[1])
         self.headers: dict[str, str] = {}
@@ -60,6 +73,17 @@ class Answer:
     @property
     def text(self) -> str:
         return self.body.decode()
+
+    @classmethod
+    async def read(cls, reader: asyncio.StreamReader, method: str = "POST") -> Answer:
+        """Head, then Content-Length bytes of body (none for HEAD); not until EOF:
+        after an answer to a body it refused, aiohttp may linger reading the rest."""
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        answer = cls(head[:-4], b"")
+        if method != "HEAD":
+            length = int(answer.headers["content-length"])
+            answer.body = await asyncio.wait_for(reader.readexactly(length), 5)
+        return answer
 
 
 async def send(
@@ -78,10 +102,9 @@ async def send(
                 await writer.drain()
             except ConnectionError:  # the server answered early and closed
                 break
-        raw = await asyncio.wait_for(reader.read(), 5)
+        return await Answer.read(reader, head.split(" ", 1)[0])
     finally:
         writer.close()
-    return Answer(raw)
 
 
 def post_head(
@@ -235,3 +258,30 @@ async def test_get_and_post_still_run(server: TestServer) -> None:
     # POST with every parameter in the query string and an empty body (aiosmsactivate)
     head = f"POST {API}?api_key={KEY}&action=getBalance HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
     assert_token(await send(server, head), BALANCE)
+
+
+async def test_broken_chunked_body_is_bad_input(
+    quick: TestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chunk size that is not hex, after a good chunk: ERROR_SQL, no traceback.
+
+    aiohttp leaves the body read waiting forever here, so the answer comes when
+    server.body_timeout runs out (0.3 s on this server)."""
+    parts = [*chunked(BUY.encode())[:1], b"zz\r\n&maxPrice=1\r\n0\r\n\r\n"]
+    assert_token(await send(quick, post_head(None), *parts), "ERROR_SQL")
+    assert await bought(quick) == (0, 0)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= 40]
+
+
+async def test_a_body_that_never_ends_is_answered(quick: TestServer) -> None:
+    """Content-Length promises more than comes: ERROR_SQL after server.body_timeout
+    (0.3 s on this server, to keep the test short), and nothing bought."""
+    assert quick.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", quick.port)
+    writer.write((post_head(len(BUY) + 100) + BUY).encode())
+    started = asyncio.get_running_loop().time()
+    answer = await Answer.read(reader)
+    writer.close()
+    assert_token(answer, "ERROR_SQL")
+    assert 0.3 <= asyncio.get_running_loop().time() - started < 2
+    assert await bought(quick) == (0, 0)
