@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 from aiohttp import web
 
-from compat_server import dialect
+from compat_server import dialect, logs
 from compat_server.actions import ACTIONS, Call
 from compat_server.config import Config
 from compat_server.engine import Engine
@@ -45,6 +45,7 @@ def create_app(
     the outbox, sweeper and reconciler to be stepped by hand.
     """
     quiet_secret_loggers()
+    logs.install(config)
     app = web.Application(
         middlewares=[dialect.render_errors], client_max_size=dialect.MAX_BODY
     )
@@ -52,6 +53,7 @@ def create_app(
     app[CLOCK] = clock
     app[BACKGROUND] = background
     app.cleanup_ctx.extend([_http_client(http), _database, _engine, _background_tasks])
+    app.cleanup_ctx.append(_log_summaries)
     for path in PATHS:
         for method in METHODS:  # never "*": HEAD or OPTIONS must not buy a number
             app.router.add_route(method, path, handle_api)
@@ -155,6 +157,21 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _log_summaries(app: web.Application) -> AsyncIterator[None]:
+    """Every log_repeat_interval: how often each repeating failure was held back."""
+
+    async def flush_forever() -> None:
+        while True:
+            await asyncio.sleep(max(app[CONFIG].log_repeat_interval, 0.05))
+            logs.THROTTLE.flush()
+
+    task = asyncio.create_task(flush_forever())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    logs.THROTTLE.flush(everything=True)
 
 
 async def handle_api(request: web.Request) -> web.StreamResponse:

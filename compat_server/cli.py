@@ -9,8 +9,6 @@ import sys
 import time
 from decimal import Decimal
 
-from aiohttp import web
-
 from compat_server.config import Config, describe, load_config
 from compat_server.errors import ConfigError, ProviderError, UpstreamAuth
 
@@ -49,24 +47,24 @@ def serve_forever(
     config: Config, host: str | None, port: int | None, level: str
 ) -> int:
     """Run the server until interrupted."""
+    from compat_server import connections, logs
     from compat_server.app import create_app
 
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.raiseExceptions = False  # a full disk: no traceback per unwritten line
     host = host or config.host
     port = port or config.port
     print(f"sms-compat: serving http://{host}:{port}/stubs/handler_api.php", flush=True)
     try:
-        web.run_app(
-            create_app(config),
-            host=host,
-            port=port,
-            access_log=None,  # its lines carry the full URL, api_key included
-            print=None,
-            handle_signals=True,
+        app = create_app(config)
+        logs.install(config, logging.getLogger().handlers)
+        gate, batch = connections.gate_for(
+            config.max_connections, config.max_connections_per_client
         )
+        connections.run(app, host, port, gate, batch)
     except OSError as exc:
         print(
             f"sms-compat: cannot listen on {host}:{port}: {exc.strerror}",

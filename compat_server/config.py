@@ -317,7 +317,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
 def describe(config: Config) -> str:
     """The configuration as text with every secret masked (for check-config)."""
     from providers import get_provider_class
-    from providers.base import mask
+    from providers.base import mask, mask_url
 
     lines = [
         f"config: {config.source or '(in memory)'}",
@@ -338,7 +338,7 @@ def describe(config: Config) -> str:
         shown = []
         for name, value in sorted(provider.options.items()):
             shown.append(
-                f"{name}={mask(str(value)) if name in cls.secret_fields else value}"
+                f"{name}={mask(str(value)) if name in cls.secret_fields else mask_url(value)}"
             )
         lines.append(
             f"provider {provider.name}: markup={provider.markup} " + " ".join(shown)
