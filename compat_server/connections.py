@@ -161,11 +161,17 @@ def gate_for(max_connections: int, max_per_client: int) -> tuple[ConnectionGate,
     kept within the descriptor limit."""
     total, batch = descriptor_plan(max_connections)
     if max_connections and total < max_connections:
+        # the per-client cap shrinks alike, so one client still cannot take them all
+        scaled = max(1, max_per_client * total // max_connections)
         log.warning(
-            "server.max_connections %d lowered to %d: the descriptor limit allows no more",
+            "server.max_connections %d lowered to %d and max_connections_per_client"
+            " %d to %d: the descriptor limit allows no more",
             max_connections,
             total,
+            max_per_client,
+            scaled,
         )
+        max_per_client = min(max_per_client, scaled) if max_per_client else scaled
     return ConnectionGate(total, max_per_client), batch
 
 

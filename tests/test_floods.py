@@ -1,0 +1,247 @@
+"""Field conditions for the process as a whole: too few descriptors, a store that cannot
+grow, one client holding many connections. Each runs the real ``sms-compat serve``
+process (limits set with ``resource.setrlimit`` before it starts) and counts the lines
+it logs; the connection caps are checked with real sockets from two loopback
+addresses (127.0.0.1 and 127.0.0.2 are both this machine on Linux).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from compat_server.logs import Throttle
+from tests.serving import ServeProcess
+
+KEY = "Flood-Test-Key-0123456789abcdef"
+BALANCE = b"ACCESS_BALANCE:1000.00"
+
+
+def raw_config(tmp_path: Path, **server: Any) -> dict[str, Any]:
+    return {
+        "server": {"host": "127.0.0.1", **server},
+        "store": {"path": str(tmp_path / "store.sqlite3")},
+        "keys": [{"key": KEY, "alias": "flood", "providers": ["sb"]}],
+        "providers": {"sb": {"type": "sandbox", "sms_delay": 0, "balance": 1000}},
+    }
+
+
+def connect(serve: ServeProcess, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket()
+    sock.settimeout(5)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", serve.port))
+    return sock
+
+
+def ask(sock: socket.socket, action: str = "getBalance") -> bytes:
+    """One keep-alive request on ``sock``; the body (b"" if the server closed it)."""
+    try:
+        sock.sendall(
+            f"GET /stubs/handler_api.php?api_key={KEY}&action={action} HTTP/1.1\r\n"
+            "Host: x\r\n\r\n".encode()
+        )
+        data = b""
+        while b"\r\n\r\n" not in data or not data.endswith(BALANCE):
+            chunk = sock.recv(4096)
+            if not chunk:
+                return b""
+            data += chunk
+    except ConnectionError:
+        return b""
+    return data.split(b"\r\n\r\n", 1)[1]
+
+
+def closed_at_once(sock: socket.socket) -> bool:
+    """The server closed the connection without reading or writing anything."""
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def log_lines(output: str) -> list[str]:
+    """The log lines without their timestamp (tracebacks' lines as they are)."""
+    return [
+        line.split(" ", 2)[2] if line[:2] == "20" else line
+        for line in output.splitlines()[1:]
+    ]
+
+
+# ---- connection caps ---------------------------------------------------------------
+
+
+def test_caps_per_client_and_in_total(tmp_path: Path) -> None:
+    raw = raw_config(tmp_path, max_connections=8, max_connections_per_client=5)
+    serve = ServeProcess(tmp_path, raw, KEY).start()
+    try:
+        first = [connect(serve) for _ in range(5)]
+        assert [ask(s) for s in first] == [BALANCE] * 5
+        over = [connect(serve) for _ in range(2)]  # the client's 6th and 7th
+        assert [closed_at_once(s) for s in over] == [True, True]
+        assert [ask(s) for s in first] == [BALANCE] * 5  # the first five still work
+        other = [connect(serve, "127.0.0.2") for _ in range(3)]
+        assert [ask(s) for s in other] == [BALANCE] * 3
+        ninth = connect(serve, "127.0.0.2")  # 8 open: the total cap
+        assert closed_at_once(ninth)
+        first[0].close()
+        first[1].close()
+        time.sleep(0.2)
+        again = connect(serve, "127.0.0.2")
+        assert ask(again) == BALANCE
+        for sock in [*first, *over, *other, ninth, again]:
+            sock.close()
+    finally:
+        output = serve.stop()
+    lines = log_lines(output)
+    refusals = [line for line in lines if "closed at once" in line]
+    assert refusals == [
+        "WARNING compat_server: connection from 127.0.0.1 closed at once: it holds 5"
+        " connections (cap 5 per client)",
+        "WARNING compat_server: connection from 127.0.0.2 closed at once: the server"
+        " holds 8 connections (cap 8)",
+        "WARNING compat_server: repeated 1 more times in the last 60 s: connection"
+        " from 127.0.0.1 closed at once: it holds 5 connections (cap 5 per client)",
+    ]
+    assert "Traceback" not in output
+
+
+def few_descriptors() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
+def test_one_client_cannot_take_every_descriptor(tmp_path: Path) -> None:
+    """RLIMIT_NOFILE 256 (soft and hard), the default caps (1024 / 256): the server
+    lowers them to what the limit holds, a client opening 100 connections gets a
+    share, another client is still served, and the log stays a few lines: no
+    traceback per failed accept (before: 613,416 tracebacks, 272 MB, in two minutes
+    with 64 descriptors and 300 connections)."""
+    serve = ServeProcess(
+        tmp_path, raw_config(tmp_path), KEY, preexec_fn=few_descriptors
+    ).start()
+    hog: list[socket.socket] = []
+    try:
+        started = time.monotonic()
+        while len(hog) < 100 and time.monotonic() - started < 20:
+            try:
+                hog.append(connect(serve))
+            except OSError:
+                time.sleep(0.01)
+        served = Counter(ask(s) for s in hog[:60])
+        assert served[BALANCE] == 20 and served[b""] == 40, served
+        for _ in range(3):
+            sock = connect(serve, "127.0.0.2")
+            assert ask(sock) == BALANCE
+            sock.close()
+    finally:
+        for sock in hog:
+            sock.close()
+        output = serve.stop()
+    lines = log_lines(output)
+    assert (
+        "WARNING compat_server: server.max_connections 1024 lowered to 80 and"
+        " max_connections_per_client 256 to 20: the descriptor limit allows no more"
+    ) in lines
+    assert "Traceback" not in output and "out of system resource" not in output
+    assert len([line for line in lines if "closed at once" in line]) == 2, lines
+    assert len(lines) < 120, len(lines)  # start, stop and the requests above
+
+
+def store_cannot_grow() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+
+def test_a_full_disk_logs_one_traceback_not_one_per_request(tmp_path: Path) -> None:
+    """The store cannot grow past 300 kB (RLIMIT_FSIZE: a full disk as sqlite sees
+    it). 300 purchases: each answered, one traceback and one count in the log (before:
+    496 tracebacks in 14,391 lines for 500 purchases)."""
+    raw = raw_config(tmp_path)
+    raw["providers"]["sb"]["balance"] = 1_000_000
+    serve = ServeProcess(
+        tmp_path, raw, KEY, preexec_fn=store_cannot_grow
+    ).start()
+    answers: Counter[str] = Counter()
+    try:
+        for _ in range(300):
+            answer = serve.get("action=getNumber&service=tg&country=10")
+            answers[answer.split(":", 1)[0]] += 1
+    finally:
+        output = serve.stop()
+    assert set(answers) <= {"ACCESS_NUMBER", "ERROR_SQL"} and answers["ERROR_SQL"] > 250
+    assert output.count("Traceback") == 1, output[-3000:]
+    repeated = [line for line in log_lines(output) if "repeated" in line]
+    assert len(repeated) == 1 and repeated[0].startswith(
+        f"ERROR compat_server: repeated {answers['ERROR_SQL'] - 1} more times in the"
+        " last 60 s: unexpected error on /stubs/handler_api.php ("
+    ), repeated
+
+
+# ---- the throttle itself -------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def throttled() -> tuple[logging.Logger, Throttle, Clock, list[str]]:
+    clock = Clock()
+    throttle = Throttle(60, clock)
+    logger = logging.getLogger("tests.floods")
+    logger.setLevel(logging.DEBUG)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(f"{record.levelname} {record.getMessage()}")
+
+    handler = Keep()
+    logger.addHandler(handler)
+    logger.addFilter(throttle)
+    logger.propagate = False
+    yield logger, throttle, clock, seen
+    logger.removeFilter(throttle)
+    logger.removeHandler(handler)
+    logger.propagate = True
+
+
+def test_throttle_counts_repeats_per_interval(
+    throttled: tuple[logging.Logger, Throttle, Clock, list[str]],
+) -> None:
+    logger, throttle, clock, seen = throttled
+    for n in range(1000):
+        logger.error("accept failed on fd %d", n)
+        logger.warning("other kind")
+        logger.info("request %d", n)  # below WARNING: never held back
+    assert seen[:3] == ["ERROR accept failed on fd 0", "WARNING other kind", "INFO request 0"]
+    assert len(seen) == 1002
+    assert throttle.flush() == 0  # the interval has not ended
+    clock.now += 60
+    assert throttle.flush() == 2
+    assert seen[-2:] == [
+        "ERROR repeated 999 more times in the last 60 s: accept failed on fd 0",
+        "WARNING repeated 999 more times in the last 60 s: other kind",
+    ]
+    logger.error("accept failed on fd %d", 5)  # a new interval: through at once
+    logger.error("accept failed on fd %d", 6)
+    clock.now += 61
+    logger.error("accept failed on fd %d", 7)  # the count rides on the next one
+    assert seen[-2:] == [
+        "ERROR accept failed on fd 5",
+        "ERROR accept failed on fd 7 [and 1 more like it in the last 60 s]",
+    ]
