@@ -79,6 +79,7 @@ async def ping(config: Config) -> int:
 
     The circuit state shown is the one the server last recorded in its store.
     """
+    from compat_server import logs
     from compat_server.app import (
         build_providers,
         make_http_client,
@@ -87,6 +88,7 @@ async def ping(config: Config) -> int:
     from compat_server.routing import Prices
 
     quiet_secret_loggers()
+    logs.install(config)
     circuits = recorded_circuits(config.store_path)
     failed = 0
     async with make_http_client(config) as http:

@@ -642,3 +642,20 @@ def test_parser_errors_are_one_short_line_without_the_request(tmp_path: Path) ->
     assert "Traceback" not in output and "Error handling request" not in output
     found = leaks(output) + [f for f in (secret, secret[:8], secret[-8:]) if f in output]
     assert not found, found
+
+
+async def test_an_access_log_left_on_shows_no_key(
+    capture: Capture, aiohttp_client: Any, store_path: str, clock: FakeClock
+) -> None:
+    """serve runs without aiohttp's access log; a deployment that turns it on (here:
+    aiohttp's default) gets its lines with the key masked."""
+    sandbox = {"sandbox": KINDS["sandbox"].options("")}
+    config = parse_config(raw_config(store_path, sandbox))
+    server = TestServer(create_app(config, clock=clock, background=False))
+    await server.start_server()  # aiohttp.access at its default format
+    client: TestClient = await aiohttp_client(server)
+    run = Run(client, capture, clock)
+    assert (await run.ask(action="getBalance")).startswith("ACCESS_BALANCE:")
+    access = [r.getMessage() for r in capture.records if r.name == "aiohttp.access"]
+    assert len(access) == 1 and '"GET /stubs/handler_api.php?api_key=****&action=getBalance HTTP/1.1" 200' in access[0], access
+    assert [f for f in leaks(capture.text()) if not f.startswith("query")] == []
