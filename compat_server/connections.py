@@ -77,7 +77,12 @@ class ConnectionGate:
     def _refuse(self, address: str, why: str, *args: int) -> None:
         self.refused += 1
         # one line per log_repeat_interval with a count (compat_server.logs.Throttle)
-        log.warning("connection from %s closed at once: " + why, address, *args)
+        log.warning(
+            "connection from %s closed at once: " + why,
+            address,
+            *args,
+            extra={"throttle": True},
+        )
 
     def protocol(
         self, factory: Callable[[], asyncio.Protocol]

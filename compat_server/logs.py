@@ -7,7 +7,8 @@ aiohttp's, asyncio's, httpx's) by :func:`install`, and by ``serve`` on its handl
   ERROR with a traceback whose message quotes the request line, api_key included) into
   one short WARNING without the line.
 * :class:`Throttle` lets the first WARNING-or-worse record of a kind through per
-  interval and counts the rest; the count goes out with the next one let through, or
+  interval and counts the rest (tracebacks, asyncio's and aiohttp's records, and
+  those marked ``throttle``; our one-line warnings, each naming an activation, stay); the count goes out with the next one let through, or
   from :meth:`Throttle.flush` (run every interval by the app). Out of descriptors or
   with the disk full, a failure per accept or per request becomes two lines a minute.
 * :class:`Redactor` masks every configured secret (client keys, upstream tokens, URL
@@ -122,7 +123,11 @@ class _Seen:
 
 class Throttle(logging.Filter):
     """The first WARNING-or-worse record of a kind (logger, level, message template,
-    exception type) per ``interval`` seconds goes through; the others are counted."""
+    exception type) per ``interval`` seconds goes through; the others are counted.
+
+    Only records that can repeat without end are held back: those with a traceback,
+    those of asyncio and aiohttp, and those logged with ``extra={"throttle": True}``.
+    """
 
     MAX_KINDS = 1000
 
@@ -138,6 +143,13 @@ class Throttle(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING or getattr(record, "summary", False):
             return True
+        if not (
+            record.exc_info
+            or getattr(record, "throttle", False)
+            or record.name == "asyncio"
+            or record.name.startswith("aiohttp.")
+        ):
+            return True  # our own one-line warnings (an activation id each) stay whole
         exc = (
             record.exc_info[0].__name__
             if record.exc_info and record.exc_info[0]

@@ -224,12 +224,19 @@ def test_throttle_counts_repeats_per_interval(
     throttled: tuple[logging.Logger, Throttle, Clock, list[str]],
 ) -> None:
     logger, throttle, clock, seen = throttled
+    mark = {"throttle": True}
     for n in range(1000):
-        logger.error("accept failed on fd %d", n)
-        logger.warning("other kind")
-        logger.info("request %d", n)  # below WARNING: never held back
-    assert seen[:3] == ["ERROR accept failed on fd 0", "WARNING other kind", "INFO request 0"]
-    assert len(seen) == 1002
+        logger.error("accept failed on fd %d", n, extra=mark)
+        logger.warning("other kind", extra=mark)
+        logger.info("request %d", n, extra=mark)  # below WARNING: never held back
+        if n < 3:  # a warning of ours, unmarked and without traceback: never held back
+            logger.warning("activation %d kept", n)
+    assert seen[:7] == [
+        "ERROR accept failed on fd 0", "WARNING other kind", "INFO request 0",
+        "WARNING activation 0 kept", "INFO request 1", "WARNING activation 1 kept",
+        "INFO request 2",
+    ]  # fmt: skip
+    assert len(seen) == 1005
     assert throttle.flush() == 0  # the interval has not ended
     clock.now += 60
     assert throttle.flush() == 2
@@ -237,11 +244,23 @@ def test_throttle_counts_repeats_per_interval(
         "ERROR repeated 999 more times in the last 60 s: accept failed on fd 0",
         "WARNING repeated 999 more times in the last 60 s: other kind",
     ]
-    logger.error("accept failed on fd %d", 5)  # a new interval: through at once
-    logger.error("accept failed on fd %d", 6)
+    logger.error("accept failed on fd %d", 5, extra=mark)  # a new interval: through
+    logger.error("accept failed on fd %d", 6, extra=mark)
     clock.now += 61
-    logger.error("accept failed on fd %d", 7)  # the count rides on the next one
+    logger.error("accept failed on fd %d", 7, extra=mark)  # the count rides along
     assert seen[-2:] == [
         "ERROR accept failed on fd 5",
         "ERROR accept failed on fd 7 [and 1 more like it in the last 60 s]",
     ]
+    try:
+        raise OSError(24, "Too many open files")
+    except OSError:
+        for _ in range(5):  # a traceback is held back without a mark
+            logger.exception("background sweeper failed; continuing")
+    assert seen[-1] == "ERROR background sweeper failed; continuing"
+    clock.now += 60
+    assert throttle.flush() == 1
+    assert seen[-1] == (
+        "ERROR repeated 4 more times in the last 60 s: background sweeper failed;"
+        " continuing (OSError)"
+    )
