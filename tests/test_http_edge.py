@@ -285,3 +285,41 @@ async def test_a_body_that_never_ends_is_answered(quick: TestServer) -> None:
     assert_token(answer, "ERROR_SQL")
     assert 0.3 <= asyncio.get_running_loop().time() - started < 2
     assert await bought(quick) == (0, 0)
+
+
+def test_real_serve_process_reads_split_bodies_and_refuses_head(tmp_path: Any) -> None:
+    """The same through ``sms-compat serve`` (its own listener and connection gate):
+    a maxPrice in the second segment holds, HEAD gets 405, nothing is bought."""
+    import socket
+    import time as clock_time
+
+    from tests.serving import ServeProcess
+
+    raw = sandbox_raw(str(tmp_path / "store.sqlite3"))
+    raw["server"] = {"host": "127.0.0.1"}
+    serve = ServeProcess(tmp_path, raw, KEY).start()
+
+    def exchange(*parts: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", serve.port), timeout=5) as sock:
+            for part in parts:
+                sock.sendall(part)
+                clock_time.sleep(GAP)
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+            return data
+
+    try:
+        body = BUY + "&maxPrice=1"
+        head = post_head(len(body))
+        answer = exchange(head.encode() + BUY.encode(), b"&maxPrice=1")
+        assert answer.endswith(b"\r\n\r\nNO_NUMBERS"), answer
+        answer = exchange(f"HEAD {API}?{BUY} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), answer
+        assert b"\r\nAllow: GET, POST\r\n" in answer
+        assert serve.get("action=getActiveActivations") == (
+            '{"status":"error","error":"NO_ACTIVATIONS"}'
+        )
+        assert serve.get("action=getBalance") == BALANCE
+    finally:
+        serve.stop()
