@@ -79,7 +79,10 @@ class Redactor(logging.Filter):
         return _USERINFO.sub(lambda m: m.group(1) + MASK + "@", text)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # arguments that do not fit the message
+            message = f"{record.msg} {record.args!r}"
         clean = self.scrub(message)
         if clean != message or record.args:
             record.msg, record.args = clean, None
@@ -224,7 +227,14 @@ class _Once(logging.Filter):
         decided = getattr(record, _MARK, None)
         if decided is not None:
             return bool(decided)
-        keep = all(f.filter(record) for f in self.filters)
+        try:
+            keep = all(f.filter(record) for f in self.filters)
+        except Exception as exc:  # never raise into the code that logs, never leak
+            record.msg = (
+                f"(a {record.name} record could not be masked: {type(exc).__name__})"
+            )
+            record.args = record.exc_info = record.exc_text = record.stack_info = None
+            keep = True
         setattr(record, _MARK, keep)
         return keep
 

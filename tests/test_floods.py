@@ -264,3 +264,18 @@ def test_throttle_counts_repeats_per_interval(
         "ERROR repeated 4 more times in the last 60 s: background sweeper failed;"
         " continuing (OSError)"
     )
+
+
+def test_the_log_filters_never_raise_into_the_caller(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A record whose arguments do not fit its message still goes out, masked."""
+    from compat_server import logs
+
+    logs.REDACTOR.add(["Never-Raise-Secret-77"])
+    logger = logging.getLogger("compat_server")
+    if logs.FILTER not in logger.filters:  # create_app installs it; no app here
+        logger.addFilter(logs.FILTER)
+    with caplog.at_level(logging.INFO, "compat_server"):
+        logger.info("key %s and %d", "Never-Raise-Secret-77")  # one argument short
+    assert [r.getMessage() for r in caplog.records] == ["key %s and %d ('****',)"]
