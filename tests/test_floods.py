@@ -279,3 +279,64 @@ def test_the_log_filters_never_raise_into_the_caller(
     with caplog.at_level(logging.INFO, "compat_server"):
         logger.info("key %s and %d", "Never-Raise-Secret-77")  # one argument short
     assert [r.getMessage() for r in caplog.records] == ["key %s and %d ('****',)"]
+
+
+ACCEPT_FLOOD = """
+import asyncio, logging, resource, sys, time
+from compat_server import logs
+from compat_server.config import parse_config
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+config = parse_config({"keys": [{"key": "k" * 12, "providers": ["sb"]}],
+                       "providers": {"sb": {"type": "sandbox"}}})
+logs.install(config, logging.getLogger().handlers)
+
+async def main():
+    server = await asyncio.get_running_loop().create_server(
+        asyncio.Protocol, "127.0.0.1", 0)  # keeps every connection, no cap
+    print(server.sockets[0].getsockname()[1], flush=True)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+    await asyncio.sleep(float(sys.argv[1]))
+    logs.THROTTLE.flush(everything=True)
+
+asyncio.run(main())
+"""
+
+
+def test_accept_failures_out_of_descriptors_are_counted_not_repeated() -> None:
+    """A plain asyncio server (no gate) with 48 descriptors and 100 connections:
+    accept() fails with EMFILE for as long as they stay open, and CPython's loop logs
+    a traceback for each failure, many thousands a second. With the filters of
+    compat_server.logs installed: one traceback and one count."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ACCEPT_FLOOD, "2.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    socks = []
+    for _ in range(100):
+        sock = socket.socket()
+        sock.settimeout(2)
+        try:
+            sock.connect(("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            continue
+        socks.append(sock)
+    time.sleep(1.5)
+    for sock in socks:
+        sock.close()
+    output, _ = proc.communicate(timeout=30)
+    lines = [line for line in output.splitlines() if line.startswith("ERROR")]
+    assert lines[0] == "ERROR asyncio: socket.accept() out of system resource", output[-2000:]
+    assert len(lines) == 2 and lines[1].startswith(
+        "ERROR asyncio: repeated "
+    ) and lines[1].endswith(
+        " more times in the last 60 s: socket.accept() out of system resource (OSError)"
+    ), lines
+    assert int(lines[1].split()[3]) > 100  # how often it failed meanwhile
+    assert output.count("Traceback") == 1
