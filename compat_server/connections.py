@@ -18,6 +18,7 @@ import asyncio
 import logging
 import resource
 import signal
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -186,14 +187,19 @@ async def serve(
     port: int,
     gate: ConnectionGate,
     batch: int = MAX_BATCH,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Run ``app`` on host:port behind ``gate`` until SIGINT or SIGTERM.
 
     Raises OSError when the address cannot be bound (after the app is cleaned up).
     """
     runner = web.AppRunner(
-        app, access_log=None, handle_signals=False
-    )  # no access log: its lines carry api_key
+        app,
+        access_log=None,  # its lines carry the api_key
+        handle_signals=False,  # ours below: stop accepting, then clean up
+        keepalive_timeout=75.0,  # web.run_app's; aiohttp's own default is an hour
+        shutdown_timeout=60.0,
+    )
     await runner.setup()
     try:
         loop = asyncio.get_running_loop()
@@ -202,7 +208,12 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         factory: Any = runner.server
         server = await loop.create_server(
-            gate.protocol(factory), host, port, backlog=batch, reuse_address=True
+            gate.protocol(factory),
+            host,
+            port,
+            backlog=batch,
+            reuse_address=True,
+            ssl=ssl_context,
         )
         log.info(
             "listening on %s:%d, at most %s connections, %s per client address",

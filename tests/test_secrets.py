@@ -409,6 +409,7 @@ def test_serve_runs_without_access_log_and_quiets_httpx(
     with pytest.raises(Stop):
         asyncio.run(connections.serve(app, host, port, gate))
     assert "access_log" in seen["runner"] and seen["runner"]["access_log"] is None
+    assert seen["runner"]["keepalive_timeout"] == 75.0  # as web.run_app had it
     assert logging.getLogger("httpx").level == logging.WARNING
     assert logging.getLogger("httpcore").level == logging.WARNING
 
