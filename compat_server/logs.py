@@ -50,7 +50,18 @@ MASK = "****"
 _NAMED = re.compile(
     r"(?i)\b((?:api_?key|apikey|token|access_token|password|secret)=)([^\s&;,'\"<>]+)"
 )
+_NAMES = ("api_key=", "apikey=", "token=", "password=", "secret=")  # _NAMED's, quick
 _USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^/\s@?#]+@")
+
+
+def _mask_named(match: re.Match[str]) -> str:
+    return match.group(1) + MASK
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    return match.group(1) + MASK + "@"
+
+
 _FORMATTER = logging.Formatter()
 _MARK = "_compat_logs"  # set on a record once the filters have seen it
 
@@ -73,10 +84,16 @@ class Redactor(logging.Filter):
 
     def scrub(self, text: str) -> str:
         """``text`` with every secret masked."""
-        if self._pattern is not None:
+        # substring tests first: this runs for every request's log line
+        if self._pattern is not None and any(s in text for s in self._secrets):
             text = self._pattern.sub(MASK, text)
-        text = _NAMED.sub(lambda m: m.group(1) + MASK, text)
-        return _USERINFO.sub(lambda m: m.group(1) + MASK + "@", text)
+        if "=" in text:
+            lowered = text.lower()
+            if any(name in lowered for name in _NAMES):
+                text = _NAMED.sub(_mask_named, text)
+        if "@" in text and "://" in text:
+            text = _USERINFO.sub(_mask_userinfo, text)
+        return text
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
