@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import httpx
 from aiohttp import web
 
-from compat_server import admin, dialect, ops
+from compat_server import admin, dialect, logs, ops
 from compat_server.actions import ACTIONS, Call
 from compat_server.config import Config
 from compat_server.engine import Engine, TtlCache
@@ -34,6 +34,7 @@ METRICS = web.AppKey("metrics", Metrics)
 ADMIN_CACHE = web.AppKey("admin_cache", TtlCache)  # balances shown on /admin/
 
 PATHS = ("/stubs/handler_api.php", "/stubs/handler_api")
+METHODS = ("GET", "POST")
 
 
 def create_app(
@@ -51,6 +52,7 @@ def create_app(
     ``serve`` command) re-reads the config file on SIGHUP.
     """
     quiet_secret_loggers()
+    logs.install(config)
     app = web.Application(
         middlewares=[dialect.render_errors], client_max_size=dialect.MAX_BODY
     )
@@ -60,15 +62,33 @@ def create_app(
     app[METRICS] = Metrics(ACTIONS)
     app[ADMIN_CACHE] = TtlCache(admin.BALANCE_TTL, clock)
     app.cleanup_ctx.extend([_http_client(http), _database, _engine, _background_tasks])
+    app.cleanup_ctx.append(_log_summaries)
     if sighup:
         app.cleanup_ctx.append(ops.reload_on_sighup)
     for path in PATHS:
-        app.router.add_route("*", path, handle_api)
+        for method in METHODS:  # never "*": HEAD or OPTIONS must not buy a number
+            app.router.add_route(method, path, handle_api)
+        app.router.add_route("*", path, method_not_allowed)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     admin.add_routes(app)
     return app
+
+
+async def method_not_allowed(request: web.Request) -> web.StreamResponse:
+    """405 for every method but GET and POST; nothing runs, nothing is bought.
+
+    A CORS preflight (OPTIONS) gets no grant either: sms-activate clients are
+    server-side programs, and a browser page holding an api_key would hand the key's
+    money to anyone who reads the page.
+    """
+    log.info("method=%s outcome=405", _printable(request.method[:16]))
+    return web.Response(
+        status=405,
+        text="405: Method Not Allowed",
+        headers={"Allow": ", ".join(METHODS)},
+    )
 
 
 def quiet_secret_loggers() -> None:
@@ -173,6 +193,21 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def _log_summaries(app: web.Application) -> AsyncIterator[None]:
+    """Every log_repeat_interval: how often each repeating failure was held back."""
+
+    async def flush_forever() -> None:
+        while True:
+            await asyncio.sleep(max(app[CONFIG].log_repeat_interval, 0.05))
+            logs.THROTTLE.flush()
+
+    task = asyncio.create_task(flush_forever())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    logs.THROTTLE.flush(everything=True)
+
+
 async def handle_api(request: web.Request) -> web.StreamResponse:
     """Authenticate, dispatch on ``action``, render; one log line per request."""
     started = time.perf_counter()
@@ -189,7 +224,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         )
     )
     try:
-        params = await dialect.read_params(request)
+        params = await dialect.read_params(request, request.app[CONFIG].body_timeout)
         action = dialect.param(params, "action")[:40] or "-"
         presented = params.get("api_key", "")
         if not presented:

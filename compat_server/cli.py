@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import time
 from decimal import Decimal
@@ -94,14 +95,16 @@ def serve_forever(
 ) -> int:
     """Run the server until interrupted; https beside http when a TLS dir is set.
 
-    SIGHUP re-reads the config file.
+    SIGHUP re-reads the config file. Connections are capped per client address and
+    in total (server.max_connections*), so one client cannot take every descriptor.
     """
-    from compat_server import serving
+    from compat_server import connections, logs, serving
     from compat_server.app import create_app
     from compat_server.ops import setup_logging
     from compat_server.store import StoreError
 
     setup_logging(level, log_format)
+    logging.raiseExceptions = False  # a full disk: no traceback per unwritten line
     try:
         listeners = plan_listeners(config, host, port, tls_dir, hosts_trick)
     except TlsError as exc:
@@ -113,12 +116,21 @@ def serve_forever(
             print(f"sms-compat: serving {url}/stubs/handler_api.php", flush=True)
 
     try:
+        app = create_app(config, sighup=True)
+        logs.install(config, logging.getLogger().handlers)
+        gate, batch = connections.gate_for(
+            config.max_connections, config.max_connections_per_client
+        )
         serving.run(
-            create_app(config, sighup=True),
+            app,
             listeners,
             started=started,
+            gate=gate,
+            batch=batch,
             access_log=None,  # its lines carry the full URL, api_key included
             handle_signals=True,
+            keepalive_timeout=75.0,  # web.run_app's; aiohttp's own default is an hour
+            shutdown_timeout=60.0,
         )
     except StoreError as exc:  # a locked or unusable store: one line
         print(f"sms-compat: {exc}", file=sys.stderr)
@@ -210,6 +222,7 @@ async def ping(config: Config) -> int:
 
     The circuit state shown is the one the server last recorded in its store.
     """
+    from compat_server import logs
     from compat_server.app import (
         build_providers,
         make_http_client,
@@ -218,6 +231,7 @@ async def ping(config: Config) -> int:
     from compat_server.routing import Prices
 
     quiet_secret_loggers()
+    logs.install(config)
     circuits = recorded_circuits(config.store_path)
     failed = 0
     async with make_http_client(config) as http:

@@ -43,7 +43,16 @@ CURRENCY_NUMBERS = {
 
 # Options each section accepts; anything else is a typo and refused by name.
 SECTION_OPTIONS: dict[str, tuple[str, ...]] = {
-    "server": ("host", "port", "request_deadline", "tls"),
+    "server": (
+        "host",
+        "port",
+        "request_deadline",
+        "tls",
+        "body_timeout",
+        "max_connections",
+        "max_connections_per_client",
+        "log_repeat_interval",
+    ),
     "store": ("path", "busy_timeout"),
     "activation": ("lifetime", "early_cancel"),
     "currency": ("display", "rates"),
@@ -146,6 +155,10 @@ class Config:
     sweep_interval: float = 5.0
     reconcile_interval: float = 10.0
     admin_token: str | None = field(default=None, repr=False)
+    body_timeout: float = 10.0
+    max_connections: int = 1024  # 0: no cap (beyond the descriptor limit)
+    max_connections_per_client: int = 256  # per client address; 0: no cap
+    log_repeat_interval: float = 60.0  # a repeating failure is logged once per interval
     source: str = ""
 
     def find_key(self, presented: str) -> KeyConfig | None:
@@ -412,6 +425,17 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
             positive=True,
         ),
         admin_token=None if admin_token is None else admin_token.strip(),
+        body_timeout=_float(server.get("body_timeout", 10), "server.body_timeout"),
+        max_connections=_count(
+            server.get("max_connections", 1024), "server.max_connections"
+        ),
+        max_connections_per_client=_count(
+            server.get("max_connections_per_client", 256),
+            "server.max_connections_per_client",
+        ),
+        log_repeat_interval=_float(
+            server.get("log_repeat_interval", 60), "server.log_repeat_interval"
+        ),
         source=source,
     )
 
@@ -419,7 +443,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
 def describe(config: Config) -> str:
     """The configuration as text with every secret masked (for check-config)."""
     from providers import get_provider_class
-    from providers.base import mask
+    from providers.base import mask, mask_url
 
     lines = [
         f"config: {config.source or '(in memory)'}",
@@ -457,7 +481,7 @@ def describe(config: Config) -> str:
         shown = []
         for name, value in sorted(provider.options.items()):
             shown.append(
-                f"{name}={mask(str(value)) if name in cls.secret_fields else value}"
+                f"{name}={mask(str(value)) if name in cls.secret_fields else mask_url(value)}"
             )
         lines.append(
             f"provider {provider.name}: markup={provider.markup} " + " ".join(shown)
@@ -547,7 +571,15 @@ def _int(
     return result
 
 
+def _count(value: Any, where: str) -> int:
+    result = _int(value, where)
+    if result < 0:
+        raise ConfigError(f"{where}: must not be negative (0 means no cap)")
+    return result
+
+
 def _float(value: Any, where: str, positive: bool = False) -> float:
+
     if isinstance(value, bool):
         raise ConfigError(f"{where}: must be a number")
     try:

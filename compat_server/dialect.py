@@ -7,6 +7,7 @@ included, and no trailing newline; tokens go out as ``text/plain``, JSON as
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import logging
@@ -16,12 +17,14 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from compat_server import errors
 
 log = logging.getLogger("compat_server")
 
 MAX_BODY = 64 * 1024  # bytes of form body read at most
+BODY_TIMEOUT = 10.0  # seconds a client may take to send its whole body
 MAX_VALUE = 1024  # characters per parameter value
 MAX_PARAMS = 64
 MAX_MONEY = (
@@ -119,28 +122,31 @@ Reply = str | dict[str, Any] | list[Any]
 # ---- parsing -------------------------------------------------------------------------
 
 
-async def read_params(request: web.Request) -> dict[str, str]:
+async def read_params(
+    request: web.Request, body_timeout: float = BODY_TIMEOUT
+) -> dict[str, str]:
     """Merge query-string and body parameters; the body wins on a clash.
 
     Lenient like the original: unknown parameters are kept (and ignored later),
     values are stripped, a form body that is not valid UTF-8 is read as latin-1, and
-    a JSON object body is accepted too. Oversized input raises BadParameter.
+    a JSON object body is accepted too. The whole body is read, however it was
+    segmented or chunked. Oversized input, a broken body, or one not complete within
+    ``body_timeout`` seconds raises BadParameter.
     """
     params: dict[str, str] = {}
     for name, value in request.query.items():
         params.setdefault(name.strip(), value)
     if request.method == "POST" and request.can_read_body:
-        if request.content_type == "multipart/form-data":
-            try:
-                form = await request.post()  # bounded by the app's client_max_size
-            except Exception:  # aiohttp raises several kinds on a broken multipart body
-                raise errors.BadParameter("malformed or oversized multipart") from None
-            params.update({k.strip(): v for k, v in form.items() if isinstance(v, str)})
-        else:
-            raw = await request.content.read(MAX_BODY + 1)
-            if len(raw) > MAX_BODY:
-                raise errors.BadParameter("body too large")
-            params.update(_parse_body(raw, request.content_type))
+        declared = request.content_length
+        if declared is not None and declared > MAX_BODY:
+            raise errors.BadParameter("body too large")  # refused before reading it
+        try:
+            async with asyncio.timeout(body_timeout):
+                params.update(await _read_body(request))
+        except TimeoutError:
+            # a body that never ends (aiohttp also leaves a read waiting forever
+            # when a chunk header is malformed) must not hold the connection
+            raise errors.BadParameter("body incomplete") from None
     if len(params) > MAX_PARAMS:
         raise errors.BadParameter("too many parameters")
     for name, value in params.items():
@@ -148,6 +154,24 @@ async def read_params(request: web.Request) -> dict[str, str]:
             # lone surrogates (a JSON "\ud800") cannot be stored or compared as UTF-8
             raise errors.BadParameter("parameter is not valid text")
     return {k: v.strip() for k, v in params.items()}
+
+
+async def _read_body(request: web.Request) -> dict[str, str]:
+    """The body's parameters; BadParameter past MAX_BODY (the app's client_max_size)
+    or on a body that breaks off or is malformed."""
+    if request.content_type == "multipart/form-data":
+        try:
+            form = await request.post()  # bounded by the app's client_max_size
+        except Exception:  # aiohttp raises several kinds on a broken multipart body
+            raise errors.BadParameter("malformed or oversized multipart") from None
+        return {k.strip(): v for k, v in form.items() if isinstance(v, str)}
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise errors.BadParameter("body too large") from None
+    except (HttpProcessingError, ConnectionError):
+        raise errors.BadParameter("body broken off or malformed") from None
+    return _parse_body(raw, request.content_type)
 
 
 def _encodable(text: str) -> bool:
@@ -313,7 +337,11 @@ async def render_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except web.HTTPException:
         raise
     except errors.CompatError as exc:
-        return render(error_token(exc).value)
+        response = render(error_token(exc).value)
     except Exception:
         log.exception("unexpected error on %s", request.path)
-        return render(Token.ERROR_SQL.value)
+        response = render(Token.ERROR_SQL.value)
+    if not request.content.is_eof():
+        # a body refused unread (too large, too slow): close rather than drain it
+        response.force_close()
+    return response

@@ -16,6 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from compat_server.connections import MAX_BATCH, ConnectionGate
+
 
 @dataclass(frozen=True)
 class Listener:
@@ -42,38 +44,61 @@ class ListenError(Exception):
 
 @dataclass
 class Serving:
-    """A started app: its runner and, per listener in order, the URLs it accepts on."""
+    """A started app: its runner, its listening servers and, per listener in order,
+    the URLs it accepts on."""
 
     runner: web.AppRunner
     urls: list[str] = field(default_factory=list)  # real ports, also for port 0
+    servers: list[asyncio.Server] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        """Stop accepting, then finish the app (its connections and cleanups)."""
+        for server in self.servers:
+            server.close()
+        await self.runner.cleanup()
 
 
 async def start(
-    app: web.Application, listeners: Sequence[Listener], **runner_kwargs: Any
+    app: web.Application,
+    listeners: Sequence[Listener],
+    *,
+    gate: ConnectionGate | None = None,
+    batch: int = MAX_BATCH,
+    **runner_kwargs: Any,
 ) -> Serving:
-    """Start the app and every listener; on a bind failure undo it all, ListenError."""
+    """Start the app and every listener; on a bind failure undo it all, ListenError.
+
+    Every listener admits connections through ``gate`` (the connection caps), with
+    ``batch`` as its listen backlog.
+    """
     runner = web.AppRunner(app, **runner_kwargs)
     await runner.setup()
     serving = Serving(runner)
+    loop = asyncio.get_running_loop()
+    handler: Any = runner.server
+    factory = handler if gate is None else gate.protocol(handler)
     try:
         for listener in listeners:
-            before = set(runner.addresses)  # of the sites started so far
-            site = web.TCPSite(
-                runner, listener.host, listener.port, ssl_context=listener.ssl_context
-            )
             try:
-                await site.start()
+                server = await loop.create_server(
+                    factory,
+                    listener.host,
+                    listener.port,
+                    backlog=batch,
+                    reuse_address=True,
+                    ssl=listener.ssl_context,
+                )
             except OSError as exc:
                 # asyncio's strerror repeats the address: keep the system's words
                 reason = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise ListenError(listener, reason) from None
-            for address in runner.addresses:
-                if address not in before:
-                    host, port = address[:2]
-                    host = f"[{host}]" if ":" in host else host
-                    serving.urls.append(f"{listener.scheme}://{host}:{port}")
+            serving.servers.append(server)
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                host = f"[{host}]" if ":" in host else host
+                serving.urls.append(f"{listener.scheme}://{host}:{port}")
     except BaseException:
-        await runner.cleanup()
+        await serving.stop()
         raise
     return serving
 
@@ -83,17 +108,19 @@ def run(
     listeners: Sequence[Listener],
     *,
     started: Callable[[Serving], None] = lambda serving: None,
+    gate: ConnectionGate | None = None,
+    batch: int = MAX_BATCH,
     **runner_kwargs: Any,
 ) -> None:
     """Serve until SIGINT/SIGTERM (``handle_signals=True``); ListenError if a bind fails."""
 
     async def serve() -> None:
-        serving = await start(app, listeners, **runner_kwargs)
+        serving = await start(app, listeners, gate=gate, batch=batch, **runner_kwargs)
         try:
             started(serving)
             await asyncio.Event().wait()
         finally:
-            await serving.runner.cleanup()
+            await serving.stop()
 
     try:
         asyncio.run(serve())

@@ -340,7 +340,7 @@ class Provider(abc.ABC):
         for key, value in sorted(self.options.items()):
             if key == "type":
                 continue
-            shown = mask(str(value)) if key in self.secret_fields else value
+            shown = mask(str(value)) if key in self.secret_fields else mask_url(value)
             parts.append(f"{key}={shown}")
         return " ".join(parts)
 
@@ -406,8 +406,18 @@ def upstream_errors(provider: str) -> Iterator[None]:
 
 
 def mask(secret: str) -> str:
-    """Show at most the first two characters of a secret."""
-    return (secret[:2] if len(secret) > 6 else "") + "****"
+    """A secret as shown in logs and check-config: nothing of it."""
+    return "****"
+
+
+def mask_url(value: Any) -> Any:
+    """A URL with its credentials (``user:password@``) masked; other values as given."""
+    if isinstance(value, str) and "@" in value:
+        return _USERINFO.sub(r"\1****@", value)
+    return value
+
+
+_USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^/\s@?#]+@")
 
 
 # ---- defensive parsing (the seeds contradict themselves on types) ----------------------

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from compat_server import cli, serving
+from compat_server import cli, logs, serving
 from compat_server.app import create_app
 from compat_server.config import parse_config
 from tests.conftest import API, FakeClock
@@ -40,12 +40,16 @@ TCS_TOKEN = "tX4mQ9vB2nR7kL5pZ8wC3jH6.Fy1Gd0Ns"
 SMSMAN_TOKEN = "sR8hW3zK6qM1vN9bT4xP7cL2"
 SMSPVA_KEY = "pJ5nY2wQ8rE4tZ7uK1mB6vX3"
 CLONE_KEY = "cV6bN1mZ8xQ3wE7rT2yU9iO4pA5sD0fG"
+URL_USER = "opsW7qTn3Rk"
+URL_PASSWORD = "Hv2Lx8Dq5Ws1Jb6Y"
 SECRETS = {
     "client key": CLIENT_KEY,
     "thuecodesim token": TCS_TOKEN,
     "smsman token": SMSMAN_TOKEN,
     "smspva api_key": SMSPVA_KEY,
     "clone api_key": CLONE_KEY,
+    "URL user": URL_USER,
+    "URL password": URL_PASSWORD,
 }
 ALIAS = "secret-test"
 URL_SECRET = re.compile(r"[?&;](?:token|apikey|api_key)=", re.IGNORECASE)
@@ -161,8 +165,8 @@ class Kind:
     full_text: bool = True
 
     def options(self, url: str) -> dict[str, Any]:
-        if self.fake is thuecodesim.FakeThuecodesim:
-            return thuecodesim.provider_options(url)
+        if self.fake is thuecodesim.FakeThuecodesim:  # credentials in its URL too
+            return thuecodesim.provider_options(with_credentials(url))
         if self.fake is smsman.FakeSmsman:
             return smsman.provider_options(url)
         if self.fake is smspva.FakeSmspva:
@@ -174,6 +178,11 @@ class Kind:
         if self.fake in clones:
             return clones[self.fake](url)
         return {"type": "sandbox", "sms_delay": 5, "balance": 1000, "poll_interval": 1}
+
+
+def with_credentials(url: str) -> str:
+    """``url`` with ``user:password@`` (a proxy or basic-auth gateway in front)."""
+    return url.replace("://", f"://{URL_USER}:{URL_PASSWORD}@", 1)
 
 
 KINDS = {
@@ -352,20 +361,36 @@ async def test_httpx_logs_would_be_caught(
     capture: Capture, aiohttp_server: Any, aiohttp_client: Any, store_path: str,
     clock: FakeClock,
 ) -> None:  # fmt: skip
-    """If httpx logged at INFO (it prints each URL), the capture would show the token."""
+    """If httpx logged at INFO (it prints each URL) and nothing masked its lines, the
+    capture would show the token; with the masking filter (compat_server.logs) that
+    create_app puts on every logger, the same line shows ``token=****``."""
     kind = KINDS["thuecodesim"]
     _, url = await start_fake(aiohttp_server, kind)
     config = parse_config(raw_config(store_path, {"thuecodesim": kind.options(url)}))
     run = Run(await start_server(config, clock, aiohttp_client), capture, clock)
     httpx_logger = logging.getLogger("httpx")
     assert httpx_logger.level == logging.WARNING  # quiet_secret_loggers at create_app
+    assert logs.FILTER in httpx_logger.filters
     httpx_logger.setLevel(logging.INFO)
+    httpx_logger.removeFilter(logs.FILTER)
+    try:
+        assert (await run.ask(action="getBalance")).startswith("ACCESS_BALANCE:")
+    finally:
+        httpx_logger.addFilter(logs.FILTER)
+    assert "thuecodesim token: " + repr(TCS_TOKEN[:8]) in leaks(capture.text())
+    assert "query parameter '?token='" in leaks(capture.text())
+
+    capture.records.clear()
+    capture.stream.seek(0)
+    capture.stream.truncate()
+    run.clock.advance(120)  # past the balance cache: one more upstream call
     try:
         assert (await run.ask(action="getBalance")).startswith("ACCESS_BALANCE:")
     finally:
         httpx_logger.setLevel(logging.WARNING)
-    assert "thuecodesim token: " + repr(TCS_TOKEN[:8]) in leaks(capture.text())
-    assert "query parameter '?token='" in leaks(capture.text())
+    lines = [r.getMessage() for r in capture.records if r.name == "httpx"]
+    assert len(lines) == 1 and "/users/balance?token=**** " in lines[0], lines
+    assert [f for f in leaks(capture.text()) if not f.startswith("query")] == []
 
 
 def test_serve_runs_without_access_log_and_quiets_httpx(
@@ -384,6 +409,8 @@ def test_serve_runs_without_access_log_and_quiets_httpx(
     assert cli.serve_forever(config, "127.0.0.1", 1, "DEBUG") == 0
     assert seen["log"] == {"level": logging.DEBUG, "format": LOG_FORMAT}
     assert "access_log" in seen["run"] and seen["run"]["access_log"] is None
+    assert seen["run"]["keepalive_timeout"] == 75.0  # as web.run_app had it
+    assert seen["run"]["gate"].max_per_client == 256
     assert logging.getLogger("httpx").level == logging.WARNING
     assert logging.getLogger("httpcore").level == logging.WARNING
 
@@ -421,6 +448,7 @@ class Fakes:
     man: FakeUpstream
     pva: FakeUpstream
     path: str
+    tcs_port: int
 
 
 @pytest.fixture
@@ -435,11 +463,15 @@ async def fakes(
     path = tmp_path / "config.yaml"
     path.write_text(
         CONFIG_YAML.format(
-            store=store_path, alias=ALIAS, tcs=tcs_url, man=man_url, pva=pva_url
+            store=store_path,
+            alias=ALIAS,
+            tcs=with_credentials(tcs_url),
+            man=man_url,
+            pva=pva_url,
         ),
         encoding="utf-8",
     )
-    return Fakes(tcs, man, pva, str(path))
+    return Fakes(tcs, man, pva, str(path), int(tcs_url.rsplit(":", 1)[1]))
 
 
 async def test_check_config_masks_every_secret(
@@ -448,12 +480,9 @@ async def test_check_config_masks_every_secret(
     assert cli.main(["check-config", "--config", fakes.path]) == 0
     out, err = capsys.readouterr()
     assert err == ""
-    assert f"key {ALIAS}: Kq**** -> tcs, man, pva, sandbox" in out.splitlines()
-    assert (
-        " token=tX**** " in out
-        and " token=sR**** " in out
-        and " api_key=pJ**** " in out
-    )
+    assert f"key {ALIAS}: **** -> tcs, man, pva, sandbox" in out.splitlines()
+    assert out.count(" token=**** ") == 2 and " api_key=**** " in out
+    assert f" base_url=http://****@127.0.0.1:{fakes.tcs_port} " in out
     capture.assert_clean(out, err)
 
 
@@ -558,3 +587,77 @@ def test_real_serve_process_logs_no_secret(tmp_path: Path) -> None:
     assert "Failed to create request handler" not in output
     for fragment in (secret, secret[:8], secret[-8:], "api_key="):
         assert fragment not in output
+
+
+BAD_REQUESTS = [  # (request bytes, the one line that reports it)
+    (b"GET /stubs/handler_api.php?api_key=%s&action=getBalance&x=\x01 HTTP/1.1\r\n"
+     b"Host: a\r\n\r\n", "WARNING aiohttp.server: bad HTTP request from 127.0.0.1 refused: InvalidURLError (400)"),
+    (b"GET /stubs/handler_api.php?api_key=%s&action=getBalance&x=" + b"a" * 9000
+     + b" HTTP/1.1\r\nHost: a\r\n\r\n", "WARNING aiohttp.server: bad HTTP request from 127.0.0.1 refused: LineTooLong (400)"),
+    (b"GET /stubs/handler_api.php?api_key=%s HTTP/9.1\r\n\r\n",
+     "WARNING aiohttp.server: bad HTTP request from 127.0.0.1 refused: BadStatusLine (400)"),
+    (b"GET /stubs/handler_api.php?api_key=%s HTTP/1.1\r\nBad Header: x\r\n\r\n",
+     "WARNING aiohttp.server: bad HTTP request from 127.0.0.1 refused: BadHttpMessage (400)"),
+    (b"G\x01T /stubs/handler_api.php?api_key=%s HTTP/1.1\r\n\r\n",
+     "DEBUG aiohttp.server: bad HTTP request from 127.0.0.1 refused: BadHttpMethod (400)"),
+]  # fmt: skip
+
+
+def test_parser_errors_are_one_short_line_without_the_request(tmp_path: Path) -> None:
+    """Requests aiohttp's parser rejects, each carrying the client key in its request
+    line, sent to the real serve process at DEBUG: one short line each (a second
+    of the same kind within log_repeat_interval is counted, not repeated), no
+    traceback, no key. The config also holds an upstream with ``user:password@`` in
+    its URL and a token: neither shows either (the startup line masks them)."""
+    import socket
+
+    from tests.serving import ServeProcess
+
+    secret = "Parser-Error-Secret-Key-0123456789ab"
+    raw = {
+        "store": {"path": str(tmp_path / "store.sqlite3")},
+        "currency": {"display": "RUB", "rates": {"VND": 0.0036}},
+        "keys": [{"key": secret, "alias": "parse-check", "providers": ["sb"]}],
+        "providers": {
+            "sb": {"type": "sandbox", "sms_delay": 0},
+            "tcs": {"type": "thuecodesim", "token": TCS_TOKEN,
+                    "base_url": f"http://{URL_USER}:{URL_PASSWORD}@127.0.0.1:1"},
+        },
+    }  # fmt: skip
+    serve = ServeProcess(tmp_path, raw, secret, log_level="DEBUG").start()
+    try:
+        for request, _ in [*BAD_REQUESTS, BAD_REQUESTS[0]]:
+            with socket.create_connection(("127.0.0.1", serve.port), timeout=5) as sock:
+                sock.sendall(request.replace(b"%s", secret.encode()))
+                assert sock.recv(100).startswith(b"HTTP/1.0 400 Bad Request\r\n")
+        assert serve.get("action=getBalance") == "ACCESS_BALANCE:1000.00"
+    finally:
+        output = serve.stop()
+    lines = [line.split(" ", 2)[2] for line in output.splitlines()[1:]]
+    for _, line in BAD_REQUESTS:
+        assert lines.count(line) == 1, (line, output[-3000:])
+    assert lines.count(
+        "WARNING aiohttp.server: repeated 1 more times in the last 60 s: bad HTTP"
+        " request from 127.0.0.1 refused: InvalidURLError (400)"
+    ) == 1, output[-3000:]
+    assert "INFO compat_server: provider tcs: type=thuecodesim base_url=http://****@127.0.0.1:1 token=****" in lines
+    assert "Traceback" not in output and "Error handling request" not in output
+    found = leaks(output) + [f for f in (secret, secret[:8], secret[-8:]) if f in output]
+    assert not found, found
+
+
+async def test_an_access_log_left_on_shows_no_key(
+    capture: Capture, aiohttp_client: Any, store_path: str, clock: FakeClock
+) -> None:
+    """serve runs without aiohttp's access log; a deployment that turns it on (here:
+    aiohttp's default) gets its lines with the key masked."""
+    sandbox = {"sandbox": KINDS["sandbox"].options("")}
+    config = parse_config(raw_config(store_path, sandbox))
+    server = TestServer(create_app(config, clock=clock, background=False))
+    await server.start_server()  # aiohttp.access at its default format
+    client: TestClient = await aiohttp_client(server)
+    run = Run(client, capture, clock)
+    assert (await run.ask(action="getBalance")).startswith("ACCESS_BALANCE:")
+    access = [r.getMessage() for r in capture.records if r.name == "aiohttp.access"]
+    assert len(access) == 1 and '"GET /stubs/handler_api.php?api_key=****&action=getBalance HTTP/1.1" 200' in access[0], access
+    assert [f for f in leaks(capture.text()) if not f.startswith("query")] == []

@@ -524,7 +524,7 @@ def test_missing_token_and_describe(http: httpx.AsyncClient) -> None:
         SmsmanProvider("sm", options, http)
     provider = SmsmanProvider("sm", provider_options("http://127.0.0.1:9"), http)
     assert provider.describe() == (
-        "type=smsman base_url=http://127.0.0.1:9/control min_interval=0 token=sm****"
+        "type=smsman base_url=http://127.0.0.1:9/control min_interval=0 token=****"
     )
 
 

@@ -129,7 +129,7 @@ def test_class_facts_and_poll_floor(make: Make, http: httpx.AsyncClient) -> None
     assert make(poll_interval=7).poll_interval == 7.0
     default = SmspvaProvider("pva", {"api_key": API_KEY}, http)
     assert (default.min_interval, default.poll_interval) == (4.5, 5.0)
-    assert make().describe().count("sm****") == 1
+    assert make().describe().count("api_key=****") == 1
     assert API_KEY not in make().describe()
 
 

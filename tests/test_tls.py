@@ -202,7 +202,7 @@ async def stack(config: Config, clock: FakeClock, tls_dir: Path) -> AsyncIterato
     ports = [int(url.rsplit(":", 1)[1]) for url in started.urls]
     assert started.urls == [f"http://127.0.0.1:{ports[0]}", f"https://127.0.0.1:{ports[1]}"]
     yield Stack(started.runner, ports[0], ports[1])
-    await started.runner.cleanup()
+    await started.stop()
 
 
 async def raw_get(

@@ -1,0 +1,176 @@
+"""The listening socket: connection caps per client address and in total.
+
+One client must not take every file descriptor: past the cap, a new connection is closed
+at once, before a byte of it is read. Closing (rather than answering 503) costs nothing
+when descriptors are short, and tells the client for certain that nothing ran: an
+sms-activate client sees a connection error, which every library already treats as
+"retry later", while a 503 body would be misread by the many that parse the body and
+ignore the status, and could not be written reliably before the request was read.
+
+The total cap is kept below the process's descriptor limit (raising the soft limit
+toward the hard one when the config asks for more), leaving room for the store and
+the upstream connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from collections.abc import Callable
+
+log = logging.getLogger("compat_server")
+
+RESERVE = 128  # descriptors kept for the store, upstream connections, logs
+MAX_BATCH = 128  # connections asyncio accepts in one go (the listen backlog)
+
+
+class ConnectionGate:
+    """Counts open client connections per address and in total; refuses past a cap.
+
+    A cap of 0 means none.
+    """
+
+    def __init__(self, max_total: int, max_per_client: int) -> None:
+        self.max_total = max_total
+        self.max_per_client = max_per_client
+        self.total = 0
+        self.per_client: dict[str, int] = {}
+        self.refused = 0
+
+    def admit(self, address: str) -> bool:
+        """Count a new connection from ``address`` in, or refuse it (False)."""
+        held = self.per_client.get(address, 0)
+        if self.max_total and self.total >= self.max_total:
+            self._refuse(
+                address,
+                "the server holds %d connections (cap %d)",
+                self.total,
+                self.max_total,
+            )
+            return False
+        if self.max_per_client and held >= self.max_per_client:
+            self._refuse(
+                address,
+                "it holds %d connections (cap %d per client)",
+                held,
+                self.max_per_client,
+            )
+            return False
+        self.total += 1
+        self.per_client[address] = held + 1
+        return True
+
+    def release(self, address: str) -> None:
+        """A connection admitted from ``address`` has closed."""
+        self.total -= 1
+        held = self.per_client.get(address, 0) - 1
+        if held > 0:
+            self.per_client[address] = held
+        else:
+            self.per_client.pop(address, None)
+
+    def _refuse(self, address: str, why: str, *args: int) -> None:
+        self.refused += 1
+        # one line per log_repeat_interval with a count (compat_server.logs.Throttle)
+        log.warning(
+            "connection from %s closed at once: " + why,
+            address,
+            *args,
+            extra={"throttle": True},
+        )
+
+    def protocol(
+        self, factory: Callable[[], asyncio.Protocol]
+    ) -> Callable[[], asyncio.Protocol]:
+        """A protocol factory that admits each connection before ``factory``'s
+        protocol sees it."""
+        return lambda: _Gated(self, factory)
+
+
+class _Gated(asyncio.Protocol):
+    """Admits or closes a connection, then hands every event to the real protocol."""
+
+    def __init__(
+        self, gate: ConnectionGate, factory: Callable[[], asyncio.Protocol]
+    ) -> None:
+        self._gate = gate
+        self._factory = factory
+        self._inner: asyncio.Protocol | None = None
+        self._address = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._address = (
+            str(peer[0]) if isinstance(peer, tuple) and peer else str(peer or "")
+        )
+        if not self._gate.admit(self._address):
+            transport.close()
+            return
+        self._inner = self._factory()
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._inner is not None:
+            self._gate.release(self._address)
+            self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+
+def descriptor_plan(wanted: int) -> tuple[int, int]:
+    """(connection cap, accept batch) that fit the descriptor limit, after raising the
+    soft limit toward the hard one if ``wanted`` (0: as many as fit) needs it.
+
+    asyncio accepts up to a batch of connections before any of them can be refused,
+    and a refused one holds its descriptor for a few loop turns: room for three
+    batches is kept on top of RESERVE, so a burst of connections cannot exhaust the
+    descriptors either.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + RESERVE + 3 * MAX_BATCH if wanted else hard
+    if soft != resource.RLIM_INFINITY and need > soft:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return wanted, MAX_BATCH
+    free = max(4, soft - min(RESERVE, soft // 2))
+    batch = max(1, min(MAX_BATCH, free // 8))
+    fits = max(1, free - 3 * batch)
+    return (min(wanted, fits) if wanted else fits), batch
+
+
+def gate_for(max_connections: int, max_per_client: int) -> tuple[ConnectionGate, int]:
+    """The gate ``serve`` uses and its accept batch: the configured caps, the total
+    kept within the descriptor limit."""
+    total, batch = descriptor_plan(max_connections)
+    if max_connections and total < max_connections:
+        # the per-client cap shrinks alike, so one client still cannot take them all
+        scaled = max(1, max_per_client * total // max_connections)
+        log.warning(
+            "server.max_connections %d lowered to %d and max_connections_per_client"
+            " %d to %d: the descriptor limit allows no more",
+            max_connections,
+            total,
+            max_per_client,
+            scaled,
+        )
+        max_per_client = min(max_per_client, scaled) if max_per_client else scaled
+    return ConnectionGate(total, max_per_client), batch
