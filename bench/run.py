@@ -1096,7 +1096,7 @@ async def prefill(path: str, count: int) -> float:
     """Store ``count`` open sandbox activations through the Store API; seconds taken."""
     from compat_server.config import key_id
     from compat_server.store import Store
-    from providers.base import Order, Purchase
+    from providers.vocabulary import Order, Purchase
 
     started = time.perf_counter()
     store = await Store.open(path)

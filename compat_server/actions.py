@@ -21,17 +21,19 @@ from compat_server import dialect, reactivation
 from compat_server.config import KeyConfig
 from compat_server.dialect import Reply, Token, money, money_number, param, token
 from compat_server.engine import Engine
-from compat_server.errors import (
-    BadStatus,
-    ClientGone,
-    NoActivation,
+from compat_server.errors import BadStatus, ClientGone, NoActivation
+from compat_server.store import CODE, WAIT_CODE, WAIT_RETRY, Activation
+from providers.vocabulary import (
+    BACKGROUND,
+    BUDGET,
+    CLIENT,
     NoBalance,
     NoNumbers,
+    Offer,
+    Order,
     ProviderError,
     UnknownService,
 )
-from compat_server.store import CODE, WAIT_CODE, WAIT_RETRY, Activation
-from providers.base import BACKGROUND, BUDGET, CLIENT, Offer, Order
 
 
 @dataclass

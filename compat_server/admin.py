@@ -23,7 +23,6 @@ from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
 
-from compat_server.errors import CompatError
 from compat_server.store import (
     CANCELLED,
     CODE,
@@ -35,6 +34,7 @@ from compat_server.store import (
     WAIT_RETRY,
     Activation,
 )
+from providers.vocabulary import CompatError
 
 if TYPE_CHECKING:
     from compat_server.engine import Engine

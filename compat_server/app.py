@@ -15,12 +15,13 @@ from compat_server import admin, dialect, logs, ops
 from compat_server.actions import ACTIONS, Call
 from compat_server.config import Config
 from compat_server.engine import Engine, TtlCache
-from compat_server.errors import BadAction, BadKey, CompatError, NoKey
+from compat_server.errors import BadAction, BadKey, NoKey
 from compat_server.metrics import Metrics, healthz, metrics_handler, readyz
 from compat_server.rentals import reconcile as reconcile_rents
 from compat_server.store import Store
 from providers import get_provider_class
-from providers.base import BUDGET, Budget, Clock, Provider
+from providers.base import Provider
+from providers.vocabulary import BUDGET, Budget, Clock, CompatError
 
 log = logging.getLogger("compat_server")
 

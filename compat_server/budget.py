@@ -19,9 +19,8 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from compat_server.config import KeyConfig
-from compat_server.errors import NoBalance, NoNumbers
 from compat_server.store import Store
-from providers.base import Order
+from providers.vocabulary import NoBalance, NoNumbers, Order
 
 if TYPE_CHECKING:
     from compat_server.routing import Prices

@@ -11,8 +11,8 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from compat_server.config import Config, describe, load_config
-from compat_server.errors import ConfigError, ProviderError, UpstreamAuth
 from compat_server.tls import TlsError
+from providers.vocabulary import ConfigError, ProviderError, UpstreamAuth
 
 if TYPE_CHECKING:
     from compat_server.serving import Listener

@@ -20,7 +20,9 @@ from typing import Any
 
 import yaml
 
-from compat_server.errors import ConfigError
+from providers import get_provider_class
+from providers.base import mask, mask_url
+from providers.vocabulary import ConfigError
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -236,8 +238,6 @@ def _expand(value: Any, env: Mapping[str, str], where: str) -> Any:
 
 def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
     """Validate an already-loaded mapping (used by tests and load_config)."""
-    from providers import get_provider_class  # late: providers import compat_server
-
     allowed = {
         "server",
         "store",
@@ -442,9 +442,6 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
 
 def describe(config: Config) -> str:
     """The configuration as text with every secret masked (for check-config)."""
-    from providers import get_provider_class
-    from providers.base import mask, mask_url
-
     lines = [
         f"config: {config.source or '(in memory)'}",
         f"server: {config.host}:{config.port}"

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from compat_server import errors
+from providers import vocabulary
 
 log = logging.getLogger("compat_server")
 
@@ -87,7 +88,7 @@ class Token(enum.Enum):
 # One token per concrete error class. Upstream trouble that reaches a non-purchase action
 # is ERROR_SQL, the classic "server-side problem" token; getNumber turns it into
 # NO_NUMBERS before it gets here (a client retries NO_NUMBERS later, which is right).
-ERROR_TOKENS: Mapping[type[errors.CompatError], Token] = {
+ERROR_TOKENS: Mapping[type[vocabulary.CompatError], Token] = {
     errors.NoKey: Token.NO_KEY,
     errors.BadKey: Token.BAD_KEY,
     errors.BadAction: Token.BAD_ACTION,
@@ -98,15 +99,15 @@ ERROR_TOKENS: Mapping[type[errors.CompatError], Token] = {
     errors.WrongExceptionPhone: Token.WRONG_EXCEPTION_PHONE,
     errors.BadParameter: Token.ERROR_SQL,
     errors.ClientGone: Token.NO_NUMBERS,  # never read; logged as the outcome
-    errors.NoNumbers: Token.NO_NUMBERS,
-    errors.ChannelsLimit: Token.CHANNELS_LIMIT,
-    errors.NoBalance: Token.NO_BALANCE,
-    errors.UnknownService: Token.BAD_SERVICE,
-    errors.UpstreamAuth: Token.ERROR_SQL,
-    errors.NotNow: Token.ERROR_SQL,
-    errors.UpstreamUnreachable: Token.ERROR_SQL,
-    errors.NotSent: Token.ERROR_SQL,
-    errors.UpstreamUncertain: Token.ERROR_SQL,
+    vocabulary.NoNumbers: Token.NO_NUMBERS,
+    vocabulary.ChannelsLimit: Token.CHANNELS_LIMIT,
+    vocabulary.NoBalance: Token.NO_BALANCE,
+    vocabulary.UnknownService: Token.BAD_SERVICE,
+    vocabulary.UpstreamAuth: Token.ERROR_SQL,
+    vocabulary.NotNow: Token.ERROR_SQL,
+    vocabulary.UpstreamUnreachable: Token.ERROR_SQL,
+    vocabulary.NotSent: Token.ERROR_SQL,
+    vocabulary.UpstreamUncertain: Token.ERROR_SQL,
 }
 
 # The 39 keys smsactivateru.GetFreeSlots indexes (it raises KeyError on a missing one).
@@ -291,7 +292,7 @@ def rent_error(kind: Token, info: dict[str, Any] | None = None) -> dict[str, Any
     return body
 
 
-def rent_token(exc: errors.CompatError) -> Token:
+def rent_token(exc: vocabulary.CompatError) -> Token:
     """The rent ``message`` for a provider failure (upstream trouble: SERVER_ERROR)."""
     found = error_token(exc)
     if found in (Token.NO_NUMBERS, Token.NO_BALANCE, Token.BAD_SERVICE,
@@ -314,7 +315,7 @@ def render(reply: Reply) -> web.Response:
     return web.Response(text=body, content_type=JSON, charset="utf-8")
 
 
-def error_token(exc: errors.CompatError) -> Token:
+def error_token(exc: vocabulary.CompatError) -> Token:
     """The token for an error (ERROR_SQL for anything unmapped)."""
     for cls in type(exc).__mro__:
         found = ERROR_TOKENS.get(cls)
@@ -336,7 +337,7 @@ async def render_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return await handler(request)
     except web.HTTPException:
         raise
-    except errors.CompatError as exc:
+    except vocabulary.CompatError as exc:
         response = render(error_token(exc).value)
     except Exception:
         log.exception("unexpected error on %s", request.path)

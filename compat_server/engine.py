@@ -24,15 +24,7 @@ from decimal import Decimal
 from typing import Any
 
 from compat_server.config import Config, KeyConfig
-from compat_server.errors import (
-    BadStatus,
-    EarlyCancelDenied,
-    NotNow,
-    ProviderError,
-    UpstreamAuth,
-    UpstreamUncertain,
-    UpstreamUnreachable,
-)
+from compat_server.errors import BadStatus, EarlyCancelDenied
 from compat_server.rentals import Rentals
 from compat_server.routing import Breaker, Prices, Router, Upstreams
 from compat_server.store import (
@@ -51,16 +43,21 @@ from compat_server.store import (
     Store,
 )
 from compat_server.webhooks import Webhooks
-from providers.base import (
+from providers.base import Provider
+from providers.vocabulary import (
     BACKGROUND,
     BUDGET,
     CLIENT,
     Budget,
     Clock,
+    NotNow,
     Offer,
     Order,
-    Provider,
+    ProviderError,
     Purchase,
+    UpstreamAuth,
+    UpstreamUncertain,
+    UpstreamUnreachable,
 )
 
 log = logging.getLogger("compat_server")

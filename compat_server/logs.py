@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from aiohttp.http_exceptions import HttpProcessingError
 
 from compat_server.config import Config
+from providers import get_provider_class
 
 LOGGERS = (
     "",  # the root: records logged on it directly
@@ -263,8 +264,6 @@ FILTER = _Once(ParseErrors(), THROTTLE, REDACTOR)
 
 def secrets_of(config: Config) -> set[str]:
     """Every secret the config holds: client keys, provider secrets, URL credentials."""
-    from providers import get_provider_class
-
     found = {key.key for key in config.keys}
     for provider in config.providers.values():
         secret_fields = get_provider_class(provider.type).secret_fields

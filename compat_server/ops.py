@@ -22,10 +22,10 @@ from aiohttp import web
 
 from compat_server.config import Config, load_config
 from compat_server.engine import Engine, TtlCache
-from compat_server.errors import ConfigError
 from compat_server.routing import Breaker
 from providers import get_provider_class
 from providers.base import Provider
+from providers.vocabulary import ConfigError
 
 if TYPE_CHECKING:
     from compat_server.actions import Call

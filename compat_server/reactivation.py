@@ -13,16 +13,16 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from compat_server.config import KeyConfig
-from compat_server.errors import (
+from compat_server.store import CODE, FINISHED, REFUSED, UNCERTAIN, Activation
+from providers.vocabulary import (
     NoBalance,
     NoNumbers,
+    Order,
     UnknownService,
     UpstreamAuth,
     UpstreamUncertain,
     UpstreamUnreachable,
 )
-from compat_server.store import CODE, FINISHED, REFUSED, UNCERTAIN, Activation
-from providers.base import Order
 
 if TYPE_CHECKING:
     from compat_server.engine import Engine

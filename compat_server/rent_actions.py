@@ -13,7 +13,6 @@ from typing import Any
 from compat_server import dialect
 from compat_server.actions import Action, Call, _default_country
 from compat_server.dialect import Reply, Token, money_number, param, rent_error
-from compat_server.errors import ProviderError
 from compat_server.rentals import CantCancel, RentClosed
 from compat_server.store import (
     RENT_ACTIVE,
@@ -22,7 +21,7 @@ from compat_server.store import (
     RENT_FINISHED,
     Rent,
 )
-from providers.rental import RentOrder
+from providers.vocabulary import ProviderError, RentOrder
 
 DEFAULT_HOURS = 4  # older libraries' minimum (current docs say 2; both are accepted)
 MIN_HOURS, MAX_HOURS = 2, 1344

@@ -15,15 +15,6 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from compat_server.config import KeyConfig
-from compat_server.errors import (
-    NoBalance,
-    NoNumbers,
-    ProviderError,
-    UnknownService,
-    UpstreamAuth,
-    UpstreamUncertain,
-    UpstreamUnreachable,
-)
 from compat_server.routing import merge_refusals
 from compat_server.store import (
     CONFIRMED,
@@ -39,7 +30,18 @@ from compat_server.store import (
     RentMessage,
 )
 from providers.base import Provider
-from providers.rental import Rental, RentOffer, RentOrder
+from providers.rental import Rental
+from providers.vocabulary import (
+    NoBalance,
+    NoNumbers,
+    ProviderError,
+    RentOffer,
+    RentOrder,
+    UnknownService,
+    UpstreamAuth,
+    UpstreamUncertain,
+    UpstreamUnreachable,
+)
 
 if TYPE_CHECKING:
     from compat_server.engine import Engine

@@ -18,17 +18,6 @@ from typing import TypeVar
 
 from compat_server.budget import Budgets
 from compat_server.config import Config, KeyConfig, RouteConfig
-from compat_server.errors import (
-    ChannelsLimit,
-    NoBalance,
-    NoNumbers,
-    NotSent,
-    ProviderError,
-    UnknownService,
-    UpstreamAuth,
-    UpstreamUncertain,
-    UpstreamUnreachable,
-)
 from compat_server.store import (
     CANCELLED,
     REFUSED,
@@ -37,16 +26,25 @@ from compat_server.store import (
     Store,
     StoreError,
 )
-from providers.base import (
+from providers.base import Provider
+from providers.vocabulary import (
     BACKGROUND,
     BUDGET,
     CLIENT,
     PAID,
+    ChannelsLimit,
     Clock,
+    NoBalance,
+    NoNumbers,
+    NotSent,
     Offer,
     Order,
-    Provider,
+    ProviderError,
     Purchase,
+    UnknownService,
+    UpstreamAuth,
+    UpstreamUncertain,
+    UpstreamUnreachable,
 )
 
 log = logging.getLogger("compat_server")

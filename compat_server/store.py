@@ -32,8 +32,16 @@ from typing import Any
 
 import aiosqlite
 
-from providers.base import ActivationRef, Clock, Order, Purchase, Sms
-from providers.rental import RentPurchase, RentRef, RentSms
+from providers.vocabulary import (
+    ActivationRef,
+    Clock,
+    Order,
+    Purchase,
+    RentPurchase,
+    RentRef,
+    RentSms,
+    Sms,
+)
 
 log = logging.getLogger("compat_server")
 

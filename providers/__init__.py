@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-from compat_server.errors import ConfigError
 from providers.base import Provider
+from providers.vocabulary import ConfigError
 
 # type name -> "module:Class"; imported on first use so one broken adapter cannot stop
 # the others from loading.

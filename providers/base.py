@@ -10,64 +10,32 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import contextvars
 import heapq
 import itertools
 import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 
 import httpx
 
-from compat_server.errors import (
+from providers.vocabulary import (
+    BUDGET,
+    ActivationRef,
+    Budget,
+    Clock,
     ConfigError,
     NotSent,
+    Offer,
+    Order,
+    PollResult,
+    Purchase,
     UnknownService,
     UpstreamUncertain,
     UpstreamUnreachable,
-)
-
-Clock = Callable[[], float]
-
-# Scheduling priorities of upstream calls, most urgent first: calls that spend or give
-# back money, then what a waiting client asked for, then background refreshes.
-PAID, CLIENT, BACKGROUND = 0, 1, 2
-
-
-def _always() -> bool:
-    return True
-
-
-@dataclass(frozen=True)
-class Budget:
-    """What the caller of an upstream call can afford: a start deadline and a pulse.
-
-    ``deadline`` is a ``time.monotonic()`` instant by which the call must have been sent;
-    ``alive`` says whether anybody still wants the answer (the client is connected).
-    The app sets one per request (see :data:`BUDGET`); background work has none.
-    """
-
-    deadline: float = math.inf
-    alive: Callable[[], bool] = _always
-    priority: int = CLIENT
-
-    def check(self, provider: str) -> None:
-        """Raise NotSent if the call should not start any more."""
-        if not self.alive():
-            raise NotSent(provider, "client gone")
-        if time.monotonic() >= self.deadline:
-            raise NotSent(provider, "deadline passed")
-
-
-# The budget of the work running now; contextvars follow it into the tasks it starts.
-BUDGET: contextvars.ContextVar[Budget] = contextvars.ContextVar(
-    "sms_compat_budget",
-    default=Budget(),  # noqa: B039 - frozen, so immutable
 )
 
 
@@ -142,73 +110,6 @@ class Pacer:
             self._next = now + self.interval
             break
         self._arm()
-
-
-@dataclass(frozen=True)
-class Order:
-    """What the client asked getNumber for, in sms-activate terms."""
-
-    service: str  # sms-activate service code, e.g. "tg"
-    country: int  # sms-activate country id, e.g. 10
-    operators: tuple[str, ...] = ()  # lower-case sms-activate operator names; () = any
-    exclude_prefixes: tuple[
-        str, ...
-    ] = ()  # phoneException: international digit prefixes
-    max_price: Decimal | None = None  # in the provider's native currency
-
-
-@dataclass(frozen=True)
-class Purchase:
-    """A number bought upstream. ``extra`` is provider state persisted with it."""
-
-    upstream_id: str
-    phone: str  # full international form, digits only
-    price: Decimal  # native currency
-    operator: str = "any"
-    extra: Mapping[str, str] = field(default_factory=dict)
-    # lookups only: when the upstream says the order was made (epoch seconds, None if
-    # it does not say), and how far off that may be (an upstream clock of unknown zone)
-    created_at: float | None = None
-    created_skew: float = 0.0
-
-
-@dataclass(frozen=True)
-class ActivationRef:
-    """What a provider needs to act on a stored activation."""
-
-    upstream_id: str
-    phone: str
-    service: str
-    country: int
-    created_at: float
-    extra: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Sms:
-    """One message (or voice OTP). ``uid`` identifies it stably across polls."""
-
-    uid: str
-    text: str
-    code: str
-    received_at: float
-
-
-@dataclass(frozen=True)
-class PollResult:
-    """The upstream's view of an order: every message it reports, and whether it is over."""
-
-    messages: tuple[Sms, ...] = ()
-    closed: bool = False  # expired, cancelled or otherwise final upstream
-
-
-@dataclass(frozen=True)
-class Offer:
-    """A service on sale in one country: native price and stock."""
-
-    service: str  # sms-activate code
-    price: Decimal
-    count: int
 
 
 class Provider(abc.ABC):

@@ -7,71 +7,9 @@ Like ``buy``, ``rent`` and ``prolong`` are paid: never call them twice for one o
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from decimal import Decimal
 
-
-@dataclass(frozen=True)
-class RentOffer:
-    """A service rentable in one country for a number of hours: native price, stock."""
-
-    service: str  # sms-activate code; "full" = every sender
-    price: Decimal
-    count: int
-
-
-@dataclass(frozen=True)
-class RentOrder:
-    """What getRentNumber asked for."""
-
-    service: str
-    country: int
-    hours: int
-    operators: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class RentPurchase:
-    """A number rented upstream until ``until`` (UNIX seconds)."""
-
-    upstream_id: str
-    phone: str
-    price: Decimal
-    until: float
-    extra: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RentSms:
-    """One SMS on a rented number; ``uid`` is stable across polls."""
-
-    uid: str
-    text: str
-    code: str
-    received_at: float
-    sender: str = ""
-
-
-@dataclass(frozen=True)
-class RentPoll:
-    """Every SMS the number holds, and whether the rent is over upstream."""
-
-    messages: tuple[RentSms, ...] = ()
-    closed: bool = False
-
-
-@dataclass(frozen=True)
-class RentRef:
-    """What a provider needs to act on a stored rent."""
-
-    upstream_id: str
-    phone: str
-    service: str
-    country: int
-    created_at: float
-    until: float
-    extra: Mapping[str, str] = field(default_factory=dict)
+from providers.vocabulary import RentOffer, RentOrder, RentPoll, RentPurchase, RentRef
 
 
 class Rental(abc.ABC):

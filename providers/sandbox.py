@@ -15,24 +15,25 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar
 
-from compat_server.errors import ConfigError, NoBalance, NoNumbers, UnknownService
-from providers.base import (
+from providers.base import Provider
+from providers.rental import Rental
+from providers.vocabulary import (
     ActivationRef,
+    ConfigError,
+    NoBalance,
+    NoNumbers,
     Offer,
     Order,
     PollResult,
-    Provider,
     Purchase,
-    Sms,
-)
-from providers.rental import (
-    Rental,
     RentOffer,
     RentOrder,
     RentPoll,
     RentPurchase,
     RentRef,
     RentSms,
+    Sms,
+    UnknownService,
 )
 
 RENT_FULL = ("Full rent", Decimal("30.00"))  # "full": any sender, per RENT_BLOCK hours

@@ -32,24 +32,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import httpx
 
-from compat_server.errors import (
-    ConfigError,
-    NoBalance,
-    NoNumbers,
-    UnknownService,
-    UpstreamAuth,
-    UpstreamUncertain,
-    UpstreamUnreachable,
-)
 from providers.base import (
-    ActivationRef,
-    Clock,
-    Offer,
-    Order,
-    PollResult,
     Provider,
-    Purchase,
-    Sms,
     as_bool,
     as_decimal,
     as_int,
@@ -60,6 +44,22 @@ from providers.base import (
     url_option,
 )
 from providers.otp import extract_code
+from providers.vocabulary import (
+    ActivationRef,
+    Clock,
+    ConfigError,
+    NoBalance,
+    NoNumbers,
+    Offer,
+    Order,
+    PollResult,
+    Purchase,
+    Sms,
+    UnknownService,
+    UpstreamAuth,
+    UpstreamUncertain,
+    UpstreamUnreachable,
+)
 
 log = logging.getLogger(__name__)
 

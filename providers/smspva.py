@@ -30,25 +30,8 @@ from urllib.parse import quote
 
 import httpx
 
-from compat_server.errors import (
-    ConfigError,
-    NoBalance,
-    NoNumbers,
-    ProviderError,
-    UnknownService,
-    UpstreamAuth,
-    UpstreamUncertain,
-    UpstreamUnreachable,
-)
 from providers.base import (
-    ActivationRef,
-    Clock,
-    Offer,
-    Order,
-    PollResult,
     Provider,
-    Purchase,
-    Sms,
     as_decimal,
     as_int,
     as_text,
@@ -58,14 +41,29 @@ from providers.base import (
     url_option,
 )
 from providers.otp import extract_code
-from providers.rental import (
-    Rental,
+from providers.rental import Rental
+from providers.vocabulary import (
+    ActivationRef,
+    Clock,
+    ConfigError,
+    NoBalance,
+    NoNumbers,
+    Offer,
+    Order,
+    PollResult,
+    ProviderError,
+    Purchase,
     RentOffer,
     RentOrder,
     RentPoll,
     RentPurchase,
     RentRef,
     RentSms,
+    Sms,
+    UnknownService,
+    UpstreamAuth,
+    UpstreamUncertain,
+    UpstreamUnreachable,
 )
 
 _TABLES: dict[str, Any] = json.loads(

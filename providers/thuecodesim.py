@@ -25,26 +25,8 @@ from typing import Any, ClassVar
 
 import httpx
 
-from compat_server.errors import (
-    ChannelsLimit,
-    ConfigError,
-    NoBalance,
-    NoNumbers,
-    ProviderError,
-    UnknownService,
-    UpstreamAuth,
-    UpstreamUncertain,
-    UpstreamUnreachable,
-)
 from providers.base import (
-    ActivationRef,
-    Clock,
-    Offer,
-    Order,
-    PollResult,
     Provider,
-    Purchase,
-    Sms,
     as_bool,
     as_decimal,
     as_int,
@@ -55,6 +37,24 @@ from providers.base import (
     url_option,
 )
 from providers.otp import extract_code
+from providers.vocabulary import (
+    ActivationRef,
+    ChannelsLimit,
+    Clock,
+    ConfigError,
+    NoBalance,
+    NoNumbers,
+    Offer,
+    Order,
+    PollResult,
+    ProviderError,
+    Purchase,
+    Sms,
+    UnknownService,
+    UpstreamAuth,
+    UpstreamUncertain,
+    UpstreamUnreachable,
+)
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from compat_server import dialect, errors
+from compat_server import dialect
 from compat_server.config import parse_config
 from compat_server.store import CANCELLED, WAIT_CODE
+from providers import vocabulary
 from tests.conftest import (
     API,
     KEY,
@@ -77,7 +78,9 @@ async def test_every_error_class_has_a_token() -> None:
         subs = cls.__subclasses__()
         return [c for s in subs for c in concrete(s)] + ([cls] if not subs else [])
 
-    missing = [c for c in concrete(errors.CompatError) if c not in dialect.ERROR_TOKENS]
+    missing = [
+        c for c in concrete(vocabulary.CompatError) if c not in dialect.ERROR_TOKENS
+    ]
     assert missing == []
 
 

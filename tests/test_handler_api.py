@@ -28,13 +28,6 @@ from hypothesis import strategies as st
 from compat_server.app import create_app
 from compat_server.config import parse_config
 from compat_server.engine import RECONCILE_WINDOW, Engine
-from compat_server.errors import (
-    NoBalance,
-    NoNumbers,
-    UnknownService,
-    UpstreamAuth,
-    UpstreamUncertain,
-)
 from compat_server.store import (
     CANCELLED,
     CONFIRMED,
@@ -44,7 +37,6 @@ from compat_server.store import (
     UNCERTAIN,
     WAIT_CODE,
 )
-from providers.base import Order
 from providers.handler_api import (
     AUTH_TOKENS,
     NO_BALANCE_TOKENS,
@@ -52,6 +44,14 @@ from providers.handler_api import (
     UNKNOWN_SERVICE_TOKENS,
     HandlerApiProvider,
     decode,
+)
+from providers.vocabulary import (
+    NoBalance,
+    NoNumbers,
+    Order,
+    UnknownService,
+    UpstreamAuth,
+    UpstreamUncertain,
 )
 from tests.conftest import (
     KEY,
@@ -734,7 +734,7 @@ async def test_no_get_active_activations_is_logged_once_per_lost_purchase(
 
 
 def test_options_are_checked() -> None:
-    from compat_server.errors import ConfigError
+    from providers.vocabulary import ConfigError
 
     good = {"base_url": "http://clone.example/stubs/handler_api", "api_key": "k" * 32}
     HandlerApiProvider.validate_options("c", good)

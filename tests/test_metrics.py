@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from compat_server.config import parse_config
 from compat_server.store import UNCERTAIN
-from providers.base import Order
+from providers.vocabulary import Order
 from tests.conftest import (
     KEY,
     OTHER_KEY,

@@ -21,8 +21,8 @@ import yaml
 from compat_server import ops
 from compat_server.cli import main
 from compat_server.config import parse_config
-from compat_server.errors import ConfigError
 from providers import PROVIDERS, get_provider_class
+from providers.vocabulary import ConfigError
 from tests.conftest import (
     KEY,
     OTHER_KEY,

@@ -23,9 +23,9 @@ from aiohttp.test_utils import TestServer
 
 from compat_server.app import ENGINE, create_app
 from compat_server.config import Config, parse_config
-from compat_server.errors import NotSent
 from compat_server.store import CANCELLED, REFUSED
-from providers.base import BACKGROUND, CLIENT, PAID, Budget, Pacer
+from providers.base import Pacer
+from providers.vocabulary import BACKGROUND, CLIENT, PAID, Budget, NotSent
 from tests.conftest import API, KEY, StartApp, call, engine_of
 from tests.fakes import smspva, thuecodesim
 from tests.fakes.common import FakeUpstream

@@ -280,7 +280,7 @@ async def test_reconciler_waits_for_buys_in_flight(
     engine = engine_of(client)
     order = await engine.store.attempts([])  # nothing yet
     assert order == []
-    from providers.base import Order
+    from providers.vocabulary import Order
 
     attempt = await engine.store.begin_purchase(
         "k", "sb", Order("tg", 10), engine.clock()

@@ -10,17 +10,22 @@ from typing import Any
 import httpx
 import pytest
 
-from compat_server.errors import (
+from providers.smsman import SmsmanProvider
+from providers.vocabulary import (
+    ActivationRef,
     ConfigError,
     NoBalance,
     NoNumbers,
+    Offer,
+    Order,
+    PollResult,
+    Purchase,
+    Sms,
     UnknownService,
     UpstreamAuth,
     UpstreamUncertain,
     UpstreamUnreachable,
 )
-from providers.base import ActivationRef, Offer, Order, PollResult, Purchase, Sms
-from providers.smsman import SmsmanProvider
 from tests.conftest import FakeClock
 from tests.fakes.smsman import TOKEN, FakeSmsman, provider_options
 

@@ -13,19 +13,23 @@ from typing import Any
 import httpx
 import pytest
 
-from compat_server.errors import (
+from providers.otp import extract_code
+from providers.smspva import SmspvaProvider
+from providers.vocabulary import (
+    ActivationRef,
     ConfigError,
     NoBalance,
     NoNumbers,
+    Offer,
+    Order,
+    PollResult,
     ProviderError,
+    Purchase,
     UnknownService,
     UpstreamAuth,
     UpstreamUncertain,
     UpstreamUnreachable,
 )
-from providers.base import ActivationRef, Offer, Order, PollResult, Purchase
-from providers.otp import extract_code
-from providers.smspva import SmspvaProvider
 from tests.conftest import FakeClock
 from tests.fakes.smspva import API_KEY, FakeSmspva, FakeSmspvaOrder, provider_options
 

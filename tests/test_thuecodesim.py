@@ -14,18 +14,6 @@ from typing import Any
 import httpx
 import pytest
 
-from compat_server.errors import (
-    ChannelsLimit,
-    ConfigError,
-    NoBalance,
-    NoNumbers,
-    ProviderError,
-    UnknownService,
-    UpstreamAuth,
-    UpstreamUncertain,
-    UpstreamUnreachable,
-)
-from providers.base import ActivationRef, Offer, Order, PollResult, Purchase, Sms
 from providers.thuecodesim import (
     SERVICES,
     VIETNAM_TZ,
@@ -33,6 +21,23 @@ from providers.thuecodesim import (
     classify_failure,
     name_key,
     parse_created_time,
+)
+from providers.vocabulary import (
+    ActivationRef,
+    ChannelsLimit,
+    ConfigError,
+    NoBalance,
+    NoNumbers,
+    Offer,
+    Order,
+    PollResult,
+    ProviderError,
+    Purchase,
+    Sms,
+    UnknownService,
+    UpstreamAuth,
+    UpstreamUncertain,
+    UpstreamUnreachable,
 )
 from tests.conftest import FakeClock
 from tests.fakes.thuecodesim import TOKEN, FakeThuecodesim, provider_options
