@@ -238,7 +238,7 @@ async def role_bare(spec: Json) -> None:
 
 
 async def role_fake(spec: Json) -> None:
-    """A fake upstream from ``tests/fakes``, with a stats route for the benchmark.
+    """A fake upstream from ``fakes``, with a stats route for the benchmark.
 
     ``GET /__bench__/stats`` answers the calls seen per path (ids folded to ``{id}``),
     the last parameters per path, and how many TCP connections were opened.
@@ -246,17 +246,17 @@ async def role_fake(spec: Json) -> None:
     kind = spec["kind"]
     fake: Any
     if kind == "thuecodesim":
-        from tests.fakes.thuecodesim import FakeThuecodesim
+        from fakes.thuecodesim import FakeThuecodesim
 
         fake = FakeThuecodesim()
         fake.balance = 10**15
     elif kind == "smsman":
-        from tests.fakes.smsman import FakeSmsman
+        from fakes.smsman import FakeSmsman
 
         fake = FakeSmsman()
         fake.balance = Decimal(10**12)
     elif kind == "smspva":
-        from tests.fakes.smspva import FakeSmspva
+        from fakes.smspva import FakeSmspva
 
         fake = FakeSmspva()
         fake.balance = 1e12
@@ -850,7 +850,7 @@ class Direct:
 def direct_calls(kind: str) -> Direct:
     """The fake's endpoints for ``kind``, with the parameters the provider sends."""
     if kind == "thuecodesim":
-        from tests.fakes import thuecodesim
+        from fakes import thuecodesim
 
         tg = next(s for s in thuecodesim.SERVICES["vn"] if s["name"] == "Telegram")
         token = thuecodesim.TOKEN
@@ -862,7 +862,7 @@ def direct_calls(kind: str) -> Direct:
             lambda body: str(body["data"]["request_id"]),
         )
     if kind == "smsman":
-        from tests.fakes import smsman
+        from fakes import smsman
 
         return Direct(
             "/control/get-number",
@@ -872,7 +872,7 @@ def direct_calls(kind: str) -> Direct:
             lambda body: str(body["request_id"]),
         )
     if kind == "smspva":
-        from tests.fakes import smspva
+        from fakes import smspva
 
         return Direct(
             "/activation/number/VN/opt29",
@@ -885,8 +885,8 @@ def direct_calls(kind: str) -> Direct:
 
 
 def fake_options(kind: str, url: str) -> Json:
-    """The provider options of ``tests/fakes`` for ``kind``, polling allowed always."""
-    from tests.fakes import smsman, smspva, thuecodesim
+    """The provider options of ``fakes`` for ``kind``, polling allowed always."""
+    from fakes import smsman, smspva, thuecodesim
 
     module: Any = {"thuecodesim": thuecodesim, "smsman": smsman, "smspva": smspva}[kind]
     options: Json = module.provider_options(url)
@@ -1187,7 +1187,7 @@ async def measure_e(run: Run) -> Json:
     The calling process is a child of its own on the server's core; the fake is on the
     other core. The endpoint is thuecodesim's ``/session/getv2`` (the status poll).
     """
-    from tests.fakes.thuecodesim import TOKEN
+    from fakes.thuecodesim import TOKEN
 
     count = 1000 if run.quick else 3000
     async with run.child("fake", {"kind": "thuecodesim"}, load=True) as fake:
@@ -1420,7 +1420,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line."""
     args = list(sys.argv[1:] if argv is None else argv)
     if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))  # tests.fakes, and the project if not installed
+        sys.path.insert(0, str(ROOT))  # fakes, and the project if not installed
     if args[:1] == ["--child"]:
         return child_main(args[1], args[2])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

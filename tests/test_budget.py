@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from compat_server.config import Config, parse_config
+from fakes import thuecodesim
 from tests.conftest import (
     KEY,
     OTHER_KEY,
@@ -18,7 +19,6 @@ from tests.conftest import (
     engine_of,
     sandbox_raw,
 )
-from tests.fakes import thuecodesim
 
 TEXT = "text/plain"
 

@@ -13,8 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from compat_server import dialect
 from compat_server.config import parse_config
+from fakes import smspva
 from tests.conftest import KEY, StartApp, call, sandbox_raw
-from tests.fakes import smspva
 
 JSON = "application/json"
 LEGACY = dict.fromkeys(dialect.LEGACY_STOCK_KEYS, "0")

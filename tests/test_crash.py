@@ -29,8 +29,8 @@ import yaml
 from aiohttp import web
 
 from compat_server.config import key_id
+from fakes.smspva import FakeSmspva, provider_options
 from tests.conftest import API, KEY
-from tests.fakes.smspva import FakeSmspva, provider_options
 
 ROOT = Path(__file__).resolve().parent.parent
 BURST = 40

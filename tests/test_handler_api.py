@@ -1,6 +1,6 @@
 """The ``handler_api`` provider: sms-activate clones as backends, through our server.
 
-Fakes in ``tests/fakes/handler_api.py``: sms-activate itself (V2 actions, early-cancel
+Fakes in ``fakes/handler_api.py``: sms-activate itself (V2 actions, early-cancel
 window, getActiveActivations), sms3t and sms-service-online (from their seeds). The
 battery in test_provider_battery.py runs the two seeded clones through every common
 row; this file covers what is particular to clones: the V2 calls and their fallback,
@@ -37,6 +37,8 @@ from compat_server.store import (
     UNCERTAIN,
     WAIT_CODE,
 )
+from fakes import handler_api as fakes
+from fakes.handler_api import FakeHandlerApi
 from providers.handler_api import (
     AUTH_TOKENS,
     NO_BALANCE_TOKENS,
@@ -62,8 +64,6 @@ from tests.conftest import (
     engine_of,
     sandbox_raw,
 )
-from tests.fakes import handler_api as fakes
-from tests.fakes.handler_api import FakeHandlerApi
 
 TEXT = "text/plain"
 NAME = "clone"

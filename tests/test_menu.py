@@ -11,8 +11,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from compat_server.config import parse_config
+from fakes import thuecodesim
 from tests.conftest import OTHER_KEY, StartApp, call, engine_of, sandbox_raw
-from tests.fakes import thuecodesim
 
 TEXT = "text/plain"
 

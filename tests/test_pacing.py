@@ -24,11 +24,11 @@ from aiohttp.test_utils import TestServer
 from compat_server.app import ENGINE, create_app
 from compat_server.config import Config, parse_config
 from compat_server.store import CANCELLED, REFUSED
+from fakes import smspva, thuecodesim
+from fakes.common import FakeUpstream
 from providers.base import Pacer
 from providers.vocabulary import BACKGROUND, CLIENT, PAID, Budget, NotSent
 from tests.conftest import API, KEY, StartApp, call, engine_of
-from tests.fakes import smspva, thuecodesim
-from tests.fakes.common import FakeUpstream
 
 SMSPVA_SPACING = 4.5  # providers/smspva.py's default min_interval, from its seed
 BUY_PATH = "/activation/number/VN/opt29"

@@ -18,8 +18,8 @@ import pytest
 
 from compat_server.config import parse_config
 from compat_server.store import CANCELLED, WAIT_CODE
+from fakes import smsman, smspva, thuecodesim
 from tests.conftest import KEY, StartApp, call, engine_of
-from tests.fakes import smsman, smspva, thuecodesim
 from tests.test_reliability import serve
 
 TEXT = "text/plain"

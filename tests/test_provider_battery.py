@@ -18,9 +18,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from compat_server.config import parse_config
 from compat_server.engine import Engine
 from compat_server.store import CANCELLED, FINISHED, UNCERTAIN
+from fakes import handler_api, smsman, smspva, thuecodesim
+from fakes.common import FakeUpstream
 from tests.conftest import KEY, FakeClock, StartApp, call, engine_of
-from tests.fakes import handler_api, smsman, smspva, thuecodesim
-from tests.fakes.common import FakeUpstream
 
 TEXT = "text/plain"
 

@@ -23,9 +23,9 @@ from aiohttp.test_utils import TestServer
 
 from compat_server.config import key_id, parse_config
 from compat_server.store import CANCELLED, RECONCILED, UNCERTAIN
+from fakes import smspva, thuecodesim
 from providers.vocabulary import Order
 from tests.conftest import KEY, OTHER_KEY, FakeClock, StartApp, call, engine_of
-from tests.fakes import smspva, thuecodesim
 
 TEXT = "text/plain"
 VIETNAM = timezone(timedelta(hours=7))

@@ -20,8 +20,8 @@ from compat_server.store import (
     UNCERTAIN,
     WAIT_CODE,
 )
+from fakes import smsman, smspva, thuecodesim
 from tests.conftest import KEY, FakeClock, StartApp, call, engine_of
-from tests.fakes import smsman, smspva, thuecodesim
 
 TEXT = "text/plain"
 

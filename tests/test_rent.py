@@ -17,6 +17,7 @@ from compat_server.app import create_app
 from compat_server.config import parse_config
 from compat_server.rentals import reconcile as reconcile_rents
 from compat_server.store import RENT_CANCELLED, RENT_FINISHED
+from fakes import smspva
 from tests.conftest import (
     KEY,
     OTHER_KEY,
@@ -26,7 +27,6 @@ from tests.conftest import (
     engine_of,
     sandbox_raw,
 )
-from tests.fakes import smspva
 
 JSON = "application/json"
 

@@ -30,9 +30,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from compat_server import cli, logs, serving
 from compat_server.app import create_app
 from compat_server.config import parse_config
+from fakes import handler_api, smsman, smspva, thuecodesim
+from fakes.common import FakeUpstream
 from tests.conftest import API, FakeClock
-from tests.fakes import handler_api, smsman, smspva, thuecodesim
-from tests.fakes.common import FakeUpstream
 
 # Random-looking on purpose: no 8-character run of them occurs in any legitimate output.
 CLIENT_KEY = "Kq7vZp2LrX9wB4tN6hMc3JdF8sGy5Ua1"

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from fakes.smsman import TOKEN, FakeSmsman, provider_options
 from providers.smsman import SmsmanProvider
 from providers.vocabulary import (
     ActivationRef,
@@ -27,7 +28,6 @@ from providers.vocabulary import (
     UpstreamUnreachable,
 )
 from tests.conftest import FakeClock
-from tests.fakes.smsman import TOKEN, FakeSmsman, provider_options
 
 TG_VN = Order(service="tg", country=10)
 TG_RU = Order(service="tg", country=0)

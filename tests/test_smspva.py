@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from fakes.smspva import API_KEY, FakeSmspva, FakeSmspvaOrder, provider_options
 from providers.otp import extract_code
 from providers.smspva import SmspvaProvider
 from providers.vocabulary import (
@@ -31,7 +32,6 @@ from providers.vocabulary import (
     UpstreamUnreachable,
 )
 from tests.conftest import FakeClock
-from tests.fakes.smspva import API_KEY, FakeSmspva, FakeSmspvaOrder, provider_options
 
 TG_VN = Order(service="tg", country=10)
 TG_RU = Order(service="tg", country=0)

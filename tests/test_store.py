@@ -36,8 +36,8 @@ from compat_server.store import (
     StoreError,
     first_id,
 )
+from fakes import thuecodesim
 from tests.conftest import KEY, T0, FakeClock, StartApp, call, engine_of, sandbox_raw
-from tests.fakes import thuecodesim
 
 TEXT = "text/plain"
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from fakes.thuecodesim import TOKEN, FakeThuecodesim, provider_options
 from providers.thuecodesim import (
     SERVICES,
     VIETNAM_TZ,
@@ -40,7 +41,6 @@ from providers.vocabulary import (
     UpstreamUnreachable,
 )
 from tests.conftest import FakeClock
-from tests.fakes.thuecodesim import TOKEN, FakeThuecodesim, provider_options
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_700_000_000.25  # 2023-11-15T05:13:20.25+07:00, exact in CreatedTime

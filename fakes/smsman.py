@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.common import FakeOrder, FakeUpstream
+from fakes.common import FakeOrder, FakeUpstream
 
 TYPE = "smsman"
 TOKEN = "smsman-fake-token-0123456789abcdef"

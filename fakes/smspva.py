@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.common import HTML_500, FakeOrder, FakeUpstream
+from fakes.common import HTML_500, FakeOrder, FakeUpstream
 
 TYPE = "smspva"
 API_KEY = "smspva-fake-key-0123456789"

@@ -41,7 +41,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.common import FakeOrder, FakeUpstream
+from fakes.common import FakeOrder, FakeUpstream
 
 TYPE = "handler_api"
 API_KEY = "clone-fake-key-0123456789abcdef01"

@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.common import FakeOrder, FakeUpstream
+from fakes.common import FakeOrder, FakeUpstream
 
 TYPE = "thuecodesim"
 TOKEN = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.fake-thuecodesim-token"

@@ -1,0 +1,1 @@
+"""Real aiohttp apps imitating each backend, quirks included; used by tests/ and bench/."""
