@@ -1,18 +1,22 @@
-"""Shared fixtures: a steppable clock, sandbox configs, the app under test."""
+"""Shared fixtures: a steppable clock, sandbox configs, the app under test, and the
+provider tests' kit (one upstream client, a fake served on a loopback port, refs)."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp.test_utils import TestClient
 
 from compat_server.app import ENGINE, create_app
 from compat_server.config import Config, parse_config
 from compat_server.engine import Engine
+from fakes.common import FakeUpstream
+from providers.vocabulary import ActivationRef, Order, Purchase
 
 API = "/stubs/handler_api.php"
 KEY = "test-key-0123456789abcdef01234567"
@@ -59,6 +63,39 @@ def sandbox_raw(store_path: str, **sections: Any) -> dict[str, Any]:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    """The upstream client a provider under test is built on."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=1.0)) as client:
+        yield client
+
+
+ServeFake = Callable[[FakeUpstream], Awaitable[str]]
+
+
+@pytest.fixture
+def serve_fake(aiohttp_server: Any) -> ServeFake:
+    """Serve a fake upstream on a free loopback port; returns its base URL."""
+
+    async def serve(fake: FakeUpstream) -> str:
+        server = await aiohttp_server(fake.app)
+        return str(server.make_url("")).rstrip("/")
+
+    return serve
+
+
+def activation_ref(purchase: Purchase, order: Order, created_at: float) -> ActivationRef:
+    """The ref a stored activation of ``purchase`` for ``order`` hands its provider."""
+    return ActivationRef(
+        upstream_id=purchase.upstream_id,
+        phone=purchase.phone,
+        service=order.service,
+        country=order.country,
+        created_at=created_at,
+        extra=purchase.extra,
+    )
 
 
 @pytest.fixture

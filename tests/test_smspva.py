@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from decimal import Decimal
 from importlib import resources
 from typing import Any
@@ -31,7 +31,7 @@ from providers.vocabulary import (
     UpstreamUncertain,
     UpstreamUnreachable,
 )
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, ServeFake, activation_ref
 
 TG_VN = Order(service="tg", country=10)
 TG_RU = Order(service="tg", country=0)
@@ -54,15 +54,8 @@ def fake(clock: Clock) -> FakeSmspva:
 
 
 @pytest.fixture
-async def url(aiohttp_server: Any, fake: FakeSmspva) -> str:
-    server = await aiohttp_server(fake.app)
-    return str(server.make_url("")).rstrip("/")
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=1.0)) as client:
-        yield client
+async def url(serve_fake: ServeFake, fake: FakeSmspva) -> str:
+    return await serve_fake(fake)
 
 
 Make = Callable[..., SmspvaProvider]
@@ -80,14 +73,7 @@ def make(url: str, http: httpx.AsyncClient, clock: Clock) -> Make:
 
 
 def ref_for(purchase: Purchase, order: Order = TG_RU) -> ActivationRef:
-    return ActivationRef(
-        upstream_id=purchase.upstream_id,
-        phone=purchase.phone,
-        service=order.service,
-        country=order.country,
-        created_at=NOW,
-        extra=purchase.extra,
-    )
+    return activation_ref(purchase, order, NOW)
 
 
 def fake_order(fake: FakeSmspva, purchase: Purchase) -> FakeSmspvaOrder:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -40,7 +39,7 @@ from providers.vocabulary import (
     UpstreamUncertain,
     UpstreamUnreachable,
 )
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, ServeFake, activation_ref
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_700_000_000.25  # 2023-11-15T05:13:20.25+07:00, exact in CreatedTime
@@ -72,31 +71,15 @@ class Stack:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=1.0)) as client:
-        yield client
-
-
-@pytest.fixture
-async def stack(
-    aiohttp_server: Callable[..., Awaitable[Any]], http: httpx.AsyncClient
-) -> Stack:
+async def stack(serve_fake: ServeFake, http: httpx.AsyncClient) -> Stack:
     fake = FakeThuecodesim()
     clock = StepClock(NOW)
     fake.clock = clock
-    server = await aiohttp_server(fake.app)
-    return Stack(fake, str(server.make_url("")), clock, http)
+    return Stack(fake, await serve_fake(fake) + "/", clock, http)
 
 
 def ref_for(purchase: Purchase, order: Order = TG_VN) -> ActivationRef:
-    return ActivationRef(
-        upstream_id=purchase.upstream_id,
-        phone=purchase.phone,
-        service=order.service,
-        country=order.country,
-        created_at=NOW,
-        extra=purchase.extra,
-    )
+    return activation_ref(purchase, order, NOW)
 
 
 def last_params(fake: FakeThuecodesim, path: str) -> dict[str, str]:
