@@ -86,7 +86,9 @@ def serve_fake(aiohttp_server: Any) -> ServeFake:
     return serve
 
 
-def activation_ref(purchase: Purchase, order: Order, created_at: float) -> ActivationRef:
+def activation_ref(
+    purchase: Purchase, order: Order, created_at: float
+) -> ActivationRef:
     """The ref a stored activation of ``purchase`` for ``order`` hands its provider."""
     return ActivationRef(
         upstream_id=purchase.upstream_id,
