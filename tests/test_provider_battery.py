@@ -2,12 +2,14 @@
 
 Rows are (scenario or fault, what the client sends, the exact body it must get), run
 against thuecodesim, sms-man, smspva and the handler_api clones sms3t and
-sms-service-online alike (look at apprise's AppriseURLTester).
+sms-service-online alike (look at apprise's AppriseURLTester); the sandbox gets every row
+that does not need an HTTP upstream (at the end).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +22,8 @@ from compat_server.engine import Engine
 from compat_server.store import CANCELLED, FINISHED, UNCERTAIN
 from fakes import handler_api, smsman, smspva, thuecodesim
 from fakes.common import FakeUpstream
-from tests.conftest import KEY, FakeClock, StartApp, call, engine_of
+from providers.vocabulary import ActivationRef
+from tests.conftest import KEY, FakeClock, StartApp, call, engine_of, sandbox_raw
 
 TEXT = "text/plain"
 
@@ -419,3 +422,150 @@ async def test_check_config_ping(
     assert capsys.readouterr().out == (
         f"{stack.name}: UNREACHABLE (UpstreamUncertain: {detail}), circuit closed\n"
     )
+
+
+# ---- the sandbox: the same rows, in memory ----------------------------------------------
+# The sandbox has no upstream, so the HTTP fault rows above have nothing to break; every
+# other row runs against it here, stock, balance and services set from its config.
+
+
+@dataclass
+class Sandbox:
+    """Our server on the sandbox, and the test's clock."""
+
+    client: TestClient
+    clock: FakeClock
+
+    @property
+    def engine(self) -> Engine:
+        return engine_of(self.client)
+
+    async def buy(self, service: str = "tg") -> int:
+        status, ctype, body = await call(
+            self.client, action="getNumber", service=service, country=10
+        )
+        assert (status, ctype) == (200, TEXT) and body.startswith("ACCESS_NUMBER:")
+        ident = int(body.split(":")[1])
+        stored = await self.engine.store.get(ident)
+        assert stored is not None and body == f"ACCESS_NUMBER:{ident}:{stored.phone}"
+        assert stored.phone.startswith("84") and stored.phone.isdigit()
+        return ident
+
+    async def status(self, ident: int) -> str:
+        return (await call(self.client, action="getStatus", id=ident))[2]
+
+    async def set_status(self, ident: int, status: int) -> str:
+        return (await call(self.client, action="setStatus", id=ident, status=status))[2]
+
+    async def last_code(self, ident: int) -> str:
+        """The code of the sandbox's latest SMS for ``ident`` (asked of the provider)."""
+        stored = await self.engine.store.get(ident)
+        assert stored is not None
+        provider = self.engine.providers["sandbox"]
+        ref = ActivationRef(
+            stored.upstream_id, stored.phone, stored.service, stored.country,
+            stored.created_at, stored.extra,
+        )  # fmt: skip
+        code = (await provider.poll(ref)).messages[-1].code
+        assert len(code) == 6 and code.isdigit()
+        return code
+
+
+SANDBOX_TG = {"tg": {"price": 18, "count": 420}}
+
+
+async def start_sandbox(
+    start_app: StartApp, store_path: str, clock: FakeClock, **options: Any
+) -> Sandbox:
+    raw = sandbox_raw(store_path)
+    raw["providers"]["sandbox"].update(options)
+    return Sandbox(await start_app(parse_config(raw)), clock)
+
+
+@pytest.fixture
+async def sandbox(start_app: StartApp, store_path: str, clock: FakeClock) -> Sandbox:
+    return await start_sandbox(start_app, store_path, clock, services=SANDBOX_TG)
+
+
+async def test_sandbox_balance(sandbox: Sandbox) -> None:
+    assert await call(sandbox.client, action="getBalance") == (
+        200, TEXT, "ACCESS_BALANCE:1000.00",
+    )  # fmt: skip
+
+
+async def test_sandbox_prices_and_stock(sandbox: Sandbox) -> None:
+    status, ctype, body = await call(
+        sandbox.client, action="getPrices", country=10, service="tg"
+    )
+    assert (status, ctype, body) == (
+        200, "application/json", '{"10":{"tg":{"cost":18.0,"count":420,"physicalCount":420}}}',
+    )  # fmt: skip
+    status, ctype, body = await call(
+        sandbox.client, action="getNumbersStatus", country=10
+    )
+    assert (status, ctype) == (200, "application/json")
+    in_stock = {k: v for k, v in json.loads(body).items() if v != "0"}
+    assert in_stock == {"tg_0": "420"}  # every other service listed at "0"
+
+
+async def test_sandbox_buy_poll_code_finish(sandbox: Sandbox) -> None:
+    ident = await sandbox.buy()
+    assert await sandbox.status(ident) == "STATUS_WAIT_CODE"
+    sandbox.clock.advance(5)  # sms_delay
+    body = await sandbox.status(ident)
+    assert body == f"STATUS_OK:{await sandbox.last_code(ident)}"
+    assert await sandbox.set_status(ident, 6) == "ACCESS_ACTIVATION"
+    assert await sandbox.status(ident) == "STATUS_CANCEL"
+    stored = await sandbox.engine.store.get(ident)
+    assert stored is not None and stored.state == FINISHED
+    assert await sandbox.engine.store.pending_ops() == []
+
+
+async def test_sandbox_buy_cancel_refunds(sandbox: Sandbox) -> None:
+    ident = await sandbox.buy()
+    assert await call(sandbox.client, action="getBalance") == (
+        200, TEXT, "ACCESS_BALANCE:982.00",
+    )  # fmt: skip
+    assert await sandbox.set_status(ident, 8) == "ACCESS_CANCEL"
+    assert await sandbox.status(ident) == "STATUS_CANCEL"
+    stored = await sandbox.engine.store.get(ident)
+    assert stored is not None and stored.state == CANCELLED
+    assert await sandbox.engine.store.pending_ops() == []
+    assert await call(sandbox.client, action="getBalance") == (
+        200, TEXT, "ACCESS_BALANCE:1000.00",
+    )  # fmt: skip
+
+
+async def test_sandbox_retry_gets_a_second_code(sandbox: Sandbox) -> None:
+    ident = await sandbox.buy()
+    sandbox.clock.advance(5)
+    first = await sandbox.last_code(ident)
+    assert await sandbox.status(ident) == f"STATUS_OK:{first}"
+    assert await sandbox.set_status(ident, 3) == "ACCESS_RETRY_GET"
+    assert await sandbox.status(ident) == f"STATUS_WAIT_RETRY:{first}"
+    sandbox.clock.advance(5)
+    body = await sandbox.status(ident)
+    second = await sandbox.last_code(ident)
+    assert body == f"STATUS_OK:{second}" and second != first
+    assert await sandbox.set_status(ident, 6) == "ACCESS_ACTIVATION"
+
+
+@pytest.mark.parametrize(
+    ("options", "service", "number"),
+    [
+        ({"services": {"tg": {"price": 18, "count": 0}}}, "tg", "NO_NUMBERS"),
+        ({"services": SANDBOX_TG, "balance": 10}, "tg", "NO_BALANCE"),
+        ({"services": SANDBOX_TG}, "wa", "BAD_SERVICE"),
+    ],
+)
+async def test_sandbox_refusals(
+    start_app: StartApp, store_path: str, clock: FakeClock,
+    options: dict[str, Any], service: str, number: str,
+) -> None:  # fmt: skip
+    sandbox = await start_sandbox(start_app, store_path, clock, **options)
+    assert await call(
+        sandbox.client, action="getNumber", service=service, country=10
+    ) == (200, TEXT, number)
+    assert await sandbox.engine.store.count() == 0
+    assert len(await sandbox.engine.store.attempts(["refused"])) == 1
+    assert await sandbox.engine.store.attempts(["uncertain", "pending"]) == []
