@@ -45,7 +45,7 @@ from providers.vocabulary import (
 
 log = logging.getLogger("compat_server")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 FIRST_ID = 100_000  # ids look like real ones and stay far below 2**31
 MAX_ID = 2**31 - 1
 FIRST_RENT_ID = 5_000  # rent ids are their own space (a table of their own)
@@ -206,6 +206,15 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX webhooks_due ON webhooks(state, next_at);
     """,
+    # retry marks and replaced upstream ids leave the JSON ``extra`` for real columns
+    4: """
+    ALTER TABLE activations ADD COLUMN retry_mark INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE activations ADD COLUMN previous_ids TEXT NOT NULL DEFAULT '';
+    UPDATE activations SET
+        retry_mark = CAST(COALESCE(json_extract(extra, '$._retry_mark'), '0') AS INTEGER),
+        previous_ids = COALESCE(json_extract(extra, '$.previous_ids'), ''),
+        extra = json_remove(extra, '$._retry_mark', '$.previous_ids');
+    """,
 }
 
 
@@ -339,6 +348,9 @@ class Activation:
     extra: dict[str, str] = field(default_factory=dict)
     messages: list[Message] = field(default_factory=list)
     retry_mark: int = 0  # messages present when the client last asked for another
+    previous_ids: tuple[
+        str, ...
+    ] = ()  # upstream ids this activation replaced, oldest first
 
     @property
     def is_open(self) -> bool:
@@ -359,6 +371,7 @@ class Activation:
             country=self.country,
             created_at=self.created_at,
             extra=dict(self.extra),
+            previous_ids=self.previous_ids,
         )
 
 
@@ -689,8 +702,9 @@ class Store:
                 updated_at=row["updated_at"],
                 expires_at=row["expires_at"],
                 extra=json.loads(row["extra"]),
+                retry_mark=row["retry_mark"],
+                previous_ids=tuple(i for i in row["previous_ids"].split(",") if i),
             )
-            activation.retry_mark = int(activation.extra.pop("_retry_mark", "0"))
             async with self._db.execute(
                 "SELECT uid, text, code, received_at FROM messages"
                 " WHERE activation_id=? ORDER BY id",
@@ -801,7 +815,8 @@ class Store:
         cur = await self._db.execute(
             "INSERT INTO activations (id, key_id, provider, upstream_id, phone, service,"
             " country, operator, price, currency, cost, state, extra, created_at,"
-            " updated_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " updated_at, expires_at, retry_mark, previous_ids)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 activation.id or None,
                 activation.key_id,
@@ -819,6 +834,8 @@ class Store:
                 activation.created_at,
                 activation.updated_at,
                 activation.expires_at,
+                activation.retry_mark,
+                ",".join(activation.previous_ids),
             ),
         )
         activation_id = cur.lastrowid
@@ -926,15 +943,14 @@ class Store:
         """Every upstream id (current or replaced) stored for a provider, rents too
         (smspva's rent.php sells both: a reconciler must never take a rent)."""
         async with self._db.execute(
-            "SELECT upstream_id, extra FROM activations WHERE provider=?", (provider,)
+            "SELECT upstream_id, previous_ids FROM activations WHERE provider=?",
+            (provider,),
         ) as cur:
             rows = list(await cur.fetchall())
         known = set()
-        for upstream_id, extra in rows:
+        for upstream_id, previous_ids in rows:
             known.add(upstream_id)
-            known.update(
-                i for i in json.loads(extra).get("previous_ids", "").split(",") if i
-            )
+            known.update(i for i in previous_ids.split(",") if i)
         async with self._db.execute(
             "SELECT upstream_id FROM rents WHERE provider=?", (provider,)
         ) as cur:
@@ -1025,18 +1041,22 @@ class Store:
         if retry:
             activation.retry_mark = len(activation.messages)
         if purchase is not None:
-            previous = activation.extra.get("previous_ids", "")
             activation.extra = dict(purchase.extra)
-            activation.extra["previous_ids"] = ",".join(
-                i for i in (previous, activation.upstream_id) if i
-            )
+            activation.previous_ids = (*activation.previous_ids, activation.upstream_id)
             activation.upstream_id = purchase.upstream_id
-        extra = dict(activation.extra, _retry_mark=str(activation.retry_mark))
         async with self._writing():
             await self._db.execute(
-                "UPDATE activations SET state=?, upstream_id=?, extra=?, updated_at=?"
-                " WHERE id=?",
-                (state, activation.upstream_id, json.dumps(extra), now, activation.id),
+                "UPDATE activations SET state=?, upstream_id=?, extra=?, updated_at=?,"
+                " retry_mark=?, previous_ids=? WHERE id=?",
+                (
+                    state,
+                    activation.upstream_id,
+                    json.dumps(activation.extra),
+                    now,
+                    activation.retry_mark,
+                    ",".join(activation.previous_ids),
+                    activation.id,
+                ),
             )
             if outbox is not None:
                 await self._db.execute(

@@ -270,7 +270,7 @@ class ThuecodesimProvider(Provider):
         if status == 0:
             # still waiting: CreatedTime is the order's, whose creation we know,
             # unless it is a re-rent (a later order under the same activation)
-            if not ref.extra.get("previous_ids"):
+            if not ref.previous_ids:
                 self._learn_offset(data.get("CreatedTime"), ref.created_at)
             return PollResult()
         if status == 2:

@@ -166,6 +166,8 @@ class ActivationRef:
     country: int
     created_at: float
     extra: Mapping[str, str] = field(default_factory=dict)
+    # upstream orders this activation replaced (re-rents), oldest first
+    previous_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

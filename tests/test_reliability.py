@@ -498,7 +498,7 @@ async def test_thuecodesim_rerent_on_retry_tracks_the_new_order(
     )
     second = activation.upstream_id
     assert second != first and fake.orders[second].phone == fake.orders[first].phone
-    assert activation.extra["previous_ids"] == first
+    assert activation.previous_ids == (first,)
     assert await call(client, action="getStatus", id=ident) == (
         200,
         TEXT,
