@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from providers import get_provider_class
+from providers import get_provider_class, provider_type
 from providers.base import mask, mask_url
 from providers.vocabulary import ConfigError
 
@@ -278,6 +278,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
         type_name = options.get("type")
         if not isinstance(type_name, str):
             raise ConfigError(f"{where}.type: missing")
+        type_name = provider_type(type_name, options)  # smspva + api: rent
         try:
             cls = get_provider_class(type_name)
         except ConfigError as exc:

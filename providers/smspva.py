@@ -1,7 +1,9 @@
-"""smspva: activation v2 (``api.smspva.com/activation``) or rental (``rent.php``).
+"""smspva: activation v2 (``api.smspva.com/activation``); rental is in smspva_rent.
 
-Both APIs share one account and one USD balance. The option ``api`` picks the one that
-sells numbers; the balance always comes from activation v2, since rent.php has none.
+Both APIs share one account and one USD balance: :class:`SmspvaAccount` holds what they
+share (the balance always comes from activation v2, since rent.php has none), and
+:class:`SmspvaProvider` sells through activation v2. ``providers.smspva_rent`` sells
+through rent.php (config ``type: smspva_rent``, or ``type: smspva`` with ``api: rent``).
 
 * activation v2: ``apikey`` header, ``{"statusCode": N, "data"|"error": ...}`` with
   the HTTP status equal to ``statusCode``; charged when the SMS arrives;
@@ -41,7 +43,6 @@ from providers.base import (
     url_option,
 )
 from providers.otp import extract_code
-from providers.rental import Rental
 from providers.vocabulary import (
     ActivationRef,
     Clock,
@@ -53,12 +54,6 @@ from providers.vocabulary import (
     PollResult,
     ProviderError,
     Purchase,
-    RentOffer,
-    RentOrder,
-    RentPoll,
-    RentPurchase,
-    RentRef,
-    RentSms,
     Sms,
     UnknownService,
     UpstreamAuth,
@@ -108,12 +103,12 @@ class _Answer:
     error: str  # lower-cased free text from error/msg, for hints only
 
 
-class SmspvaProvider(Provider, Rental):
-    """An smspva account, selling through activation v2 or the rental API.
+class SmspvaAccount(Provider):
+    """What both smspva APIs share: the account, its tables, activation v2's balance.
 
-    With ``api: rent`` it also serves the dialect's rent family: rent.php rents by
-    whole weeks, so a rent of N hours buys ceil(N / 168) weeks (and says so in its
-    price and end date).
+    Not registered itself: ``smspva`` is :class:`SmspvaProvider` (activation v2) and
+    ``smspva_rent`` (or ``smspva`` with ``api: rent``) is
+    :class:`providers.smspva_rent.SmspvaRentProvider`.
     """
 
     type_name: ClassVar[str] = "smspva"
@@ -133,6 +128,9 @@ class SmspvaProvider(Provider, Rental):
     default_poll_interval: ClassVar[float] = POLL_FLOOR
     can_lookup: ClassVar[bool] = True
 
+    api: ClassVar[str] = "activation"  # the option ``api`` this class serves
+    excluded: ClassVar[frozenset[str]] = frozenset()  # ISO codes this API lacks
+
     def __init__(
         self,
         name: str,
@@ -143,12 +141,13 @@ class SmspvaProvider(Provider, Rental):
         super().__init__(name, options, http, clock)
         self.poll_interval = max(self.poll_interval, POLL_FLOOR)
         self.api_key = require_option(name, options, "api_key")
-        api = options.get("api", "activation")
+        api = options.get("api", self.api)
         if api not in APIS:
             raise ConfigError(
                 f"providers.{name}.api: {api!r} is not one of {', '.join(APIS)}"
             )
-        self.api: str = api
+        if api != self.api:  # the registry maps ``api`` to the class (provider_type)
+            raise ConfigError(f"providers.{name}.api: {api!r} is not served here")
         self.activation_url = url_option(
             name, options, "activation_url", "https://api.smspva.com"
         )
@@ -164,25 +163,15 @@ class SmspvaProvider(Provider, Rental):
             **COUNTRIES,
             **_country_overrides(name, options.get("countries")),
         }
-        # activation v2: one price list for every country; counts per country
-        self._prices: tuple[float, dict[tuple[str, str], Decimal]] | None = None
-        self._counts: dict[str, tuple[float, dict[str, int]]] = {}
-        self._single: dict[tuple[str, str], tuple[float, Offer | None]] = {}
-        self._bulk_failed_at: float | None = None  # servicesprices/countnumbers failed
-        self._rent_weeks: dict[
-            tuple[str, int], tuple[float, dict[str, tuple[Decimal, int]]]
-        ] = {}
-        # rental: getdata per country, priced for the configured period
-        self._rent_offers: dict[str, tuple[float, dict[str, tuple[Decimal, int]]]] = {}
 
     # ---- facts ----------------------------------------------------------------------
 
     def countries(self) -> list[int]:
-        """sms-activate ids in the country table; rental lacks Vietnam and Laos."""
+        """sms-activate ids in the country table this API sells (rental: no VN, LA)."""
         return sorted(
             country
             for country, iso in self.country_iso.items()
-            if self.api == "activation" or iso not in RENT_EXCLUDED
+            if iso not in self.excluded
         )
 
     # ---- operations -----------------------------------------------------------------
@@ -198,65 +187,6 @@ class SmspvaProvider(Provider, Rental):
             raise UpstreamUncertain(self.name, "balance answer without a balance")
         return amount
 
-    async def buy(self, order: Order) -> Purchase:
-        """One number; NoNumbers/NoBalance/UnknownService mean nothing was bought."""
-        iso, opt = self._resolve(order.country, order.service)
-        price = self._known_price(iso, opt)
-        if order.max_price is not None and price and price > order.max_price:
-            raise NoNumbers(self.name, f"price {price} above max_price")
-        if self.api == "rent":
-            return await self._buy_rent(order, iso, opt, price)
-        return await self._buy_activation(order, iso, opt, price)
-
-    async def poll(self, ref: ActivationRef) -> PollResult:
-        """Every SMS upstream holds for the order, and whether the order is over."""
-        if self.api == "rent":
-            return await self._poll_rent(ref)
-        answer = await self._activation("GET", f"sms/{_segment(ref.upstream_id)}")
-        if answer.code in (NOT_FOUND, CLOSED):
-            return PollResult(closed=True)
-        if answer.code == NOT_YET:
-            return PollResult()
-        if answer.code != OK:
-            raise self._activation_failure(answer, buying=False)
-        data = answer.data if isinstance(answer.data, dict) else {}
-        found = data.get("sms")
-        items = found if isinstance(found, list) else [found]
-        messages = []
-        for item in items:
-            if not isinstance(item, dict):
-                continue
-            text = as_text(item.get("fullText") or item.get("text"))
-            code = as_text(item.get("code"))
-            if not code and not text:
-                continue
-            messages.append(
-                Sms(
-                    uid=code + text,
-                    text=text,
-                    code=code or _code_of(text),
-                    received_at=self.clock(),
-                )
-            )
-        return PollResult(messages=tuple(messages))
-
-    async def ready(self, ref: ActivationRef) -> None:
-        """Rental: activate the number (needed before SMS arrive); activation: no-op."""
-        if self.api != "rent":
-            return
-        answer = await self._rent("activate", id=ref.upstream_id)
-        if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
-            raise UpstreamAuth(self.name, answer.error)
-
-    async def retry(self, ref: ActivationRef) -> Purchase | None:
-        """Ask for the next SMS (activation: clearsms); never a new purchase."""
-        if self.api == "rent":
-            return None  # a rental keeps receiving; the next SMS has a new uid
-        answer = await self._activation("PUT", f"clearsms/{_segment(ref.upstream_id)}")
-        if answer.code not in (OK, NO_SMS, NOT_FOUND, CLOSED):
-            raise self._activation_failure(answer, buying=False)
-        return None
-
     async def finish(self, ref: ActivationRef) -> None:
         """Local only: nothing upstream needs closing once the code worked.
 
@@ -265,143 +195,7 @@ class SmspvaProvider(Provider, Rental):
         whose effect is undocumented; a rental runs on until ``until``.
         """
 
-    async def cancel(self, ref: ActivationRef) -> None:
-        """Release the number (cancelorder / delete); an order already gone is fine."""
-        if self.api == "rent":
-            answer = await self._rent("delete", id=ref.upstream_id)
-            if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
-                raise UpstreamAuth(self.name, answer.error)
-            return
-        path = f"cancelorder/{_segment(ref.upstream_id)}"
-        answer = await self._activation("PUT", path)
-        if answer.code not in (OK, NOT_FOUND, CLOSED):
-            raise self._activation_failure(answer, buying=False)
-
-    async def quote(self, order: Order) -> Offer | None:
-        """The price on sale now (``servicesprices`` or ``getdata`` fetched again).
-
-        The count is the last catalogue's: a price limit needs only the price, and
-        every extra call costs the pacing interval.
-        """
-        try:
-            iso, opt = self._resolve(order.country, order.service)
-        except UnknownService:
-            return None
-        if self.api == "rent":
-            self._rent_offers.pop(iso, None)
-            offer = (await self._rent_catalog(iso)).get(opt)
-            if offer is None:
-                return None
-            return Offer(service=order.service, price=offer[0], count=offer[1])
-        self._prices = None
-        price = (await self._activation_prices()).get((iso, opt))
-        if price is None:
-            return None
-        counts = self._counts.get(iso)
-        count = counts[1].get(opt, 0) if counts else 0
-        return Offer(service=order.service, price=price, count=count)
-
-    async def catalog(self, country: int) -> list[Offer]:
-        """Mapped services on sale in a country, USD price and stock; [] if none."""
-        iso = self._iso(country)
-        if iso is None:
-            return []
-        if self.api == "rent":
-            priced = await self._rent_catalog(iso)
-        else:
-            # the bulk endpoints are undocumented: without them the catalog is empty
-            # and service_offer() asks the documented serviceprice per service
-            try:
-                prices = await self._activation_prices()
-            except (UpstreamUncertain, UpstreamUnreachable):
-                prices = {}
-                self._bulk_failed_at = self.clock()
-            try:
-                counts = await self._activation_counts(iso)
-            except (UpstreamUncertain, UpstreamUnreachable):
-                counts = {}
-                self._bulk_failed_at = self.clock()
-            priced = {
-                opt: (price, counts.get(opt, 0))
-                for (where, opt), price in prices.items()
-                if where == iso
-            }
-        return [
-            Offer(service=code, price=priced[opt][0], count=priced[opt][1])
-            for code, opt in sorted(self.services.items())
-            if opt in priced
-        ]
-
-    async def service_offer(self, country: int, service: str) -> Offer | None:
-        """Activation: the documented ``serviceprice/{country}/{service}``, cached.
-
-        Asked for a service the bulk ``servicesprices``/``countnumbers`` did not
-        deliver, only while those failed lately (when they work, a service they do not
-        list is not on sale): paced calls are not spent on it otherwise. The count
-        comes from the answer, else from a cached countnumbers, else 0 (unknown).
-        Answers are kept SINGLE_TTL_FACTOR x catalog_ttl.
-        """
-        if self.api == "rent" or self._bulk_failed_at is None:
-            return None
-        try:
-            iso, opt = self._resolve(country, service)
-        except UnknownService:
-            return None
-        cached = self._single.get((iso, opt))
-        if cached and self.clock() - cached[0] < self.catalog_ttl * SINGLE_TTL_FACTOR:
-            return cached[1]
-        answer = await self._activation("GET", f"serviceprice/{iso}/{opt}")
-        offer = None
-        if answer.code == OK:
-            data = answer.data[0] if isinstance(answer.data, list) else answer.data
-            data = data if isinstance(data, dict) else {}
-            price = as_decimal(_first(data, "price", "cost"))
-            count = _count(_first(data, "count", "quantity", "totalCount"))
-            if count is None:
-                known = self._counts.get(iso)
-                count = known[1].get(opt, 0) if known else 0
-            if price is not None:
-                offer = Offer(service=service, price=price, count=count)
-        elif answer.code in AUTH_CODES:
-            raise self._activation_failure(answer, buying=False)
-        self._single[(iso, opt)] = (self.clock(), offer)
-        return offer
-
-    async def lookup_purchases(self, order: Order, since: float) -> list[Purchase]:
-        """Upstream orders for this service and country made since ``since``."""
-        try:
-            iso, opt = self._resolve(order.country, order.service)
-        except UnknownService:
-            return []  # nothing of this kind can have been bought here
-        if self.api == "rent":
-            return await self._lookup_rent(order, iso, opt, since)
-        answer = await self._activation("GET", "orders")
-        if answer.code != OK:
-            raise self._activation_failure(answer, buying=False)
-        found = []
-        for item in _records(answer.data, "orders"):
-            order_id = _id_text(_first(item, "orderId", "id"))
-            number = _id_text(_first(item, "phoneNumber", "number", "phone"))
-            if not order_id or not number:
-                continue
-            service = as_text(_first(item, "service", "serviceCode"))
-            where = as_text(_first(item, "countryCode", "country")).upper()
-            created = _timestamp(_first(item, "createdAt", "created", "date", "time"))
-            if (service and service != opt) or (where and where != iso):
-                continue
-            if created is not None and created < since - LOOKUP_SLACK:
-                continue
-            found.append(
-                Purchase(
-                    upstream_id=order_id,
-                    phone=self._dial(where or iso, order.country) + number,
-                    price=self._known_price(iso, opt) or Decimal(0),
-                    created_at=created,
-                )
-            )
-        return found
-
-    # ---- activation v2 --------------------------------------------------------------
+    # ---- activation v2 (the balance; the activation provider's purchases) -----------
 
     async def _activation(self, method: str, path: str) -> _Answer:
         """One activation v2 call; UpstreamUncertain unless the body is JSON."""
@@ -436,6 +230,212 @@ class SmspvaProvider(Provider, Rental):
             return UnknownService(self.name, detail)
         # 405 without hints, 411 (karma/rate), 500-503, anything else with a body
         return NoNumbers(self.name, detail)
+
+    # ---- tables ---------------------------------------------------------------------
+
+    def _iso(self, country: int) -> str | None:
+        """The ISO code for an sms-activate id this provider serves, else None."""
+        iso = self.country_iso.get(country)
+        if iso is None or iso in self.excluded:
+            return None
+        return iso
+
+    def _resolve(self, country: int, service: str) -> tuple[str, str]:
+        """(ISO, optNN) for an order; UnknownService without any network call."""
+        iso = self._iso(country)
+        if iso is None:
+            raise UnknownService(self.name, f"country {country} not served")
+        opt = self.services.get(service)
+        if opt is None:
+            raise UnknownService(self.name, f"service {service!r} not mapped")
+        return iso, opt
+
+    def _dial(self, iso: str, country: int) -> str:
+        """The dial code for an answer's ISO, else for the ordered country."""
+        return DIAL_CODES.get(iso) or DIAL_CODES.get(COUNTRIES.get(country, ""), "")
+
+
+class SmspvaProvider(SmspvaAccount):
+    """An smspva account selling through activation v2 (charged when the SMS arrives)."""
+
+    def __init__(
+        self,
+        name: str,
+        options: Mapping[str, Any],
+        http: httpx.AsyncClient,
+        clock: Clock = time.time,
+    ) -> None:
+        super().__init__(name, options, http, clock)
+        # activation v2: one price list for every country; counts per country
+        self._prices: tuple[float, dict[tuple[str, str], Decimal]] | None = None
+        self._counts: dict[str, tuple[float, dict[str, int]]] = {}
+        self._single: dict[tuple[str, str], tuple[float, Offer | None]] = {}
+        self._bulk_failed_at: float | None = None  # servicesprices/countnumbers failed
+
+    async def buy(self, order: Order) -> Purchase:
+        """One number; NoNumbers/NoBalance/UnknownService mean nothing was bought."""
+        iso, opt = self._resolve(order.country, order.service)
+        price = self._known_price(iso, opt)
+        if order.max_price is not None and price and price > order.max_price:
+            raise NoNumbers(self.name, f"price {price} above max_price")
+        return await self._buy_activation(order, iso, opt, price)
+
+    async def poll(self, ref: ActivationRef) -> PollResult:
+        """Every SMS upstream holds for the order, and whether the order is over."""
+        answer = await self._activation("GET", f"sms/{_segment(ref.upstream_id)}")
+        if answer.code in (NOT_FOUND, CLOSED):
+            return PollResult(closed=True)
+        if answer.code == NOT_YET:
+            return PollResult()
+        if answer.code != OK:
+            raise self._activation_failure(answer, buying=False)
+        data = answer.data if isinstance(answer.data, dict) else {}
+        found = data.get("sms")
+        items = found if isinstance(found, list) else [found]
+        messages = []
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            text = as_text(item.get("fullText") or item.get("text"))
+            code = as_text(item.get("code"))
+            if not code and not text:
+                continue
+            messages.append(
+                Sms(
+                    uid=code + text,
+                    text=text,
+                    code=code or _code_of(text),
+                    received_at=self.clock(),
+                )
+            )
+        return PollResult(messages=tuple(messages))
+
+    async def retry(self, ref: ActivationRef) -> Purchase | None:
+        """Ask for the next SMS (activation: clearsms); never a new purchase."""
+        answer = await self._activation("PUT", f"clearsms/{_segment(ref.upstream_id)}")
+        if answer.code not in (OK, NO_SMS, NOT_FOUND, CLOSED):
+            raise self._activation_failure(answer, buying=False)
+        return None
+
+    async def cancel(self, ref: ActivationRef) -> None:
+        """Release the number (cancelorder); an order already gone is fine."""
+        path = f"cancelorder/{_segment(ref.upstream_id)}"
+        answer = await self._activation("PUT", path)
+        if answer.code not in (OK, NOT_FOUND, CLOSED):
+            raise self._activation_failure(answer, buying=False)
+
+    async def quote(self, order: Order) -> Offer | None:
+        """The price on sale now (``servicesprices`` fetched again).
+
+        The count is the last catalogue's: a price limit needs only the price, and
+        every extra call costs the pacing interval.
+        """
+        try:
+            iso, opt = self._resolve(order.country, order.service)
+        except UnknownService:
+            return None
+        self._prices = None
+        price = (await self._activation_prices()).get((iso, opt))
+        if price is None:
+            return None
+        counts = self._counts.get(iso)
+        count = counts[1].get(opt, 0) if counts else 0
+        return Offer(service=order.service, price=price, count=count)
+
+    async def catalog(self, country: int) -> list[Offer]:
+        """Mapped services on sale in a country, USD price and stock; [] if none."""
+        iso = self._iso(country)
+        if iso is None:
+            return []
+        # the bulk endpoints are undocumented: without them the catalog is empty
+        # and service_offer() asks the documented serviceprice per service
+        try:
+            prices = await self._activation_prices()
+        except (UpstreamUncertain, UpstreamUnreachable):
+            prices = {}
+            self._bulk_failed_at = self.clock()
+        try:
+            counts = await self._activation_counts(iso)
+        except (UpstreamUncertain, UpstreamUnreachable):
+            counts = {}
+            self._bulk_failed_at = self.clock()
+        priced = {
+            opt: (price, counts.get(opt, 0))
+            for (where, opt), price in prices.items()
+            if where == iso
+        }
+        return [
+            Offer(service=code, price=priced[opt][0], count=priced[opt][1])
+            for code, opt in sorted(self.services.items())
+            if opt in priced
+        ]
+
+    async def service_offer(self, country: int, service: str) -> Offer | None:
+        """The documented ``serviceprice/{country}/{service}``, cached.
+
+        Asked for a service the bulk ``servicesprices``/``countnumbers`` did not
+        deliver, only while those failed lately (when they work, a service they do not
+        list is not on sale): paced calls are not spent on it otherwise. The count
+        comes from the answer, else from a cached countnumbers, else 0 (unknown).
+        Answers are kept SINGLE_TTL_FACTOR x catalog_ttl.
+        """
+        if self._bulk_failed_at is None:
+            return None
+        try:
+            iso, opt = self._resolve(country, service)
+        except UnknownService:
+            return None
+        cached = self._single.get((iso, opt))
+        if cached and self.clock() - cached[0] < self.catalog_ttl * SINGLE_TTL_FACTOR:
+            return cached[1]
+        answer = await self._activation("GET", f"serviceprice/{iso}/{opt}")
+        offer = None
+        if answer.code == OK:
+            data = answer.data[0] if isinstance(answer.data, list) else answer.data
+            data = data if isinstance(data, dict) else {}
+            price = as_decimal(_first(data, "price", "cost"))
+            count = _count(_first(data, "count", "quantity", "totalCount"))
+            if count is None:
+                known = self._counts.get(iso)
+                count = known[1].get(opt, 0) if known else 0
+            if price is not None:
+                offer = Offer(service=service, price=price, count=count)
+        elif answer.code in AUTH_CODES:
+            raise self._activation_failure(answer, buying=False)
+        self._single[(iso, opt)] = (self.clock(), offer)
+        return offer
+
+    async def lookup_purchases(self, order: Order, since: float) -> list[Purchase]:
+        """Upstream orders for this service and country made since ``since``."""
+        try:
+            iso, opt = self._resolve(order.country, order.service)
+        except UnknownService:
+            return []  # nothing of this kind can have been bought here
+        answer = await self._activation("GET", "orders")
+        if answer.code != OK:
+            raise self._activation_failure(answer, buying=False)
+        found = []
+        for item in _records(answer.data, "orders"):
+            order_id = _id_text(_first(item, "orderId", "id"))
+            number = _id_text(_first(item, "phoneNumber", "number", "phone"))
+            if not order_id or not number:
+                continue
+            service = as_text(_first(item, "service", "serviceCode"))
+            where = as_text(_first(item, "countryCode", "country")).upper()
+            created = _timestamp(_first(item, "createdAt", "created", "date", "time"))
+            if (service and service != opt) or (where and where != iso):
+                continue
+            if created is not None and created < since - LOOKUP_SLACK:
+                continue
+            found.append(
+                Purchase(
+                    upstream_id=order_id,
+                    phone=self._dial(where or iso, order.country) + number,
+                    price=self._known_price(iso, opt) or Decimal(0),
+                    created_at=created,
+                )
+            )
+        return found
 
     async def _buy_activation(
         self, order: Order, iso: str, opt: str, price: Decimal | None
@@ -485,332 +485,8 @@ class SmspvaProvider(Provider, Rental):
         self._counts[iso] = (self.clock(), counts)
         return counts
 
-    # ---- rental ---------------------------------------------------------------------
-
-    async def _rent(self, method: str, **params: Any) -> _Answer:
-        """One rent.php call; code 1 on success, 0 otherwise (msg in ``error``)."""
-        status, body = await self._request_json(
-            "GET",
-            f"{self.base_url}/api/rent.php",
-            params={"method": method, "apikey": self.api_key, **params},
-        )
-        if not isinstance(body, dict):
-            raise UpstreamUncertain(self.name, f"HTTP {status}, body is not an object")
-        code = 1 if as_int(body.get("status")) == 1 else 0
-        error = " ".join(_texts(body.get("msg"), body.get("error")))
-        return _Answer(code, body.get("data"), error.lower())
-
-    async def _buy_rent(
-        self,
-        order: Order,
-        iso: str,
-        opt: str,
-        price: Decimal | None,
-        period: tuple[str, int] | None = None,
-    ) -> Purchase:
-        dtype, dcount = period or (self.dtype, self.dcount)
-        created = await self._rent(
-            "create", dtype=dtype, dcount=dcount, country=iso, service=opt
-        )
-        if created.code != 1:
-            raise self._rent_refusal(created.error)
-        data = created.data[0] if isinstance(created.data, list) else created.data
-        data = data if isinstance(data, dict) else {}
-        order_id = _id_text(data.get("id"))
-        if not order_id:
-            raise UpstreamUncertain(self.name, "create succeeded without an order id")
-        # Paid from here on: whatever happens next, the Purchase is returned.
-        ccode = digits(data.get("ccode")) or self._dial(iso, order.country)
-        until = as_int(data.get("until"))
-        if until is None:  # estimate, so that poll() can still close the order
-            until = int(self.clock()) + RENT_DAYS[dtype] * dcount * 86400
-        activated = "0"
-        try:
-            if (await self._rent("activate", id=order_id)).code == 1:
-                activated = "1"
-        except ProviderError:
-            pass  # the number is bought; ready() activates it later
-        return Purchase(
-            upstream_id=order_id,
-            phone=ccode + digits(data.get("pnumber")),
-            price=price or Decimal(0),
-            extra={"until": str(until), "activated": activated},
-        )
-
-    def _rent_refusal(self, message: str) -> ProviderError:
-        """The exception for ``create`` with status 0: nothing was bought."""
-        if _has(message, _AUTH_HINTS):
-            return UpstreamAuth(self.name, message)
-        if _has(message, _BALANCE_HINTS):
-            return NoBalance(self.name, message)
-        if _has(message, _SERVICE_HINTS):
-            return UnknownService(self.name, message)
-        return NoNumbers(self.name, message)
-
-    async def _poll_rent(self, ref: ActivationRef) -> PollResult:
-        until = as_int(ref.extra.get("until"))
-        expired = until is not None and self.clock() >= until
-        try:
-            answer = await self._rent("sms", id=ref.upstream_id)
-        except ProviderError:
-            if expired:
-                return PollResult(closed=True)
-            raise
-        if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
-            raise UpstreamAuth(self.name, answer.error)
-        # status 0 with data has been seen in the docs: read data whatever the status
-        data = answer.data
-        if isinstance(data, dict):
-            data = _first(data, "SmsList", "smsList", "sms")
-        messages = []
-        for item in data if isinstance(data, list) else []:
-            if not isinstance(item, dict):
-                continue
-            text = as_text(item.get("text"))
-            if not text:
-                continue
-            date = as_text(item.get("date"))
-            stamp = _timestamp(item.get("date"))
-            messages.append(
-                Sms(
-                    uid=f"{date}:{text}",
-                    text=text,
-                    code=_code_of(text),
-                    received_at=self.clock() if stamp is None else stamp,
-                )
-            )
-        return PollResult(messages=tuple(messages), closed=expired)
-
-    async def _rent_catalog(self, iso: str) -> dict[str, tuple[Decimal, int]]:
-        """optNN -> (price for the configured period, count) from ``getdata``."""
-        cached = self._rent_offers.get(iso)
-        if cached and self.clock() - cached[0] < self.catalog_ttl:
-            return cached[1]
-        answer = await self._rent(
-            "getdata", country=iso, dtype=self.dtype, dcount=self.dcount
-        )
-        if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
-            raise UpstreamAuth(self.name, answer.error)
-        offers: dict[str, tuple[Decimal, int]] = {}
-        for item in _records(answer.data, "services"):
-            opt = as_text(item.get("service"))
-            per_day = as_decimal(item.get("price_day"))
-            if not opt or per_day is None:
-                continue
-            count = _count(item.get("count"))
-            if count is None:
-                count = _count(item.get("totalCount")) or 0
-            offers[opt] = (per_day * self.rent_days, count)
-        self._rent_offers[iso] = (self.clock(), offers)
-        return offers
-
-    async def _lookup_rent(
-        self, order: Order, iso: str, opt: str, since: float
-    ) -> list[Purchase]:
-        answer = await self._rent("orders")
-        if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
-            raise UpstreamAuth(self.name, answer.error)
-        found = []
-        for item in _records(answer.data, "orders"):
-            order_id = _id_text(item.get("id"))
-            where = as_text(item.get("cname")).upper()
-            if not order_id or as_text(item.get("scode")) != opt:
-                continue
-            if where and where != iso:
-                continue
-            until = as_int(item.get("until"))
-            # orders carry no creation time: until minus the period estimates it
-            if (
-                until is not None
-                and until - self.rent_days * 86400 < since - LOOKUP_SLACK
-            ):
-                continue
-            ccode = digits(item.get("ccode")) or self._dial(iso, order.country)
-            found.append(
-                Purchase(
-                    upstream_id=order_id,
-                    phone=ccode + digits(item.get("pnumber")),
-                    price=self._known_price(iso, opt) or Decimal(0),
-                    extra={"until": "" if until is None else str(until)},
-                    # orders carry no creation time: until minus the period, which
-                    # the samples show rounded to the minute
-                    created_at=None
-                    if until is None
-                    else until - self.rent_days * 86400.0,
-                    created_skew=60.0,
-                )
-            )
-        return found
-
-    # ---- the dialect's rent family (api: rent) ---------------------------------------
-
-    def rent_countries(self) -> list[int]:
-        """Every rentable country when ``api`` is rent; [] otherwise."""
-        return self.countries() if self.api == "rent" else []
-
-    async def rent_offers(self, country: int, hours: int) -> list[RentOffer]:
-        """``getdata`` for the weeks covering ``hours``: price_day x days, count."""
-        iso = self._iso(country)
-        if iso is None or self.api != "rent":
-            return []
-        weeks = _weeks(hours)
-        cached = self._rent_weeks.get((iso, weeks))
-        if cached and self.clock() - cached[0] < self.catalog_ttl:
-            priced = cached[1]
-        else:
-            answer = await self._rent(
-                "getdata", country=iso, dtype="week", dcount=weeks
-            )
-            if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
-                raise UpstreamAuth(self.name, answer.error)
-            priced = _parse_getdata(answer.data, weeks * 7)
-            self._rent_weeks[(iso, weeks)] = (self.clock(), priced)
-        return [
-            RentOffer(service=code, price=priced[opt][0], count=priced[opt][1])
-            for code, opt in sorted(self.services.items())
-            if opt in priced
-        ]
-
-    async def _rent_price(self, country: int, service: str, hours: int) -> Decimal:
-        for offer in await self.rent_offers(country, hours):
-            if offer.service == service:
-                return offer.price
-        return Decimal(0)
-
-    async def rent(self, order: RentOrder) -> RentPurchase:
-        """``create`` for whole weeks, then ``activate``; paid at create."""
-        if self.api != "rent":
-            raise UnknownService(self.name, "this account sells activations")
-        iso, opt = self._resolve(order.country, order.service)
-        weeks = _weeks(order.hours)
-        try:
-            price = await self._rent_price(order.country, order.service, order.hours)
-        except (UpstreamUncertain, UpstreamUnreachable) as exc:
-            # only getdata failed: the paid create was never sent
-            raise UpstreamUnreachable(
-                self.name, f"price unknown: {exc.detail}"
-            ) from exc
-        bought = await self._buy_rent(
-            Order(order.service, order.country), iso, opt, price, ("week", weeks)
-        )
-        return RentPurchase(
-            upstream_id=bought.upstream_id,
-            phone=bought.phone,
-            price=bought.price,
-            until=float(bought.extra["until"]),
-            extra=bought.extra,
-        )
-
-    async def rent_poll(self, ref: RentRef) -> RentPoll:
-        """``sms``: every SMS with its sender; closed once ``until`` has passed."""
-        expired = self.clock() >= ref.until
-        try:
-            answer = await self._rent("sms", id=ref.upstream_id)
-        except ProviderError:
-            if expired:
-                return RentPoll(closed=True)
-            raise
-        if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
-            raise UpstreamAuth(self.name, answer.error)
-        messages = tuple(
-            RentSms(uid, text, _code_of(text), at, sender)
-            for uid, text, at, sender in self._rent_sms(answer.data)
-        )
-        return RentPoll(messages=messages, closed=expired)
-
-    async def rent_release(self, ref: RentRef) -> None:
-        """``delete``: a refund is not documented (and never reported)."""
-        answer = await self._rent("delete", id=ref.upstream_id)
-        if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
-            raise UpstreamAuth(self.name, answer.error)
-
-    async def rent_lookup(
-        self, country: int, service: str, since: float
-    ) -> list[RentPurchase] | None:
-        """rent.php ``orders`` of this service and country (see _lookup_rent)."""
-        if self.api != "rent":
-            return None
-        try:
-            iso, opt = self._resolve(country, service)
-        except UnknownService:
-            return []
-        found = await self._lookup_rent(Order(service, country), iso, opt, since)
-        return [
-            RentPurchase(
-                p.upstream_id,
-                p.phone,
-                p.price,
-                float(p.extra.get("until") or self.clock()),
-                p.extra,
-            )
-            for p in found
-        ]
-
-    async def prolong_price(self, ref: RentRef, hours: int) -> Decimal:
-        """The price of the weeks covering ``hours`` (getdata)."""
-        return await self._rent_price(ref.country, ref.service, hours)
-
-    async def prolong(self, ref: RentRef, hours: int) -> float:
-        """``prolong`` by whole weeks; status 0 means nothing was charged."""
-        weeks = _weeks(hours)
-        answer = await self._rent(
-            "prolong", id=ref.upstream_id, dtype="week", dcount=weeks
-        )
-        if answer.code != 1:
-            raise self._rent_refusal(answer.error)
-        return ref.until + weeks * 7 * 86400
-
-    def _rent_sms(self, data: Any) -> list[tuple[str, str, float, str]]:
-        """(uid, text, date, sender) of an ``sms`` answer, in either documented shape."""
-        if isinstance(data, dict):
-            data = _first(data, "SmsList", "smsList", "sms")
-        found = []
-        for item in data if isinstance(data, list) else []:
-            if not isinstance(item, dict):
-                continue
-            text = as_text(item.get("text"))
-            if not text:
-                continue
-            stamp = _timestamp(item.get("date"))
-            found.append(
-                (
-                    f"{as_text(item.get('date'))}:{text}",
-                    text,
-                    self.clock() if stamp is None else stamp,
-                    as_text(item.get("sender")),
-                )
-            )
-        return found
-
-    # ---- tables ---------------------------------------------------------------------
-
-    def _iso(self, country: int) -> str | None:
-        """The ISO code for an sms-activate id this provider serves, else None."""
-        iso = self.country_iso.get(country)
-        if iso is None or (self.api == "rent" and iso in RENT_EXCLUDED):
-            return None
-        return iso
-
-    def _resolve(self, country: int, service: str) -> tuple[str, str]:
-        """(ISO, optNN) for an order; UnknownService without any network call."""
-        iso = self._iso(country)
-        if iso is None:
-            raise UnknownService(self.name, f"country {country} not served")
-        opt = self.services.get(service)
-        if opt is None:
-            raise UnknownService(self.name, f"service {service!r} not mapped")
-        return iso, opt
-
-    def _dial(self, iso: str, country: int) -> str:
-        """The dial code for an answer's ISO, else for the ordered country."""
-        return DIAL_CODES.get(iso) or DIAL_CODES.get(COUNTRIES.get(country, ""), "")
-
     def _known_price(self, iso: str, opt: str) -> Decimal | None:
         """The cached price of one number, if a catalog call has seen it."""
-        if self.api == "rent":
-            offers = self._rent_offers.get(iso)
-            offer = offers[1].get(opt) if offers else None
-            return offer[0] if offer else None
         price = self._prices[1].get((iso, opt)) if self._prices else None
         single = self._single.get((iso, opt))
         if price is None and single and single[1] is not None:
@@ -819,26 +495,6 @@ class SmspvaProvider(Provider, Rental):
 
 
 # ---- option parsing ------------------------------------------------------------------
-
-
-def _weeks(hours: int) -> int:
-    """Whole weeks covering ``hours`` (rent.php rents by the week or month)."""
-    return max(1, -(-hours // 168))
-
-
-def _parse_getdata(data: Any, days: int) -> dict[str, tuple[Decimal, int]]:
-    """optNN -> (price_day x days, count) of a ``getdata`` answer."""
-    offers: dict[str, tuple[Decimal, int]] = {}
-    for item in _records(data, "services"):
-        opt = as_text(item.get("service"))
-        per_day = as_decimal(item.get("price_day"))
-        if not opt or per_day is None:
-            continue
-        count = _count(item.get("count"))
-        if count is None:
-            count = _count(item.get("totalCount")) or 0
-        offers[opt] = (per_day * days, count)
-    return offers
 
 
 def _rent_period(name: str, value: Any) -> tuple[str, int]:

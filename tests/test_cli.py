@@ -56,7 +56,7 @@ def test_check_config_masks_secrets(tmp_path: Path, capsys: pytest.CaptureFixtur
         ("keys: [\n", "config error: {path}: line 2: expected the node content, but found '<stream end>'"),
         ("providers: {a: {type: nope}}\nkeys: [{key: k, providers: [a]}]\n",
          "config error: providers.a.type: unknown provider type 'nope' (valid: handler_api,"
-         " sandbox, smsman, smspva, thuecodesim)"),
+         " sandbox, smsman, smspva, smspva_rent, thuecodesim)"),
         ("providers: {a: {type: sandbox}}\nkeys: [{key: k, providers: [b]}]\n",
          "config error: keys[0].providers: unknown provider 'b' (known: a)"),
         ("providers: {a: {type: thuecodesim}}\nkeys: [{key: k, providers: [a]}]\n",

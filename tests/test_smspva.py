@@ -16,6 +16,7 @@ import pytest
 from fakes.smspva import API_KEY, FakeSmspva, FakeSmspvaOrder, provider_options
 from providers.otp import extract_code
 from providers.smspva import SmspvaProvider
+from providers.smspva_rent import SmspvaRentProvider
 from providers.vocabulary import (
     ActivationRef,
     ConfigError,
@@ -58,16 +59,17 @@ async def url(serve_fake: ServeFake, fake: FakeSmspva) -> str:
     return await serve_fake(fake)
 
 
-Make = Callable[..., SmspvaProvider]
+Make = Callable[..., Any]  # SmspvaProvider, or SmspvaRentProvider for api=rent
 
 
 @pytest.fixture
 def make(url: str, http: httpx.AsyncClient, clock: Clock) -> Make:
     def build(
         api: str = "activation", client: httpx.AsyncClient | None = None, **extra: Any
-    ) -> SmspvaProvider:
+    ) -> Any:
         options = {**provider_options(url, api), **extra}
-        return SmspvaProvider("pva", options, client or http, clock)
+        cls = SmspvaRentProvider if api == "rent" else SmspvaProvider
+        return cls("pva", options, client or http, clock)
 
     return build
 
@@ -334,7 +336,8 @@ async def test_refused_port_is_unreachable(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     options = provider_options(f"http://127.0.0.1:{port}", api)
-    provider = SmspvaProvider("pva", options, http, clock)
+    cls = SmspvaRentProvider if api == "rent" else SmspvaProvider
+    provider = cls("pva", options, http, clock)
     with pytest.raises(UpstreamUnreachable):
         await provider.buy(TG_RU)
 
@@ -528,3 +531,36 @@ async def test_errors_never_leak_foreign_exceptions(
     for call in (make().balance(), make("rent").catalog(0)):
         with pytest.raises(ProviderError):
             await call
+
+
+# ---- two providers, one account: the config picks the class -----------------------------
+
+
+def test_api_rent_in_the_config_builds_the_rental_provider() -> None:
+    from compat_server.config import parse_config
+    from providers import get_provider_class
+
+    for entry in ({"type": "smspva", "api": "rent"}, {"type": "smspva_rent"}):
+        config = parse_config({
+            "keys": [{"key": "k" * 32, "providers": ["pva"]}],
+            "currency": {"display": "USD"},
+            "providers": {"pva": {**entry, "api_key": API_KEY}},
+        })  # fmt: skip
+        assert config.providers["pva"].type == "smspva_rent"
+        assert get_provider_class("smspva_rent") is SmspvaRentProvider
+    activation = parse_config({
+        "keys": [{"key": "k" * 32, "providers": ["pva"]}],
+        "currency": {"display": "USD"},
+        "providers": {"pva": {"type": "smspva", "api_key": API_KEY}},
+    })  # fmt: skip
+    assert activation.providers["pva"].type == "smspva"
+
+
+def test_each_class_serves_only_its_api(http: httpx.AsyncClient) -> None:
+    with pytest.raises(ConfigError) as rent:
+        SmspvaProvider("pva", {"api_key": API_KEY, "api": "rent"}, http)
+    assert str(rent.value) == "providers.pva.api: 'rent' is not served here"
+    with pytest.raises(ConfigError) as activation:
+        SmspvaRentProvider("pva", {"api_key": API_KEY, "api": "activation"}, http)
+    assert str(activation.value) == "providers.pva.api: 'activation' is not served here"
+    assert SmspvaRentProvider("pva", {"api_key": API_KEY}, http).api == "rent"
