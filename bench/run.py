@@ -1095,21 +1095,21 @@ async def measure_c(run: Run) -> Json:
 async def prefill(path: str, count: int) -> float:
     """Store ``count`` open sandbox activations through the Store API; seconds taken."""
     from compat_server.config import key_id
-    from compat_server.store import Store
+    from compat_server.store import NewActivation, SqliteStore
     from providers.vocabulary import Order, Purchase
 
     started = time.perf_counter()
-    store = await Store.open(path)
+    store = await SqliteStore.open(path)
     try:
         order = Order(service="tg", country=10)
         now = time.time()
         for index in range(count):
             purchase = Purchase(str(500_000_000 + index), f"84{900_000_000 + index}",
                                 Decimal("18.00"))  # fmt: skip
-            await store.complete_purchase(
-                None, key_id(KEY), "sandbox", "RUB", order, purchase, Decimal("18.00"),
+            await store.complete_purchase(None, NewActivation(
+                key_id(KEY), "sandbox", "RUB", order, purchase, Decimal("18.00"),
                 now, 86_400.0,
-            )  # fmt: skip
+            ))  # fmt: skip
     finally:
         await store.close()
     return time.perf_counter() - started

@@ -18,7 +18,7 @@ from compat_server.engine import Engine, TtlCache
 from compat_server.errors import BadAction, BadKey, NoKey
 from compat_server.metrics import Metrics, healthz, metrics_handler, readyz
 from compat_server.rentals import reconcile as reconcile_rents
-from compat_server.store import Store
+from compat_server.store import SqliteStore, Store
 from providers import get_provider_class
 from providers.base import Provider
 from providers.vocabulary import BUDGET, Budget, Clock, CompatError
@@ -124,7 +124,9 @@ def _http_client(shared: httpx.AsyncClient | None):  # type: ignore[no-untyped-d
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    store = await Store.open(config.store_path, app[CLOCK], config.store_busy_timeout)
+    store = await SqliteStore.open(
+        config.store_path, app[CLOCK], config.store_busy_timeout
+    )
     app[STORE] = store
     watch = asyncio.create_task(store.watch()) if app[BACKGROUND] else None
     try:

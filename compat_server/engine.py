@@ -39,6 +39,7 @@ from compat_server.store import (
     WAIT_RETRY,
     Activation,
     Attempt,
+    NewActivation,
     OutboxOp,
     Store,
 )
@@ -694,8 +695,7 @@ class Engine:
         now: float,
     ) -> None:
         """Store an unowned upstream order as a cancelled activation; queue its cancel."""
-        activation = await self.store.complete_purchase(
-            attempt.id,
+        bought = NewActivation(
             attempt.key_id,
             name,
             type(provider).native_currency(provider.options),
@@ -706,6 +706,7 @@ class Engine:
             self.config.lifetime,
             state=CANCELLED,
         )
+        activation = await self.store.complete_purchase(attempt.id, bought)
         await self.store.enqueue(activation.id, "cancel", now)
         log.warning(
             "reconcile provider=%s found an unowned purchase: stored as id=%d,"

@@ -13,7 +13,14 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from compat_server.config import KeyConfig
-from compat_server.store import CODE, FINISHED, REFUSED, UNCERTAIN, Activation
+from compat_server.store import (
+    CODE,
+    FINISHED,
+    REFUSED,
+    UNCERTAIN,
+    Activation,
+    NewActivation,
+)
 from providers.vocabulary import (
     NoBalance,
     NoNumbers,
@@ -82,12 +89,16 @@ async def reactivate(engine: Engine, key: KeyConfig, parent: Activation) -> Acti
                 parent.id, name, attempt,
             )  # fmt: skip
             raise NoNumbers(name, "reactivation outcome unknown") from exc
-        activation = await engine.store.complete_purchase(
-            attempt, key.key_id, name,
-            type(provider).native_currency(provider.options), order, purchase,
-            engine.prices.display(name, purchase.price), engine.clock(),
-            engine.config.lifetime, hold=True,  # paid: memory keeps it if the store fails
+        bought = NewActivation(
+            key.key_id, name, type(provider).native_currency(provider.options), order,
+            purchase, engine.prices.display(name, purchase.price), engine.clock(),
+            engine.config.lifetime,
         )  # fmt: skip
+        activation = await engine.store.complete_purchase(
+            attempt,
+            bought,
+            hold=True,  # paid: memory keeps it if the store fails
+        )
     finally:
         engine.router.in_flight.pop(attempt, None)
     log.info("reactivate id=%d -> id=%d provider=%s", parent.id, activation.id, name)

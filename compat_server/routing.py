@@ -23,6 +23,7 @@ from compat_server.store import (
     REFUSED,
     UNCERTAIN,
     Activation,
+    NewActivation,
     Store,
     StoreError,
 )
@@ -335,8 +336,7 @@ class Router:
                     key, name, provider, order, purchase, attempt, refusals
                 ):
                     continue
-                return await self.store.complete_purchase(
-                    attempt,
+                bought = NewActivation(
                     key.key_id,
                     name,
                     type(provider).native_currency(provider.options),
@@ -345,7 +345,11 @@ class Router:
                     self.prices.display(name, purchase.price),
                     self.clock(),
                     self.config.lifetime,
-                    hold=True,  # paid: if the store fails now, memory keeps it
+                )
+                return await self.store.complete_purchase(
+                    attempt,
+                    bought,
+                    hold=True,  # paid: if the store fails, memory keeps it
                 )
             finally:
                 self.in_flight.pop(attempt, None)
@@ -417,8 +421,7 @@ class Router:
                 order.max_price,
             )
             return False
-        activation = await self.store.complete_purchase(
-            attempt,
+        bought = NewActivation(
             key.key_id,
             name,
             type(provider).native_currency(provider.options),
@@ -429,6 +432,7 @@ class Router:
             self.config.lifetime,
             state=CANCELLED,
         )
+        activation = await self.store.complete_purchase(attempt, bought)
         await self.store.enqueue(activation.id, "cancel", self.clock())
         self.wake_outbox()
         log.warning(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from compat_server.config import key_id, parse_config
-from compat_server.store import MIGRATIONS, SCHEMA_VERSION, Store
+from compat_server.store import MIGRATIONS, SCHEMA_VERSION, SqliteStore
 from tests.conftest import KEY, T0, FakeClock, StartApp, call, engine_of, sandbox_raw
 
 KEY_ID = key_id(KEY)
@@ -63,7 +63,7 @@ async def test_purchase_is_committed_before_the_answer(
 
 
 async def test_schema_version_is_recorded(store_path: str) -> None:
-    store = await Store.open(store_path)
+    store = await SqliteStore.open(store_path)
     try:
         assert await store.schema_version() == SCHEMA_VERSION == 4
     finally:
@@ -86,7 +86,7 @@ async def test_version_1_database_is_migrated(store_path: str) -> None:
             " VALUES (100000, 'k', 'sandbox', 'u1', '84900000000', 'tg', 10, 'any', '18', 'RUB',"
             " '18', 'wait_code', 1, 1, 9999999999)"
         )
-    store = await Store.open(store_path)
+    store = await SqliteStore.open(store_path)
     try:
         assert await store.schema_version() == 4  # rents (3), columns (4) on the way
         kept = await store.get(100000)
@@ -132,7 +132,7 @@ async def test_version_3_extra_keys_become_columns(
             " VALUES (100000, 'm1', 'Telegram code 11111', '11111', ?)",
             (T0,),
         )
-    store = await Store.open(store_path)
+    store = await SqliteStore.open(store_path)
     try:
         assert await store.schema_version() == 4
         replaced = await store.get(100000)

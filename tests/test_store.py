@@ -32,7 +32,7 @@ from compat_server.store import (
     FIRST_ID,
     MAX_ID,
     WAIT_CODE,
-    Store,
+    SqliteStore,
     StoreError,
     first_id,
 )
@@ -110,7 +110,7 @@ async def test_an_existing_store_is_made_private_at_open(
         db.execute("CREATE TABLE scratch (x)")
     os.chmod(store_path, 0o644)
     caplog.set_level(logging.WARNING, "compat_server")
-    store = await Store.open(store_path)
+    store = await SqliteStore.open(store_path)
     await store.close()
     assert mode(store_path) == "0o600"
     assert store_lines(caplog) == [
@@ -190,7 +190,7 @@ async def test_the_store_file_is_watched_without_any_request(
     store_path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR, "compat_server")
-    store = await Store.open(store_path)
+    store = await SqliteStore.open(store_path)
     watch = asyncio.create_task(store.watch(0.01))
     try:
         os.unlink(store_path)
@@ -263,17 +263,17 @@ async def test_a_refused_attempt_gives_its_id_back(
 
 
 async def test_a_second_store_on_the_same_file_is_refused(store_path: str) -> None:
-    store = await Store.open(store_path)
+    store = await SqliteStore.open(store_path)
     try:
         with pytest.raises(StoreError) as caught:
-            await Store.open(store_path)
+            await SqliteStore.open(store_path)
         assert str(caught.value) == (
             f"store {store_path} is in use by another sms-compat server"
             f" (pid {os.getpid()})"
         )
     finally:
         await store.close()
-    again = await Store.open(store_path)  # released on close
+    again = await SqliteStore.open(store_path)  # released on close
     await again.close()
 
 
@@ -338,7 +338,7 @@ def finish(proc: subprocess.Popen[str], seconds: float = 15) -> tuple[int, str]:
 
 def make_store(path: Path) -> None:
     async def create() -> None:
-        store = await Store.open(str(path))
+        store = await SqliteStore.open(str(path))
         await store.close()
 
     asyncio.run(create())
@@ -668,3 +668,20 @@ async def test_a_disk_full_after_the_paid_call_keeps_the_number(
     assert rows(store_path, "SELECT id, upstream_id FROM activations") == [
         (FIRST_ID, request_id)
     ]
+
+
+def test_the_rooms_see_the_store_through_its_protocol() -> None:
+    """SqliteStore implements every method of the Store protocol, signature for
+    signature, so a second implementation has one list to follow."""
+    import inspect
+
+    from compat_server.store import Store
+
+    wanted = {
+        name: inspect.signature(member)
+        for name, member in vars(Store).items()
+        if callable(member) and not name.startswith("_")
+    }
+    assert wanted and "complete_purchase" in wanted
+    for name, signature in wanted.items():
+        assert inspect.signature(getattr(SqliteStore, name)) == signature, name

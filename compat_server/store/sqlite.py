@@ -1,6 +1,6 @@
-"""The one store: activations, their messages, purchase attempts and the outbox.
+"""The SQLite store: activations, their messages, purchase attempts and the outbox.
 
-SQLite through aiosqlite, WAL with ``synchronous=FULL``: a write is durable when the
+The implementation of :class:`compat_server.store.Store` through aiosqlite, WAL with ``synchronous=FULL``: a write is durable when the
 method returns, so a purchase is on disk before ``ACCESS_NUMBER`` leaves the server.
 Activations are also kept in memory (write-through): reads for getStatus never touch
 the disk. The schema carries a version in ``meta``; :data:`MIGRATIONS` upgrades it.
@@ -25,20 +25,41 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable, Mapping
 from decimal import Decimal
 from typing import Any
 
 import aiosqlite
 
+from compat_server.store.records import (
+    CANCELLED,
+    CODE,
+    CONFIRMED,
+    EXPIRED,
+    OPEN_STATES,
+    PENDING,
+    RECONCILED,
+    REFUSED,
+    RENT_ACTIVE,
+    WAIT_CODE,
+    Activation,
+    Attempt,
+    Message,
+    NewActivation,
+    OutboxOp,
+    Rent,
+    RentAttempt,
+    RentMessage,
+    RentPayment,
+    StoreError,
+    WebhookJob,
+    WebhookRows,
+)
 from providers.vocabulary import (
-    ActivationRef,
     Clock,
     Order,
     Purchase,
     RentPurchase,
-    RentRef,
     RentSms,
     Sms,
 )
@@ -50,13 +71,6 @@ FIRST_ID = 100_000  # ids look like real ones and stay far below 2**31
 MAX_ID = 2**31 - 1
 FIRST_RENT_ID = 5_000  # rent ids are their own space (a table of their own)
 
-# Rent states: active while the number is held; then finished, cancelled or expired.
-RENT_ACTIVE, RENT_FINISHED, RENT_CANCELLED, RENT_EXPIRED = (
-    "active",
-    "finished",
-    "cancelled",
-    "expired",
-)
 # A new store's ids start from the clock, so a store recreated on the same machine never
 # hands out an id an earlier one did, as long as that one averaged at most
 # IDS_PER_SECOND purchases since its creation. Ids stay below 2**31 (the official Java
@@ -69,19 +83,6 @@ BUSY_TIMEOUT = 5.0  # s a write waits for another process's lock before failing
 WATCH_INTERVAL = 5.0  # s between checks of the file (and retries of held numbers)
 FILE_MODE = 0o600
 
-# Activation states. The first three are "open": an upstream order is alive.
-WAIT_CODE, CODE, WAIT_RETRY = "wait_code", "code", "wait_retry"
-FINISHED, CANCELLED, EXPIRED = "finished", "cancelled", "expired"
-OPEN_STATES = frozenset({WAIT_CODE, CODE, WAIT_RETRY})
-
-# Purchase attempt states.
-PENDING, CONFIRMED, REFUSED, UNCERTAIN, RECONCILED = (
-    "pending",
-    "confirmed",
-    "refused",
-    "uncertain",
-    "reconciled",
-)
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -218,10 +219,6 @@ MIGRATIONS: dict[int, str] = {
 }
 
 
-class StoreError(Exception):
-    """The store cannot be used (or written) now; the message names the store and why."""
-
-
 def first_id(now: float) -> int:
     """The first activation id of a store created at ``now``."""
     seed = FIRST_ID + max(0, int(now) - ID_EPOCH) * IDS_PER_SECOND
@@ -316,169 +313,8 @@ def _lock(path: str) -> int:
     return fd
 
 
-@dataclass
-class Message:
-    """One stored SMS."""
-
-    uid: str
-    text: str
-    code: str
-    received_at: float
-
-
-@dataclass
-class Activation:
-    """One number sold to a client, as stored."""
-
-    id: int
-    key_id: str
-    provider: str
-    upstream_id: str
-    phone: str
-    service: str
-    country: int
-    operator: str
-    price: Decimal  # native currency of the provider
-    currency: str  # that native currency
-    cost: Decimal  # what the client is shown, display currency
-    state: str
-    created_at: float
-    updated_at: float
-    expires_at: float
-    extra: dict[str, str] = field(default_factory=dict)
-    messages: list[Message] = field(default_factory=list)
-    retry_mark: int = 0  # messages present when the client last asked for another
-    previous_ids: tuple[
-        str, ...
-    ] = ()  # upstream ids this activation replaced, oldest first
-
-    @property
-    def is_open(self) -> bool:
-        """An upstream order is alive for it."""
-        return self.state in OPEN_STATES
-
-    @property
-    def code(self) -> str:
-        """The newest code, or "" before any SMS."""
-        return self.messages[-1].code if self.messages else ""
-
-    def ref(self) -> ActivationRef:
-        """What the provider needs to act on it."""
-        return ActivationRef(
-            upstream_id=self.upstream_id,
-            phone=self.phone,
-            service=self.service,
-            country=self.country,
-            created_at=self.created_at,
-            extra=dict(self.extra),
-            previous_ids=self.previous_ids,
-        )
-
-
-@dataclass
-class Rent:
-    """One number rented to a client, as stored."""
-
-    id: int
-    key_id: str
-    provider: str
-    upstream_id: str
-    phone: str
-    service: str
-    country: int
-    currency: str
-    state: str
-    created_at: float
-    updated_at: float
-    until: float
-    extra: dict[str, str] = field(default_factory=dict)
-    messages: list[RentMessage] = field(default_factory=list)
-
-    def ref(self) -> RentRef:
-        """What the provider needs to act on it."""
-        return RentRef(
-            upstream_id=self.upstream_id,
-            phone=self.phone,
-            service=self.service,
-            country=self.country,
-            created_at=self.created_at,
-            until=self.until,
-            extra=dict(self.extra),
-        )
-
-
-@dataclass
-class RentMessage:
-    """One SMS stored for a rent."""
-
-    uid: str
-    sender: str
-    text: str
-    code: str
-    received_at: float
-
-
-@dataclass(frozen=True)
-class RentAttempt:
-    """A rent attempt: the record written before a paid rent call."""
-
-    id: int
-    key_id: str
-    provider: str
-    order: dict[str, Any]  # service, country, hours, operators
-    state: str
-    created_at: float
-
-
-@dataclass(frozen=True)
-class RentPayment:
-    """A confirmed paid rent call (the rent itself or a prolongation)."""
-
-    kind: str  # rent | prolong
-    hours: int
-    cost: Decimal  # display currency
-    created_at: float
-
-
-# new messages -> (key id, source, payload) rows for the webhooks table
-WebhookRows = Callable[[Sequence[Any]], Iterable[tuple[str, str, dict[str, Any]]]]
-
-
-@dataclass(frozen=True)
-class WebhookJob:
-    """One queued webhook delivery."""
-
-    id: int
-    key_id: str
-    payload: dict[str, Any]
-    attempts: int
-    created_at: float
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """A purchase attempt: the record written before a paid call."""
-
-    id: int
-    key_id: str
-    provider: str
-    order: Order
-    state: str
-    created_at: float
-
-
-@dataclass(frozen=True)
-class OutboxOp:
-    """A pending upstream call that must eventually succeed."""
-
-    id: int
-    activation_id: int
-    op: str  # cancel | finish | ready
-    attempts: int
-
-
-class Store:
-    """Durable state of the server. Use :meth:`open` and :meth:`close`."""
+class SqliteStore:
+    """Durable state of the server in one SQLite file. Use :meth:`open`, :meth:`close`."""
 
     def __init__(
         self, db: aiosqlite.Connection, path: str = "", lock_fd: int | None = None
@@ -499,7 +335,7 @@ class Store:
     @classmethod
     async def open(
         cls, path: str, clock: Clock = time.time, busy_timeout: float = BUSY_TIMEOUT
-    ) -> Store:
+    ) -> SqliteStore:
         """Open (creating or migrating) the database at ``path``.
 
         Raises StoreError (one line naming the store) when another server holds it,
@@ -853,19 +689,7 @@ class Store:
         return activation_id
 
     async def complete_purchase(
-        self,
-        attempt_id: int | None,
-        key_id: str,
-        provider: str,
-        currency: str,
-        order: Order,
-        purchase: Purchase,
-        cost: Decimal,
-        now: float,
-        lifetime: float,
-        state: str = WAIT_CODE,
-        *,
-        hold: bool = False,
+        self, attempt_id: int | None, bought: NewActivation, *, hold: bool = False
     ) -> Activation:
         """Store the bought number as an activation (and confirm its attempt) atomically.
 
@@ -874,6 +698,10 @@ class Store:
         the activation in memory instead, readable at once and written as soon as the
         store accepts a write (:meth:`flush`, any other write, :meth:`watch`).
         """
+        key_id, provider, order, purchase = (
+            bought.key_id, bought.provider, bought.order, bought.purchase,
+        )  # fmt: skip
+        cost, now, state = bought.cost, bought.now, bought.state
         activation = Activation(
             id=0 if attempt_id is None else (await self._reserved_id(attempt_id) or 0),
             key_id=key_id,
@@ -884,12 +712,12 @@ class Store:
             country=order.country,
             operator=purchase.operator,
             price=purchase.price,
-            currency=currency,
+            currency=bought.currency,
             cost=cost,
             state=state,
             created_at=now,
             updated_at=now,
-            expires_at=now + lifetime,
+            expires_at=now + bought.lifetime,
             extra=dict(purchase.extra),
         )
         try:
