@@ -223,26 +223,10 @@ class SmspvaRentProvider(SmspvaAccount, Rental):
         if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
             raise UpstreamAuth(self.name, answer.error)
         # status 0 with data has been seen in the docs: read data whatever the status
-        data = answer.data
-        if isinstance(data, dict):
-            data = _first(data, "SmsList", "smsList", "sms")
-        messages = []
-        for item in data if isinstance(data, list) else []:
-            if not isinstance(item, dict):
-                continue
-            text = as_text(item.get("text"))
-            if not text:
-                continue
-            date = as_text(item.get("date"))
-            stamp = _timestamp(item.get("date"))
-            messages.append(
-                Sms(
-                    uid=f"{date}:{text}",
-                    text=text,
-                    code=_code_of(text),
-                    received_at=self.clock() if stamp is None else stamp,
-                )
-            )
+        messages = [
+            Sms(uid=uid, text=text, code=_code_of(text), received_at=at)
+            for uid, text, at, _ in self._rent_sms(answer.data)
+        ]
         return PollResult(messages=tuple(messages), closed=expired)
 
     async def _rent_catalog(self, iso: str) -> dict[str, tuple[Decimal, int]]:
@@ -255,16 +239,7 @@ class SmspvaRentProvider(SmspvaAccount, Rental):
         )
         if answer.code != 1 and _has(answer.error, _AUTH_HINTS):
             raise UpstreamAuth(self.name, answer.error)
-        offers: dict[str, tuple[Decimal, int]] = {}
-        for item in _records(answer.data, "services"):
-            opt = as_text(item.get("service"))
-            per_day = as_decimal(item.get("price_day"))
-            if not opt or per_day is None:
-                continue
-            count = _count(item.get("count"))
-            if count is None:
-                count = _count(item.get("totalCount")) or 0
-            offers[opt] = (per_day * self.rent_days, count)
+        offers = _parse_getdata(answer.data, self.rent_days)
         self._rent_offers[iso] = (self.clock(), offers)
         return offers
 
