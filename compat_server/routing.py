@@ -56,7 +56,10 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
 # Upstream operations that spend or give back money, and the fresh price check right
 # before a paid call: paced ahead of everything else.
-PAID_OPS = frozenset({"quote", "buy", "cancel", "finish", "retry"})
+PAID_OPS = frozenset(
+    {"quote", "buy", "cancel", "finish", "retry", "reactivate", "rent", "prolong",
+     "rent_release"}
+)  # fmt: skip
 
 
 def priority_of(op: str, current: int) -> int:

@@ -1116,7 +1116,8 @@ class Store:
     # ---- money and figures for the operator ---------------------------------------------
 
     async def spent(self, key_id: str) -> Decimal:
-        """Sum of ``cost`` of the key's activations not cancelled or expired.
+        """Sum of ``cost`` of the key's activations not cancelled or expired, and of
+        the confirmed payments (rent and prolongations) of its rents not cancelled.
 
         Costs are stored in whole cents (Prices.display), so the sum is taken in
         integer cents inside SQLite (exact); it is read once per key, then kept in
@@ -1138,6 +1139,14 @@ class Store:
             ) as cur:
                 row = await cur.fetchone()
             cents = row[0] if row is not None and row[0] is not None else 0
+            async with self._db.execute(
+                "SELECT SUM(CAST(ROUND(CAST(a.cost AS REAL) * 100) AS INTEGER))"
+                " FROM rent_attempts a JOIN rents r ON a.rent_id = r.id"
+                " WHERE r.key_id=? AND a.state=? AND r.state != ?",
+                (key_id, CONFIRMED, RENT_CANCELLED),
+            ) as cur:
+                row = await cur.fetchone()
+            cents += row[0] if row is not None and row[0] is not None else 0
             total = (Decimal(cents) / 100).quantize(Decimal("0.01"))
             self._spent[key_id] = total
         return total
@@ -1211,6 +1220,13 @@ class Store:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
+    def _rent_spend_changed(self, key_id: str | None = None) -> None:
+        """A rent payment or a rent's state changed: spend is read again next time."""
+        if key_id is None:
+            self._spent.clear()
+        else:
+            self._spent.pop(key_id, None)
+
     async def end_rent_attempt(
         self,
         attempt_id: int,
@@ -1228,6 +1244,7 @@ class Store:
                 (state, detail, "" if price is None else str(price),
                  "" if cost is None else str(cost), now, attempt_id),
             )  # fmt: skip
+        self._rent_spend_changed()  # a confirmed prolongation is spent
 
     async def complete_rent(
         self,
@@ -1259,6 +1276,7 @@ class Store:
                 " updated_at=? WHERE id=?",
                 (CONFIRMED, rent_id, str(purchase.price), str(cost), now, attempt_id),
             )
+        self._rent_spend_changed(key_id)
         return Rent(
             rent_id, key_id, provider, purchase.upstream_id, purchase.phone, service,
             country, currency, RENT_ACTIVE, now, now, purchase.until, extra,
@@ -1355,6 +1373,7 @@ class Store:
                 "UPDATE rents SET state=?, until=?, updated_at=? WHERE id=?",
                 (state, rent.until, now, rent.id),
             )
+        self._rent_spend_changed(rent.key_id)
         rent.state = state
         rent.updated_at = now
 

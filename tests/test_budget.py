@@ -288,3 +288,60 @@ async def test_budget_over_http_in_a_foreign_currency(
         caps = [json.loads(o)["max_price"] for (o,) in db.execute(
             "SELECT order_json FROM purchases ORDER BY id")]  # fmt: skip
     assert caps == ["1200", "1200"]
+
+
+# ---- rents and extra activations spend the same budget ------------------------------
+
+
+async def test_rents_and_their_prolongations_spend_the_budget(
+    start_app: StartApp, store_path: str, clock: FakeClock
+) -> None:
+    """Before: a key with a budget could rent (and prolong) without limit, and its
+    getBalance never showed it."""
+    client = await start_app(budget_config(store_path, budget=50))
+    _, _, body = await call(client, action="getRentServicesAndCountries", country=10)
+    cost = Decimal(str(json.loads(body)["services"]["tg"]["cost"]))
+    _, _, rented = await call(
+        client, action="getRentNumber", service="tg", country=10, rent_time=4
+    )
+    rent_id = json.loads(rented)["phone"]["id"]
+    left = Decimal(50) - cost
+    assert await call(client, action="getBalance") == (
+        200,
+        TEXT,
+        f"ACCESS_BALANCE:{left:.2f}",
+    )
+    # what no longer fits is refused before any paid call, for rents and getNumber alike
+    while left >= cost:
+        _, _, more = await call(
+            client, action="getRentNumber", service="tg", country=10, rent_time=4
+        )
+        assert json.loads(more)["status"] == "success", more
+        left -= cost
+    paid_upstream = upstream_balance(client)
+    _, _, refused = await call(
+        client, action="getRentNumber", service="tg", country=10, rent_time=4
+    )
+    assert json.loads(refused) == {"status": "error", "message": "NO_BALANCE"}
+    _, _, longer = await call(
+        client, action="continueRentNumber", id=rent_id, rent_time=4
+    )
+    assert json.loads(longer)["status"] == "error", longer
+    assert upstream_balance(client) == paid_upstream  # nothing more was paid
+    assert await call(client, action="getBalance") == (
+        200,
+        TEXT,
+        f"ACCESS_BALANCE:{left:.2f}",
+    )
+    # a restart keeps the rents' spend
+    await client.close()
+    again = await start_app(budget_config(store_path, budget=50))
+    assert await call(again, action="getBalance") == (
+        200,
+        TEXT,
+        f"ACCESS_BALANCE:{left:.2f}",
+    )
+    # the other key, without a budget, still sees the upstream balance
+    assert (await call(again, action="getBalance", api_key=OTHER_KEY))[2] != (
+        f"ACCESS_BALANCE:{left:.2f}"
+    )
