@@ -752,6 +752,16 @@ class Store:
             self._reserved[cur.lastrowid] = reserved
         return cur.lastrowid
 
+    async def add_cost(self, activation: Activation, amount: Decimal) -> None:
+        """A further charge on an open activation (a paid re-rent on setStatus 3)."""
+        async with self._writing():
+            await self._db.execute(
+                "UPDATE activations SET cost=? WHERE id=?",
+                (str(activation.cost + amount), activation.id),
+            )
+        activation.cost += amount
+        self._count_spend(activation.key_id, amount)
+
     async def end_purchase(
         self, attempt_id: int, state: str, detail: str, now: float
     ) -> None:

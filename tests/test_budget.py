@@ -345,3 +345,48 @@ async def test_rents_and_their_prolongations_spend_the_budget(
     assert (await call(again, action="getBalance", api_key=OTHER_KEY))[2] != (
         f"ACCESS_BALANCE:{left:.2f}"
     )
+
+
+async def test_a_paid_re_rent_on_retry_follows_the_money_rules(
+    start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock
+) -> None:
+    """thuecodesim with rerent_on_retry: setStatus 3 buys the same number again.
+    Before: no attempt was stored before that paid call, the budget did not hold it,
+    and the stored cost (and so getBalance) ignored the second charge. (The fake's
+    helper sets min_interval: 0: this test is about money, not pacing.)"""
+    fake = thuecodesim.FakeThuecodesim()
+    server = await aiohttp_server(fake.app)
+    options = thuecodesim.provider_options(str(server.make_url("")).rstrip("/"))
+    options["rerent_on_retry"] = True
+    raw = {
+        "store": {"path": store_path},
+        "currency": {"display": "RUB", "rates": {"VND": "0.004"}},
+        "keys": [{"key": KEY, "alias": "vn", "providers": ["tcs"], "budget": 10}],
+        "providers": {"tcs": options},
+    }
+    client = await start_app(parse_config(raw))
+    _, _, body = await call(client, action="getNumber", service="tg", country=10)
+    ident = int(body.split(":")[1])  # 1200 VND = 4.80 RUB
+    [order] = fake.orders.values()
+    fake.deliver(order.id, "Telegram code 12345", "12345")
+    clock.advance(10)
+    assert (await call(client, action="getStatus", id=ident))[2] == "STATUS_OK:12345"
+    assert await call(client, action="setStatus", id=ident, status=3) == (
+        200, TEXT, "ACCESS_RETRY_GET",
+    )  # fmt: skip
+    assert fake.balance == 1_000_000 - 2 * 1200  # charged twice upstream...
+    stored = await engine_of(client).store.get(ident)
+    assert stored is not None and stored.cost == Decimal("9.60")  # ...and here
+    assert await call(client, action="getBalance") == (200, TEXT, "ACCESS_BALANCE:0.40")
+    with sqlite3.connect(store_path) as db:
+        states = [s for (s,) in db.execute("SELECT state FROM purchases ORDER BY id")]
+    assert states == ["confirmed", "reconciled"]  # the re-rent was recorded first
+    # a third charge does not fit in 0.40: refused before any paid call
+    [_, second] = sorted(fake.orders)
+    fake.deliver(second, "Telegram code 67890", "67890")
+    clock.advance(10)
+    assert (await call(client, action="getStatus", id=ident))[2] == "STATUS_OK:67890"
+    assert (await call(client, action="setStatus", id=ident, status=3))[2] == (
+        "ACCESS_RETRY_GET"
+    )  # the client waits for a further SMS on the same order
+    assert len(fake.orders) == 2 and fake.balance == 1_000_000 - 2 * 1200
