@@ -269,7 +269,10 @@ class Engine:
         """Buy a number for the key (see Router.buy)."""
         activation = await self.router.buy(key, order)
         if self.on_purchase is not None:
-            self.on_purchase(key, activation)
+            try:  # bookkeeping: a number bought and stored is answered whatever it does
+                self.on_purchase(key, activation)
+            except Exception:
+                log.exception("id=%d purchase hook failed", activation.id)
         return activation
 
     async def refresh(self, activation: Activation) -> None:

@@ -390,3 +390,54 @@ async def test_a_paid_re_rent_on_retry_follows_the_money_rules(
         "ACCESS_RETRY_GET"
     )  # the client waits for a further SMS on the same order
     assert len(fake.orders) == 2 and fake.balance == 1_000_000 - 2 * 1200
+
+
+def drifting(store_path: str, drift: float, budget: float) -> Config:
+    """The sandbox charging ``drift`` more than it lists (a price that moved between
+    the quote and the purchase, or an upstream that ignores the price cap)."""
+    raw = sandbox_raw(
+        store_path,
+        keys=[
+            {"key": KEY, "alias": "tester", "providers": ["sandbox"], "budget": budget}
+        ],
+    )
+    raw["providers"]["sandbox"]["price_drift"] = drift
+    return parse_config(raw)
+
+
+async def test_a_charge_above_what_the_budget_held_is_cancelled(
+    start_app: StartApp, store_path: str
+) -> None:
+    """Before: the hold's cap went upstream as maxPrice, but an upstream that ignored
+    it charged 38.00 against a budget of 30 and the key kept the number (and its
+    getBalance went below what was spent)."""
+    client = await start_app(drifting(store_path, drift=20, budget=30))
+    assert await call(client, action="getNumber", service="tg", country=10) == (
+        200, TEXT, "NO_NUMBERS",
+    )  # fmt: skip
+    [stored] = await engine_of(client).store.for_key(
+        engine_of(client).config.keys[0].key_id, open_only=False
+    )
+    assert (stored.state, stored.cost) == ("cancelled", Decimal("38.00"))
+    assert await call(client, action="getBalance") == (
+        200,
+        TEXT,
+        "ACCESS_BALANCE:30.00",
+    )
+
+
+async def test_a_negative_price_never_grows_a_budget(
+    start_app: StartApp, store_path: str
+) -> None:
+    """Before: an upstream answering a negative cost was stored as is (-500 made a
+    budget of 20 read 520) and the metrics hook turned the purchase into ERROR_SQL."""
+    client = await start_app(drifting(store_path, drift=-100, budget=50))
+    _, _, body = await call(client, action="getNumber", service="tg", country=10)
+    assert body.startswith("ACCESS_NUMBER:"), body
+    stored = await engine_of(client).store.get(int(body.split(":")[1]))
+    assert stored is not None and stored.cost == Decimal("18.00")  # the quoted price
+    assert await call(client, action="getBalance") == (
+        200,
+        TEXT,
+        "ACCESS_BALANCE:32.00",
+    )
