@@ -177,6 +177,10 @@ class Engine:
         self.store = store
         self.clock = clock
         self.upstreams = Upstreams(config, providers, clock, self._breaker_changed)
+        # thuecodesim cannot cancel: what its cancelled numbers cost stays spent
+        store.set_unrefunded(
+            frozenset(n for n, p in providers.items() if not type(p).can_cancel)
+        )
         self._background: set[asyncio.Future[None]] = set()
         self.prices = Prices(config, providers)
         self.catalog = TtlCache(config.catalog_ttl, clock)

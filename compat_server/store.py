@@ -470,6 +470,9 @@ class Store:
         self._write = asyncio.Lock()
         self._locks: dict[int, asyncio.Lock] = {}
         self._spent: dict[str, Decimal] = {}  # key_id -> spend, once read (see spent)
+        # providers whose cancels give no money back (thuecodesim): what their
+        # cancelled and expired numbers cost stays spent (set by the app)
+        self.unrefunded: frozenset[str] = frozenset()
         self._reserved: dict[int, int] = {}  # attempt id -> activation id set aside
         # bought, answered, not yet written: activation id -> (activation, attempt id)
         self._held: dict[int, tuple[Activation, int | None]] = {}
@@ -894,7 +897,7 @@ class Store:
             )
         if activation.is_open:
             self._cache[activation.id] = activation
-        if state not in (CANCELLED, EXPIRED):
+        if state not in (CANCELLED, EXPIRED) or provider in self.unrefunded:
             self._count_spend(key_id, cost)
         return activation
 
@@ -1047,7 +1050,8 @@ class Store:
                     (activation.id, outbox, now, now),
                 )
         unspent = (CANCELLED, EXPIRED)
-        if (activation.state in unspent) != (state in unspent):
+        refunded = activation.provider not in self.unrefunded
+        if refunded and (activation.state in unspent) != (state in unspent):
             sign = 1 if state not in unspent else -1
             self._count_spend(activation.key_id, sign * activation.cost)
         activation.state = state
@@ -1125,8 +1129,15 @@ class Store:
 
     # ---- money and figures for the operator ---------------------------------------------
 
+    def set_unrefunded(self, providers: frozenset[str]) -> None:
+        """Name the providers whose cancels refund nothing; spend is read again."""
+        if providers != self.unrefunded:
+            self.unrefunded = providers
+            self._spent.clear()
+
     async def spent(self, key_id: str) -> Decimal:
-        """Sum of ``cost`` of the key's activations not cancelled or expired, and of
+        """Sum of ``cost`` of the key's activations not cancelled or expired (or of a
+        provider whose cancels refund nothing, see ``unrefunded``), and of
         the confirmed payments (rent and prolongations) of its rents not cancelled.
 
         Costs are stored in whole cents (Prices.display), so the sum is taken in
@@ -1142,10 +1153,12 @@ class Store:
             cached = self._spent.get(key_id)
             if cached is not None:
                 return cached
+            kept = sorted(self.unrefunded)
             async with self._db.execute(
                 "SELECT SUM(CAST(ROUND(CAST(cost AS REAL) * 100) AS INTEGER))"
-                " FROM activations WHERE key_id=? AND state NOT IN (?,?)",
-                (key_id, CANCELLED, EXPIRED),
+                " FROM activations WHERE key_id=? AND (state NOT IN (?,?)"
+                f" OR provider IN ({','.join('?' * len(kept))}))",
+                (key_id, CANCELLED, EXPIRED, *kept),
             ) as cur:
                 row = await cur.fetchone()
             cents = row[0] if row is not None and row[0] is not None else 0

@@ -441,3 +441,37 @@ async def test_a_negative_price_never_grows_a_budget(
         TEXT,
         "ACCESS_BALANCE:32.00",
     )
+
+
+async def test_cancels_on_thuecodesim_give_no_budget_back(
+    start_app: StartApp, store_path: str, aiohttp_server: Any
+) -> None:
+    """thuecodesim has no cancel call and keeps the money. Before: each cancel gave
+    the key's budget back, so 10 x (getNumber + cancel) spent 60 RUB upstream on a
+    budget of 7. (The fake's helper sets min_interval: 0: this test is about money.)"""
+    fake = thuecodesim.FakeThuecodesim()
+    server = await aiohttp_server(fake.app)
+    raw = {
+        "store": {"path": store_path},
+        "currency": {"display": "RUB", "rates": {"VND": "0.004"}},
+        "keys": [{"key": KEY, "alias": "vn", "providers": ["tcs"], "budget": 7}],
+        "providers": {
+            "tcs": thuecodesim.provider_options(str(server.make_url("")).rstrip("/"))
+        },
+    }
+    client = await start_app(parse_config(raw))
+    answers = []
+    for _ in range(3):
+        _, _, body = await call(client, action="getNumber", service="tg", country=10)
+        answers.append(body.split(":")[0])
+        if body.startswith("ACCESS_NUMBER:"):
+            ident = body.split(":")[1]
+            assert (await call(client, action="setStatus", id=ident, status=8))[2] == (
+                "ACCESS_CANCEL"
+            )
+    assert answers == ["ACCESS_NUMBER", "NO_BALANCE", "NO_BALANCE"]  # 4.80 each
+    assert fake.balance == 1_000_000 - 1200
+    assert await call(client, action="getBalance") == (200, TEXT, "ACCESS_BALANCE:2.20")
+    await client.close()  # a restart reads the same spend from the store
+    again = await start_app(parse_config(raw))
+    assert await call(again, action="getBalance") == (200, TEXT, "ACCESS_BALANCE:2.20")
