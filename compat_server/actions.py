@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from compat_server import dialect, reactivation
 from compat_server.config import KeyConfig
@@ -27,6 +27,7 @@ from providers.vocabulary import (
     BACKGROUND,
     BUDGET,
     CLIENT,
+    Budget,
     NoBalance,
     NoNumbers,
     Offer,
@@ -123,38 +124,60 @@ async def _order(call: Call) -> Order:
 
 
 async def _buy(call: Call) -> Activation:
-    """Buy for the caller; a number whose client left meanwhile is released.
-
-    The purchase runs in its own task: a handler cancelled by a disconnect never
-    interrupts a paid call half-way (its outcome would be unknown), and the number
-    that call bought is handed to Engine.abandoned instead of being kept silently.
-    """
-    engine = call.engine
-    order = await _order(call)
-    alive = BUDGET.get().alive
-    task = asyncio.ensure_future(engine.buy(call.key, order))
-    try:
-        activation = await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.add_done_callback(functools.partial(_abandon_later, engine))
-        raise
+    """Buy for the caller; a number whose client left meanwhile is released."""
+    activation = await paid(
+        call.engine.buy(call.key, await _order(call)), call.engine.abandoned
+    )
     call.provider = activation.provider
     call.activation = activation
-    if not alive():
-        await engine.abandoned(activation)
-        raise ClientGone(activation.provider, f"id={activation.id}")
     return activation
 
 
-def _abandon_later(engine: Engine, task: asyncio.Task[Activation]) -> None:
+T = TypeVar("T")
+
+
+async def paid(purchase: Awaitable[T], abandon: Callable[[T], Awaitable[None]]) -> T:
+    """Run a paid call for the request; what it bought for a client that left meanwhile
+    goes to ``abandon`` (released upstream where possible) instead of being kept
+    silently, and ClientGone is raised (nobody reads the answer).
+
+    The purchase runs in its own task: a handler cancelled by a disconnect never
+    interrupts a paid call half-way (its outcome would be unknown).
+    """
+    alive = BUDGET.get().alive
+    task = asyncio.ensure_future(purchase)
+    try:
+        bought = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(functools.partial(_abandon_later, abandon))
+        raise
+    if not alive():
+        await _detached(abandon, bought)
+        raise ClientGone("request", "client left before its answer")
+    return bought
+
+
+async def _detached(abandon: Callable[[T], Awaitable[None]], bought: T) -> None:
+    """``abandon(bought)`` outside the request's budget: its client has left, and the
+    release must still reach the upstream."""
+    scope = BUDGET.set(Budget())
+    try:
+        await abandon(bought)
+    finally:
+        BUDGET.reset(scope)
+
+
+def _abandon_later(
+    abandon: Callable[[Any], Awaitable[None]], task: asyncio.Future[Any]
+) -> None:
     if task.cancelled() or task.exception() is not None:
         return
-    future = asyncio.ensure_future(engine.abandoned(task.result()))
+    future = asyncio.ensure_future(_detached(abandon, task.result()))
     _PENDING.add(future)
     future.add_done_callback(_PENDING.discard)
 
 
-_PENDING: set[asyncio.Future[None]] = set()  # abandoned() calls that outlive a handler
+_PENDING: set[asyncio.Future[None]] = set()  # abandon() calls that outlive a handler
 
 
 async def get_number(call: Call) -> Reply:
@@ -655,7 +678,10 @@ async def get_extra_activation(call: Call) -> Reply:
     if parent is None:
         return Token.WRONG_ACTIVATION_ID.value
     try:
-        activation = await reactivation.reactivate(call.engine, call.key, parent)
+        activation = await paid(
+            reactivation.reactivate(call.engine, call.key, parent),
+            call.engine.abandoned,
+        )
     except reactivation.NotReactivatable:
         return Token.RENEW_ACTIVATION_NOT_AVAILABLE.value
     except NoBalance:

@@ -112,6 +112,24 @@ class Budgets:
             self._held.setdefault(key.key_id, {})[hold.id] = amount
         return hold
 
+    async def hold(self, key: KeyConfig, amount: Decimal | None) -> Hold:
+        """Hold ``amount`` (display currency; None: all that is left) of the key's
+        budget for a paid call other than getNumber (a rent, a prolongation, an extra
+        activation). NoBalance when it does not fit; a key without a budget holds 0.
+        """
+        lock = self._locks.setdefault(key.key_id, asyncio.Lock())
+        async with lock:
+            held = Decimal(0)
+            if key.budget is not None:
+                left = await self.left(key)
+                assert left is not None
+                held = left if amount is None else amount
+                if left <= 0 or held > left:
+                    raise NoBalance("budget", f"key {key.alias}: {left} left")
+            hold = Hold(next(self._ids), key.key_id, held, None)
+            self._held.setdefault(key.key_id, {})[hold.id] = held
+        return hold
+
     def release(self, hold: Hold) -> None:
         """Give a hold back (the purchase is stored, refused, or failed)."""
         held = self._held.get(hold.key_id, {})

@@ -34,6 +34,7 @@ from compat_server.store import (
     FINISHED,
     PENDING,
     RECONCILED,
+    REFUSED,
     UNCERTAIN,
     WAIT_CODE,
     WAIT_RETRY,
@@ -69,6 +70,9 @@ RECONCILE_WINDOW = 900.0  # seconds an unknown purchase is looked for upstream
 CLAIM_SLACK = 120.0  # seconds of clock difference between us and an upstream
 INLINE_TIMEOUT = 5.0  # seconds a setStatus waits for the upstream before queueing
 POLL_WAIT = 2.0  # seconds a getStatus waits for an upstream poll before answering
+# in_flight keys of paid retries: below every rent attempt's (negative) and every
+# purchase attempt's key, so they never collide
+RETRY_FLIGHT = -(2**40)
 PRUNE_AFTER = 7 * 86400.0  # seconds refused attempts and delivered calls are kept
 
 
@@ -171,6 +175,10 @@ class Engine:
         self.store = store
         self.clock = clock
         self.upstreams = Upstreams(config, providers, clock, self._breaker_changed)
+        # thuecodesim cannot cancel: what its cancelled numbers cost stays spent
+        store.set_unrefunded(
+            frozenset(n for n, p in providers.items() if not type(p).can_cancel)
+        )
         self._background: set[asyncio.Future[None]] = set()
         self.prices = Prices(config, providers)
         self.catalog = TtlCache(config.catalog_ttl, clock)
@@ -263,7 +271,10 @@ class Engine:
         """Buy a number for the key (see Router.buy)."""
         activation = await self.router.buy(key, order)
         if self.on_purchase is not None:
-            self.on_purchase(key, activation)
+            try:  # bookkeeping: a number bought and stored is answered whatever it does
+                self.on_purchase(key, activation)
+            except Exception:
+                log.exception("id=%d purchase hook failed", activation.id)
         return activation
 
     async def refresh(self, activation: Activation) -> None:
@@ -408,9 +419,13 @@ class Engine:
             ref = activation.ref()
             purchase = None
             try:
-                purchase = await self.upstreams.call(
-                    activation.provider, "retry", lambda: provider.retry(ref)
-                )
+                if provider.retry_is_paid:
+                    purchase = await self._paid_retry(activation, provider)
+                    # stored below: until then no reconciler may take its order
+                else:
+                    purchase = await self.upstreams.call(
+                        activation.provider, "retry", lambda: provider.retry(ref)
+                    )
             except ProviderError as exc:
                 # the order stays as it is; the client simply waits for a further SMS
                 log.warning(
@@ -419,10 +434,69 @@ class Engine:
                     activation.provider,
                     type(exc).__name__,
                 )
-            await self.store.set_state(
-                activation, WAIT_RETRY, self.clock(), purchase=purchase, retry=True
-            )
+            try:
+                await self.store.set_state(
+                    activation, WAIT_RETRY, self.clock(), purchase=purchase, retry=True
+                )
+            finally:
+                self.router.in_flight.pop(RETRY_FLIGHT - activation.id, None)
             self._last_poll.pop(activation.id, None)
+
+    async def _paid_retry(
+        self, activation: Activation, provider: Provider
+    ) -> Purchase | None:
+        """A retry that buys a new order, under the rules of a purchase: the key's
+        budget holds its price first, an attempt is stored before the paid call (an
+        unknown outcome is left to the reconciler, never retried), and what it cost
+        is added to the activation's cost."""
+        key = next((k for k in self.config.keys if k.key_id == activation.key_id), None)
+        name = activation.provider
+        price = None
+        for offer in await self.offers(name, activation.country):
+            if offer.service == activation.service:
+                price = self.prices.display(name, offer.price)
+        hold = None
+        if key is not None:
+            hold = await self.router.budgets.hold(
+                key, price if key.budget is not None else None
+            )
+        order = Order(service=activation.service, country=activation.country)
+        try:
+            attempt = await self.store.begin_purchase(
+                activation.key_id, name, order, self.clock()
+            )
+            # in flight (under the activation's id) until retry() has stored the new
+            # order: the reconciler skips a provider with a buy in flight
+            self.router.in_flight[RETRY_FLIGHT - activation.id] = name
+            try:
+                purchase = await self.upstreams.call(
+                    name, "retry", functools.partial(provider.retry, activation.ref())
+                )
+            except UpstreamUncertain as exc:
+                self.router.in_flight.pop(RETRY_FLIGHT - activation.id, None)
+                await self.store.end_purchase(
+                    attempt, UNCERTAIN, exc.detail, self.clock()
+                )
+                raise
+            except ProviderError as exc:
+                self.router.in_flight.pop(RETRY_FLIGHT - activation.id, None)
+                await self.store.end_purchase(
+                    attempt, REFUSED, type(exc).__name__, self.clock()
+                )
+                raise
+            if purchase is not None:
+                # the old order is the activation's: this attempt bought nothing new
+                # to store, its order becomes the activation's upstream id
+                await self.store.end_purchase(
+                    attempt, RECONCILED, "re-rent on retry", self.clock()
+                )
+                await self.store.add_cost(
+                    activation, self.prices.display(name, purchase.price)
+                )
+            return purchase
+        finally:
+            if hold is not None:
+                self.router.budgets.release(hold)
 
     async def finish(self, activation: Activation) -> None:
         """setStatus 6: after a code (or during a retry); repeated 6 is harmless."""

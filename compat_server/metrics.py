@@ -146,7 +146,7 @@ class Metrics:
         """A number sold (fed by Engine.buy)."""
         self.purchases.labels(activation.provider, key.alias).inc()
         self.spend.labels(activation.provider, key.alias, currency).inc(
-            float(activation.cost)
+            max(float(activation.cost), 0.0)  # a counter never goes down
         )
 
     # ---- read when scraped --------------------------------------------------------------

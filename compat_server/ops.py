@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -44,6 +44,11 @@ RESTART_FIELDS = (
     "sweep_interval",
     "reconcile_interval",
 )
+
+
+def unrefunded(providers: Mapping[str, Provider]) -> frozenset[str]:
+    """Providers whose cancels give no money back (their spend stays spent)."""
+    return frozenset(n for n, p in providers.items() if not type(p).can_cancel)
 
 
 def reload(engine: Engine, path: str, http: Any) -> bool:
@@ -93,6 +98,7 @@ def apply(engine: Engine, new: Config, http: Any) -> None:
         breakers[name].cooldown = new.breaker_cooldown
     providers.clear()
     providers.update(built)
+    engine.store.set_unrefunded(unrefunded(providers))
     engine.config = new
     engine.upstreams.config = new
     engine.prices.config = new

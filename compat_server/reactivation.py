@@ -63,9 +63,22 @@ async def reactivate(engine: Engine, key: KeyConfig, parent: Activation) -> Acti
     """
     if not can_reactivate(engine, parent):
         raise NotReactivatable()
+    order = Order(service=parent.service, country=parent.country)
+    # a key's budget holds for extra activations too: money set aside first
+    hold = await engine.router.budgets.hold(
+        key, await price(engine, parent) if key.budget is not None else None
+    )
+    try:
+        return await _reactivate(engine, key, parent, order)
+    finally:
+        engine.router.budgets.release(hold)
+
+
+async def _reactivate(
+    engine: Engine, key: KeyConfig, parent: Activation, order: Order
+) -> Activation:
     name = parent.provider
     provider = engine.providers[name]
-    order = Order(service=parent.service, country=parent.country)
     attempt = await engine.store.begin_purchase(key.key_id, name, order, engine.clock())
     engine.router.in_flight[attempt] = name
     try:

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from compat_server import dialect
-from compat_server.actions import Action, Call, _default_country
+from compat_server.actions import Action, Call, _default_country, paid
 from compat_server.dialect import Reply, Token, money_number, param, rent_error
 from compat_server.rentals import CantCancel, RentClosed
 from compat_server.store import (
@@ -140,7 +140,7 @@ async def get_rent_number(call: Call) -> Reply:
         raise _Answer(rent_error(Token.NO_NUMBERS))
     order = RentOrder(service, country, hours, operators)
     try:
-        rent = await rentals.rent(call.key, order)
+        rent = await paid(rentals.rent(call.key, order), rentals.abandoned)
     except ProviderError as exc:
         raise _Answer(rent_error(dialect.rent_token(exc))) from None
     call.provider = rent.provider

@@ -103,18 +103,7 @@ class Rentals:
         """service -> lowest display price and total count for ``hours`` in a country."""
         merged: dict[str, RentStock] = {}
         for name in self.renters(key, country):
-            provider = _renter(self.engine.providers[name])
-            offers: list[RentOffer] = await self.engine.catalog.get(
-                ("rent", name, country, hours),
-                functools.partial(
-                    self.engine.upstreams.call,
-                    name,
-                    "rent_offers",
-                    functools.partial(provider.rent_offers, country, hours),
-                ),
-                [],
-            )
-            for offer in offers:
+            for offer in await self._offers(name, country, hours):
                 cost = self.engine.prices.display(name, offer.price)
                 old = merged.get(offer.service)
                 if old is None:
@@ -125,6 +114,21 @@ class Rentals:
                     )
         return merged
 
+    async def _offers(self, name: str, country: int, hours: int) -> list[RentOffer]:
+        """One provider's rent offers for ``hours`` in a country (cached)."""
+        provider = _renter(self.engine.providers[name])
+        offers: list[RentOffer] = await self.engine.catalog.get(
+            ("rent", name, country, hours),
+            functools.partial(
+                self.engine.upstreams.call,
+                name,
+                "rent_offers",
+                functools.partial(provider.rent_offers, country, hours),
+            ),
+            [],
+        )
+        return offers
+
     async def rent(self, key: KeyConfig, order: RentOrder) -> Rent:
         """Rent one number; stored before this returns. Raises ProviderError."""
         engine = self.engine
@@ -134,14 +138,25 @@ class Rentals:
             native = type(engine.providers[name]).native_currency(
                 engine.providers[name].options
             )
-            attempt = await engine.store.begin_rent_attempt(
-                key.key_id,
-                name,
-                "rent",
-                _order_json(order),
-                order.hours,
-                engine.clock(),
-            )
+            try:  # a key's budget holds for rents too: money set aside first
+                hold = await engine.router.budgets.hold(
+                    key, await self._rent_price(key, name, order)
+                )
+            except NoBalance as exc:
+                refusals.append(exc)
+                continue
+            try:
+                attempt = await engine.store.begin_rent_attempt(
+                    key.key_id,
+                    name,
+                    "rent",
+                    _order_json(order),
+                    order.hours,
+                    engine.clock(),
+                )
+            except BaseException:
+                engine.router.budgets.release(hold)
+                raise
             # in flight until stored: no reconciler may take this number for an orphan
             engine.router.in_flight[-attempt] = name
             self._in_flight.add(attempt)
@@ -181,7 +196,19 @@ class Rentals:
             finally:
                 engine.router.in_flight.pop(-attempt, None)
                 self._in_flight.discard(attempt)
+                engine.router.budgets.release(hold)
         raise merge_refusals(refusals)
+
+    async def _rent_price(
+        self, key: KeyConfig, name: str, order: RentOrder
+    ) -> Decimal | None:
+        """The display price of this rent from ``name`` (None when unknown)."""
+        if key.budget is None:
+            return None
+        for offer in await self._offers(name, order.country, order.hours):
+            if offer.service == order.service:
+                return self.engine.prices.display(name, offer.price)
+        return None  # unknown: all that is left is held
 
     async def refresh(self, rent: Rent) -> list[RentMessage]:
         """Poll an active rent (at most once per poll interval); the new messages."""
@@ -223,6 +250,25 @@ class Rentals:
             await engine.store.set_rent_state(rent, RENT_EXPIRED, engine.clock())
         return new
 
+    async def abandoned(self, rent: Rent) -> None:
+        """The client that rented ``rent`` left before its answer: cancel it upstream
+        (its money comes back); if that fails, it stays in the key's getRentList and
+        the operator is warned with its id."""
+        try:
+            await self.release(rent, cancel=True)
+        except (ProviderError, RentClosed, CantCancel) as exc:
+            log.warning(
+                "rent id=%d provider=%s client left before its number was delivered:"
+                " kept (cancel failed: %s), see getRentList",
+                rent.id, rent.provider, type(exc).__name__,
+            )  # fmt: skip
+            return
+        log.warning(
+            "rent id=%d provider=%s client left before its number was delivered:"
+            " cancelled upstream",
+            rent.id, rent.provider,
+        )  # fmt: skip
+
     async def release(self, rent: Rent, cancel: bool) -> None:
         """setRentStatus 1 (finish) or 2 (cancel). Raises RentClosed, CantCancel or
         ProviderError (the rent then stays as it was)."""
@@ -257,9 +303,19 @@ class Rentals:
             await engine.store.set_rent_state(rent, RENT_EXPIRED, engine.clock())
         if rent.state != RENT_ACTIVE:
             raise RentClosed(rent.state)
+        price = await self.prolong_price(rent, hours)
+        hold = await engine.router.budgets.hold(key, price)  # NoBalance if it won't fit
+        try:
+            await self._prolong(key, rent, hours, price)
+        finally:
+            engine.router.budgets.release(hold)
+
+    async def _prolong(
+        self, key: KeyConfig, rent: Rent, hours: int, price: Decimal
+    ) -> None:
+        engine = self.engine
         provider = _renter(engine.providers[rent.provider])
         ref = rent.ref()
-        price = await self.prolong_price(rent, hours)
         attempt = await engine.store.begin_rent_attempt(
             key.key_id, rent.provider, "prolong", {"rent": rent.id}, hours,
             engine.clock(), rent_id=rent.id,

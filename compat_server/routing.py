@@ -55,7 +55,10 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
 # Upstream operations that spend or give back money, and the fresh price check right
 # before a paid call: paced ahead of everything else.
-PAID_OPS = frozenset({"quote", "buy", "cancel", "finish", "retry"})
+PAID_OPS = frozenset(
+    {"quote", "buy", "cancel", "finish", "retry", "reactivate", "rent", "prolong",
+     "rent_release"}
+)  # fmt: skip
 
 
 def priority_of(op: str, current: int) -> int:
@@ -303,12 +306,17 @@ class Router:
                 native = replace(
                     order, max_price=order.max_price / self.prices.factor(name)
                 )
-            refusal = await self._quote_refusal(name, provider, order, native)
-            if refusal is not None:
-                refusals.append(refusal)
-                continue
+            quoted: Decimal | None = None  # native price asked right before buying
+            if order.max_price is not None or key.budget is not None:
+                refusal, quoted = await self._quote(name, provider, order, native)
+                if refusal is not None:
+                    refusals.append(refusal)
+                    continue
+            price_of = self._native_price
+            if quoted is not None:
+                price_of = functools.partial(_known_price, quoted)
             try:  # a key's budget and max_active: money is held before the paid call
-                hold = await self.budgets.reserve(key, name, native, self._native_price)
+                hold = await self.budgets.reserve(key, name, native, price_of)
             except NoBalance as exc:
                 refusals.append(exc)
                 continue
@@ -332,8 +340,12 @@ class Router:
                 )
                 if purchase is None:
                     continue
+                purchase = self._sane_price(name, purchase, quoted)
+                limit = order.max_price  # what the client, and its budget, allow
+                if key.budget is not None:
+                    limit = hold.amount if limit is None else min(limit, hold.amount)
                 if await self._cancelled_over_limit(
-                    key, name, provider, order, purchase, attempt, refusals
+                    key, name, provider, order, purchase, attempt, refusals, limit
                 ):
                     continue
                 bought = NewActivation(
@@ -356,17 +368,17 @@ class Router:
                 self.budgets.release(hold)
         raise merge_refusals(refusals)
 
-    async def _quote_refusal(
+    async def _quote(
         self, name: str, provider: Provider, order: Order, native: Order
-    ) -> ProviderError | None:
-        """With a price limit: ask the upstream for the price now, right before buying.
+    ) -> tuple[ProviderError | None, Decimal | None]:
+        """Ask the upstream for the price now, right before buying (a limit or a
+        budget needs it: a catalogue cached minutes ago says nothing about what the
+        next paid call costs).
 
-        A catalogue cached minutes ago says nothing about what the next paid call
-        costs. Returns the refusal (nothing was bought) when the price is above the
-        limit, the service is no longer sold, or the quote failed; None to go on.
+        Returns (refusal, None) when nothing may be bought: the price is above the
+        client's limit, the service is no longer sold, or the quote failed; else
+        (None, the native price).
         """
-        if order.max_price is None:
-            return None
         try:
             offer = await self.upstreams.call(
                 name, "quote", functools.partial(provider.quote, native)
@@ -374,20 +386,36 @@ class Router:
         except ProviderError as exc:
             log.info("buy provider=%s quote failed (%s)", name, type(exc).__name__)
             if isinstance(exc, UpstreamUncertain):  # read-only: nothing was bought
-                return UpstreamUnreachable(name, f"quote: {exc.detail}")
-            return exc
+                return UpstreamUnreachable(name, f"quote: {exc.detail}"), None
+            return exc, None
         if offer is None:
-            return NoNumbers(name, "no longer on sale")
+            return NoNumbers(name, "no longer on sale"), None
         price = self.prices.display(name, offer.price)
-        if price > order.max_price:
+        if order.max_price is not None and price > order.max_price:
             log.info(
                 "buy provider=%s price now %s above maxPrice %s: not bought",
                 name,
                 price,
                 order.max_price,
             )
-            return NoNumbers(name, f"price {price} above {order.max_price}")
-        return None
+            return NoNumbers(name, f"price {price} above {order.max_price}"), None
+        return None, offer.price
+
+    def _sane_price(
+        self, name: str, purchase: Purchase, quoted: Decimal | None
+    ) -> Purchase:
+        """A purchase whose reported price is negative keeps the quoted one (or 0):
+        no upstream pays us for a number, and a negative cost would grow a budget."""
+        if purchase.price >= 0:
+            return purchase
+        log.warning(
+            "buy provider=%s upstream_id=%s reported a negative price %s: %s stored",
+            name,
+            purchase.upstream_id,
+            purchase.price,
+            quoted if quoted is not None else 0,
+        )
+        return replace(purchase, price=quoted if quoted is not None else Decimal(0))
 
     async def _cancelled_over_limit(
         self,
@@ -398,27 +426,29 @@ class Router:
         purchase: Purchase,
         attempt: int,
         refusals: list[ProviderError],
+        limit: Decimal | None,
     ) -> bool:
-        """A number that cost more than the limit: cancelled if the upstream can.
+        """A number that cost more than ``limit`` (the client's maxPrice, or what its
+        key's budget held): cancelled if the upstream can.
 
         True when it was stored as cancelled (its upstream cancel queued) and the
         route goes on. A number that cannot be cancelled is paid for whatever we do,
         so it goes to the client (who at least gets what was paid for) with a
         warning; the cost stored is what was charged.
         """
-        if order.max_price is None:
+        if limit is None:
             return False
         cost = self.prices.display(name, purchase.price)
-        if cost <= order.max_price:
+        if cost <= limit:
             return False
         if not type(provider).can_cancel:
             log.warning(
-                "buy provider=%s upstream_id=%s charged %s above maxPrice %s after"
+                "buy provider=%s upstream_id=%s charged %s above the limit %s after"
                 " its quote; it cannot be cancelled, so the client gets it",
                 name,
                 purchase.upstream_id,
                 cost,
-                order.max_price,
+                limit,
             )
             return False
         bought = NewActivation(
@@ -436,14 +466,14 @@ class Router:
         await self.store.enqueue(activation.id, "cancel", self.clock())
         self.wake_outbox()
         log.warning(
-            "buy provider=%s charged %s above maxPrice %s: stored as id=%d, cancel"
+            "buy provider=%s charged %s above the limit %s: stored as id=%d, cancel"
             " queued",
             name,
             cost,
-            order.max_price,
+            limit,
             activation.id,
         )
-        refusals.append(NoNumbers(name, f"charged {cost} above {order.max_price}"))
+        refusals.append(NoNumbers(name, f"charged {cost} above {limit}"))
         return True
 
     async def _native_price(self, name: str, order: Order) -> Decimal | None:
@@ -501,6 +531,11 @@ class Router:
             await self.store.end_purchase(attempt, state, detail, now)
         except StoreError:
             pass
+
+
+async def _known_price(price: Decimal, name: str, order: Order) -> Decimal | None:
+    """A price_of for Budgets.reserve that answers the price just quoted."""
+    return price
 
 
 def merge_refusals(refusals: Sequence[ProviderError]) -> ProviderError:

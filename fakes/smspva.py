@@ -18,6 +18,7 @@ Activation orders are charged when an SMS is delivered; rentals at ``create``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -302,6 +303,8 @@ class FakeSmspva(FakeUpstream):
             response = handler(request.query)
         if fault == "after_500":
             return _html500()
+        if fault == "after_hang":  # this method ran (a rent was made), then it stalls
+            await asyncio.sleep(self.hang_seconds)
         return response
 
     def _rent_order(self, query: Any) -> FakeSmspvaOrder | None:
@@ -410,7 +413,9 @@ class FakeSmspva(FakeUpstream):
             return _fail("Order not found")
         days = RENT_DAYS.get(query.get("dtype", ""), 0) * int(query.get("dcount", "0"))
         if order.until - self.now() >= 7 * 86400:
-            return _fail("You can prolong number only if before expiring date left less 7 days")
+            return _fail(
+                "You can prolong number only if before expiring date left less 7 days"
+            )
         cost = RENT_STOCK[(order.country, order.service)] * days
         if cost > self.balance:
             return _fail("Balance is not enough")

@@ -178,6 +178,11 @@ class Provider(abc.ABC):
     async def ready(self, ref: ActivationRef) -> None:  # noqa: B027 - optional hook
         """setStatus 1: the client sent the SMS; tell the upstream where it matters."""
 
+    @property
+    def retry_is_paid(self) -> bool:
+        """Whether retry() buys a new order (money rules apply to it, as to buy)."""
+        return False
+
     async def retry(self, ref: ActivationRef) -> Purchase | None:
         """setStatus 3: ask for another SMS. A Purchase means a new upstream order."""
         return None

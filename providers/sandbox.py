@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar
 
-from providers.base import Provider
+from providers.base import Provider, as_decimal
 from providers.rental import Rental
 from providers.vocabulary import (
     ActivationRef,
@@ -142,7 +142,11 @@ class SandboxProvider(Provider, Rental):
         self._services = _services(name, options.get("services"))
         # charged on top of the listed price: rehearses a price that moved between
         # the quote and the purchase
-        self.price_drift = Decimal(str(_number(name, options, "price_drift", 0.0)))
+        # may be negative: rehearses an upstream reporting a nonsense charge
+        drift = as_decimal(options.get("price_drift", 0))
+        if drift is None:
+            raise ConfigError(f"providers.{name}.price_drift: must be a number")
+        self.price_drift = drift
         operators = options.get("operators", [])
         if not isinstance(operators, list) or not all(
             isinstance(o, str) for o in operators

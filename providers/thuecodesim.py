@@ -293,6 +293,11 @@ class ThuecodesimProvider(Provider):
         )
         return PollResult(messages=(sms,))
 
+    @property
+    def retry_is_paid(self) -> bool:
+        """With ``rerent_on_retry``, setStatus 3 re-rents the number: a new charge."""
+        return self.rerent_on_retry
+
     async def retry(self, ref: ActivationRef) -> Purchase | None:
         """A new paid re-rent of the same number when ``rerent_on_retry``; else None."""
         if not self.rerent_on_retry:

@@ -288,3 +288,190 @@ async def test_budget_over_http_in_a_foreign_currency(
         caps = [json.loads(o)["max_price"] for (o,) in db.execute(
             "SELECT order_json FROM purchases ORDER BY id")]  # fmt: skip
     assert caps == ["1200", "1200"]
+
+
+# ---- rents and extra activations spend the same budget ------------------------------
+
+
+async def test_rents_and_their_prolongations_spend_the_budget(
+    start_app: StartApp, store_path: str, clock: FakeClock
+) -> None:
+    """Before: a key with a budget could rent (and prolong) without limit, and its
+    getBalance never showed it."""
+    client = await start_app(budget_config(store_path, budget=50))
+    _, _, body = await call(client, action="getRentServicesAndCountries", country=10)
+    cost = Decimal(str(json.loads(body)["services"]["tg"]["cost"]))
+    _, _, rented = await call(
+        client, action="getRentNumber", service="tg", country=10, rent_time=4
+    )
+    rent_id = json.loads(rented)["phone"]["id"]
+    left = Decimal(50) - cost
+    assert await call(client, action="getBalance") == (
+        200,
+        TEXT,
+        f"ACCESS_BALANCE:{left:.2f}",
+    )
+    # what no longer fits is refused before any paid call, for rents and getNumber alike
+    while left >= cost:
+        _, _, more = await call(
+            client, action="getRentNumber", service="tg", country=10, rent_time=4
+        )
+        assert json.loads(more)["status"] == "success", more
+        left -= cost
+    paid_upstream = upstream_balance(client)
+    _, _, refused = await call(
+        client, action="getRentNumber", service="tg", country=10, rent_time=4
+    )
+    assert json.loads(refused) == {"status": "error", "message": "NO_BALANCE"}
+    _, _, longer = await call(
+        client, action="continueRentNumber", id=rent_id, rent_time=4
+    )
+    assert json.loads(longer)["status"] == "error", longer
+    assert upstream_balance(client) == paid_upstream  # nothing more was paid
+    assert await call(client, action="getBalance") == (
+        200,
+        TEXT,
+        f"ACCESS_BALANCE:{left:.2f}",
+    )
+    # a restart keeps the rents' spend
+    await client.close()
+    again = await start_app(budget_config(store_path, budget=50))
+    assert await call(again, action="getBalance") == (
+        200,
+        TEXT,
+        f"ACCESS_BALANCE:{left:.2f}",
+    )
+    # the other key, without a budget, still sees the upstream balance
+    assert (await call(again, action="getBalance", api_key=OTHER_KEY))[2] != (
+        f"ACCESS_BALANCE:{left:.2f}"
+    )
+
+
+async def test_a_paid_re_rent_on_retry_follows_the_money_rules(
+    start_app: StartApp, store_path: str, aiohttp_server: Any, clock: FakeClock
+) -> None:
+    """thuecodesim with rerent_on_retry: setStatus 3 buys the same number again.
+    Before: no attempt was stored before that paid call, the budget did not hold it,
+    and the stored cost (and so getBalance) ignored the second charge. (The fake's
+    helper sets min_interval: 0: this test is about money, not pacing.)"""
+    fake = thuecodesim.FakeThuecodesim()
+    server = await aiohttp_server(fake.app)
+    options = thuecodesim.provider_options(str(server.make_url("")).rstrip("/"))
+    options["rerent_on_retry"] = True
+    raw = {
+        "store": {"path": store_path},
+        "currency": {"display": "RUB", "rates": {"VND": "0.004"}},
+        "keys": [{"key": KEY, "alias": "vn", "providers": ["tcs"], "budget": 10}],
+        "providers": {"tcs": options},
+    }
+    client = await start_app(parse_config(raw))
+    _, _, body = await call(client, action="getNumber", service="tg", country=10)
+    ident = int(body.split(":")[1])  # 1200 VND = 4.80 RUB
+    [order] = fake.orders.values()
+    fake.deliver(order.id, "Telegram code 12345", "12345")
+    clock.advance(10)
+    assert (await call(client, action="getStatus", id=ident))[2] == "STATUS_OK:12345"
+    assert await call(client, action="setStatus", id=ident, status=3) == (
+        200, TEXT, "ACCESS_RETRY_GET",
+    )  # fmt: skip
+    assert fake.balance == 1_000_000 - 2 * 1200  # charged twice upstream...
+    stored = await engine_of(client).store.get(ident)
+    assert stored is not None and stored.cost == Decimal("9.60")  # ...and here
+    assert await call(client, action="getBalance") == (200, TEXT, "ACCESS_BALANCE:0.40")
+    with sqlite3.connect(store_path) as db:
+        states = [s for (s,) in db.execute("SELECT state FROM purchases ORDER BY id")]
+    assert states == ["confirmed", "reconciled"]  # the re-rent was recorded first
+    # a third charge does not fit in 0.40: refused before any paid call
+    [_, second] = sorted(fake.orders)
+    fake.deliver(second, "Telegram code 67890", "67890")
+    clock.advance(10)
+    assert (await call(client, action="getStatus", id=ident))[2] == "STATUS_OK:67890"
+    assert (await call(client, action="setStatus", id=ident, status=3))[2] == (
+        "ACCESS_RETRY_GET"
+    )  # the client waits for a further SMS on the same order
+    assert len(fake.orders) == 2 and fake.balance == 1_000_000 - 2 * 1200
+
+
+def drifting(store_path: str, drift: float, budget: float) -> Config:
+    """The sandbox charging ``drift`` more than it lists (a price that moved between
+    the quote and the purchase, or an upstream that ignores the price cap)."""
+    raw = sandbox_raw(
+        store_path,
+        keys=[
+            {"key": KEY, "alias": "tester", "providers": ["sandbox"], "budget": budget}
+        ],
+    )
+    raw["providers"]["sandbox"]["price_drift"] = drift
+    return parse_config(raw)
+
+
+async def test_a_charge_above_what_the_budget_held_is_cancelled(
+    start_app: StartApp, store_path: str
+) -> None:
+    """Before: the hold's cap went upstream as maxPrice, but an upstream that ignored
+    it charged 38.00 against a budget of 30 and the key kept the number (and its
+    getBalance went below what was spent)."""
+    client = await start_app(drifting(store_path, drift=20, budget=30))
+    assert await call(client, action="getNumber", service="tg", country=10) == (
+        200, TEXT, "NO_NUMBERS",
+    )  # fmt: skip
+    [stored] = await engine_of(client).store.for_key(
+        engine_of(client).config.keys[0].key_id, open_only=False
+    )
+    assert (stored.state, stored.cost) == ("cancelled", Decimal("38.00"))
+    assert await call(client, action="getBalance") == (
+        200,
+        TEXT,
+        "ACCESS_BALANCE:30.00",
+    )
+
+
+async def test_a_negative_price_never_grows_a_budget(
+    start_app: StartApp, store_path: str
+) -> None:
+    """Before: an upstream answering a negative cost was stored as is (-500 made a
+    budget of 20 read 520) and the metrics hook turned the purchase into ERROR_SQL."""
+    client = await start_app(drifting(store_path, drift=-100, budget=50))
+    _, _, body = await call(client, action="getNumber", service="tg", country=10)
+    assert body.startswith("ACCESS_NUMBER:"), body
+    stored = await engine_of(client).store.get(int(body.split(":")[1]))
+    assert stored is not None and stored.cost == Decimal("18.00")  # the quoted price
+    assert await call(client, action="getBalance") == (
+        200,
+        TEXT,
+        "ACCESS_BALANCE:32.00",
+    )
+
+
+async def test_cancels_on_thuecodesim_give_no_budget_back(
+    start_app: StartApp, store_path: str, aiohttp_server: Any
+) -> None:
+    """thuecodesim has no cancel call and keeps the money. Before: each cancel gave
+    the key's budget back, so 10 x (getNumber + cancel) spent 60 RUB upstream on a
+    budget of 7. (The fake's helper sets min_interval: 0: this test is about money.)"""
+    fake = thuecodesim.FakeThuecodesim()
+    server = await aiohttp_server(fake.app)
+    raw = {
+        "store": {"path": store_path},
+        "currency": {"display": "RUB", "rates": {"VND": "0.004"}},
+        "keys": [{"key": KEY, "alias": "vn", "providers": ["tcs"], "budget": 7}],
+        "providers": {
+            "tcs": thuecodesim.provider_options(str(server.make_url("")).rstrip("/"))
+        },
+    }
+    client = await start_app(parse_config(raw))
+    answers = []
+    for _ in range(3):
+        _, _, body = await call(client, action="getNumber", service="tg", country=10)
+        answers.append(body.split(":")[0])
+        if body.startswith("ACCESS_NUMBER:"):
+            ident = body.split(":")[1]
+            assert (await call(client, action="setStatus", id=ident, status=8))[2] == (
+                "ACCESS_CANCEL"
+            )
+    assert answers == ["ACCESS_NUMBER", "NO_BALANCE", "NO_BALANCE"]  # 4.80 each
+    assert fake.balance == 1_000_000 - 1200
+    assert await call(client, action="getBalance") == (200, TEXT, "ACCESS_BALANCE:2.20")
+    await client.close()  # a restart reads the same spend from the store
+    again = await start_app(parse_config(raw))
+    assert await call(again, action="getBalance") == (200, TEXT, "ACCESS_BALANCE:2.20")

@@ -256,10 +256,16 @@ async def serve_app(
         await runner.cleanup()
 
 
-async def buy_and_leave(url: str, fake: FakeUpstream, buy_path: str) -> None:
-    """getNumber whose upstream answers after 1.5 s, from a client that waits 0.5 s."""
+async def buy_and_leave(
+    url: str,
+    fake: FakeUpstream,
+    buy_path: str,
+    action: str = "getNumber",
+    country: str = "10",
+) -> None:
+    """A purchase whose upstream answers after 1.5 s, from a client that waits 0.5 s."""
     fake.fault, fake.fault_paths, fake.hang_seconds = "after_hang", {buy_path}, 1.5
-    params = {"api_key": KEY, "action": "getNumber", "service": "tg", "country": "10"}
+    params = {"api_key": KEY, "action": action, "service": "tg", "country": country}
     async with aiohttp.ClientSession() as session:
         with pytest.raises(asyncio.TimeoutError):
             await session.get(
@@ -349,4 +355,48 @@ async def test_a_number_that_cannot_be_cancelled_stays_listed_for_its_key(
         f"id={row['activationId']} provider=thuecodesim client left before its number"
         " was delivered: kept open (this provider cannot cancel), see"
         " getActiveActivations (abandoned so far: 1)"
+    )
+
+
+async def test_a_rent_whose_client_left_is_cancelled_upstream(
+    aiohttp_server: Any, serve_app: Callable[[Config], Awaitable[str]],
+    store_path: str, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """The same for getRentNumber on smspva's rental API (before: the rent was kept
+    silently, and with a cancelled handler its paid call was cut off half-way)."""
+    fake = smspva.FakeSmspva()
+    options = smspva.provider_options(await serve(aiohttp_server, fake), api="rent")
+    options["min_interval"] = 0  # about leaving clients, not pacing
+    config = parse_config(
+        {
+            "store": {"path": store_path},
+            "currency": {"display": "RUB", "rates": {"USD": "90"}},
+            "upstream": {"read_timeout": 5},
+            "keys": [{"key": KEY, "alias": "farm", "providers": ["smspva"]}],
+            "providers": {"smspva": options},
+        }
+    )
+    url = await serve_app(config)
+    fake.method_faults["create"] = "after_hang"  # only the paid call stalls
+    with caplog.at_level(logging.WARNING, logger="compat_server"):
+        await buy_and_leave(
+            url, fake, "/nothing-else", action="getRentNumber", country="0"
+        )  # smspva's fake rents in Russia
+        fake.method_faults.clear()
+        for _ in range(50):
+            if fake.orders and all(
+                o.state == "cancelled" for o in fake.orders.values()
+            ):
+                break
+            await asyncio.sleep(0.05)
+    [order] = fake.orders.values()
+    assert (order.state, order.calls) == ("cancelled", ["delete"])
+    [line] = [r.getMessage() for r in caplog.records if "client left" in r.getMessage()]
+    assert line.endswith(
+        "provider=smspva client left before its number was delivered: cancelled upstream"
+    )
+    assert await get(url, action="getRentList") == (
+        200,
+        "application/json",
+        '{"status":"error","message":"NO_NUMBERS"}',
     )

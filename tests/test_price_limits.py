@@ -118,8 +118,8 @@ async def test_thuecodesim_price_moving_during_the_purchase_is_kept_and_told(
     [order] = fake.orders.values()
     assert body == f"ACCESS_NUMBER:{body.split(':')[1]}:84{order.phone}"
     assert fake.balance == 1_000_000 - 5000
-    assert [r.getMessage() for r in caplog.records if "maxPrice" in r.getMessage()] == [
-        f"buy provider=up upstream_id={order.id} charged 18.00 above maxPrice 3.24"
+    assert [r.getMessage() for r in caplog.records if "the limit" in r.getMessage()] == [
+        f"buy provider=up upstream_id={order.id} charged 18.00 above the limit 3.24"
         " after its quote; it cannot be cancelled, so the client gets it"
     ]
 

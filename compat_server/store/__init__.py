@@ -298,3 +298,11 @@ class Store(Protocol):
     async def rent_attempts(self, states: Iterable[str]) -> list[RentAttempt]:
         """Rent (not prolong) attempts in the given states, oldest first."""
         ...
+
+    async def add_cost(self, activation: Activation, amount: Decimal) -> None:
+        """A further charge on an open activation (a paid re-rent on setStatus 3)."""
+        ...
+
+    def set_unrefunded(self, providers: frozenset[str]) -> None:
+        """Name the providers whose cancels refund nothing; spend is read again."""
+        ...

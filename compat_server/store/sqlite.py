@@ -41,6 +41,7 @@ from compat_server.store.records import (
     RECONCILED,
     REFUSED,
     RENT_ACTIVE,
+    RENT_CANCELLED,
     WAIT_CODE,
     Activation,
     Attempt,
@@ -327,6 +328,9 @@ class SqliteStore:
         self._write = asyncio.Lock()
         self._locks: dict[int, asyncio.Lock] = {}
         self._spent: dict[str, Decimal] = {}  # key_id -> spend, once read (see spent)
+        # providers whose cancels give no money back (thuecodesim): what their
+        # cancelled and expired numbers cost stays spent (set by the app)
+        self.unrefunded: frozenset[str] = frozenset()
         self._reserved: dict[int, int] = {}  # attempt id -> activation id set aside
         # bought, answered, not yet written: activation id -> (activation, attempt id)
         self._held: dict[int, tuple[Activation, int | None]] = {}
@@ -610,6 +614,16 @@ class SqliteStore:
             self._reserved[cur.lastrowid] = reserved
         return cur.lastrowid
 
+    async def add_cost(self, activation: Activation, amount: Decimal) -> None:
+        """A further charge on an open activation (a paid re-rent on setStatus 3)."""
+        async with self._writing():
+            await self._db.execute(
+                "UPDATE activations SET cost=? WHERE id=?",
+                (str(activation.cost + amount), activation.id),
+            )
+        activation.cost += amount
+        self._count_spend(activation.key_id, amount)
+
     async def end_purchase(
         self, attempt_id: int, state: str, detail: str, now: float
     ) -> None:
@@ -737,7 +751,7 @@ class SqliteStore:
             )
         if activation.is_open:
             self._cache[activation.id] = activation
-        if state not in (CANCELLED, EXPIRED):
+        if state not in (CANCELLED, EXPIRED) or provider in self.unrefunded:
             self._count_spend(key_id, cost)
         return activation
 
@@ -893,7 +907,8 @@ class SqliteStore:
                     (activation.id, outbox, now, now),
                 )
         unspent = (CANCELLED, EXPIRED)
-        if (activation.state in unspent) != (state in unspent):
+        refunded = activation.provider not in self.unrefunded
+        if refunded and (activation.state in unspent) != (state in unspent):
             sign = 1 if state not in unspent else -1
             self._count_spend(activation.key_id, sign * activation.cost)
         activation.state = state
@@ -971,8 +986,16 @@ class SqliteStore:
 
     # ---- money and figures for the operator ---------------------------------------------
 
+    def set_unrefunded(self, providers: frozenset[str]) -> None:
+        """Name the providers whose cancels refund nothing; spend is read again."""
+        if providers != self.unrefunded:
+            self.unrefunded = providers
+            self._spent.clear()
+
     async def spent(self, key_id: str) -> Decimal:
-        """Sum of ``cost`` of the key's activations not cancelled or expired.
+        """Sum of ``cost`` of the key's activations not cancelled or expired (or of a
+        provider whose cancels refund nothing, see ``unrefunded``), and of
+        the confirmed payments (rent and prolongations) of its rents not cancelled.
 
         Costs are stored in whole cents (Prices.display), so the sum is taken in
         integer cents inside SQLite (exact); it is read once per key, then kept in
@@ -987,13 +1010,23 @@ class SqliteStore:
             cached = self._spent.get(key_id)
             if cached is not None:
                 return cached
+            kept = sorted(self.unrefunded)
             async with self._db.execute(
                 "SELECT SUM(CAST(ROUND(CAST(cost AS REAL) * 100) AS INTEGER))"
-                " FROM activations WHERE key_id=? AND state NOT IN (?,?)",
-                (key_id, CANCELLED, EXPIRED),
+                " FROM activations WHERE key_id=? AND (state NOT IN (?,?)"
+                f" OR provider IN ({','.join('?' * len(kept))}))",
+                (key_id, CANCELLED, EXPIRED, *kept),
             ) as cur:
                 row = await cur.fetchone()
             cents = row[0] if row is not None and row[0] is not None else 0
+            async with self._db.execute(
+                "SELECT SUM(CAST(ROUND(CAST(a.cost AS REAL) * 100) AS INTEGER))"
+                " FROM rent_attempts a JOIN rents r ON a.rent_id = r.id"
+                " WHERE r.key_id=? AND a.state=? AND r.state != ?",
+                (key_id, CONFIRMED, RENT_CANCELLED),
+            ) as cur:
+                row = await cur.fetchone()
+            cents += row[0] if row is not None and row[0] is not None else 0
             total = (Decimal(cents) / 100).quantize(Decimal("0.01"))
             self._spent[key_id] = total
         return total
@@ -1067,6 +1100,13 @@ class SqliteStore:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
+    def _rent_spend_changed(self, key_id: str | None = None) -> None:
+        """A rent payment or a rent's state changed: spend is read again next time."""
+        if key_id is None:
+            self._spent.clear()
+        else:
+            self._spent.pop(key_id, None)
+
     async def end_rent_attempt(
         self,
         attempt_id: int,
@@ -1084,6 +1124,7 @@ class SqliteStore:
                 (state, detail, "" if price is None else str(price),
                  "" if cost is None else str(cost), now, attempt_id),
             )  # fmt: skip
+        self._rent_spend_changed()  # a confirmed prolongation is spent
 
     async def complete_rent(
         self,
@@ -1115,6 +1156,7 @@ class SqliteStore:
                 " updated_at=? WHERE id=?",
                 (CONFIRMED, rent_id, str(purchase.price), str(cost), now, attempt_id),
             )
+        self._rent_spend_changed(key_id)
         return Rent(
             rent_id, key_id, provider, purchase.upstream_id, purchase.phone, service,
             country, currency, RENT_ACTIVE, now, now, purchase.until, extra,
@@ -1211,6 +1253,7 @@ class SqliteStore:
                 "UPDATE rents SET state=?, until=?, updated_at=? WHERE id=?",
                 (state, rent.until, now, rent.id),
             )
+        self._rent_spend_changed(rent.key_id)
         rent.state = state
         rent.updated_at = now
 
