@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
 
+from compat_server.app_keys import ADMIN_CACHE, ENGINE, METRICS
 from compat_server.store import (
     CANCELLED,
     CODE,
@@ -67,7 +68,6 @@ async def _redirect_to_root(request: web.Request) -> web.StreamResponse:
 
 
 def _engine(request: web.Request) -> Engine:
-    from compat_server.app import ENGINE
 
     return request.app[ENGINE]
 
@@ -377,7 +377,6 @@ def _code(activation: Activation) -> str:
 
 
 async def _providers(request: web.Request, engine: Engine) -> str:
-    from compat_server.app import METRICS
 
     stats = request.app[METRICS].provider_stats()
     rows = []
@@ -414,7 +413,6 @@ async def _providers(request: web.Request, engine: Engine) -> str:
 
 
 async def _balance(request: web.Request, engine: Engine, name: str) -> str:
-    from compat_server.app import ADMIN_CACHE
 
     provider = engine.providers[name]
     native = type(provider).native_currency(provider.options)

@@ -13,26 +13,28 @@ from aiohttp import web
 
 from compat_server import admin, dialect, logs, ops
 from compat_server.actions import ACTIONS, Call
+from compat_server.app_keys import (  # noqa: F401 - re-exported for tests and cli
+    ADMIN_CACHE,
+    BACKGROUND,
+    CLOCK,
+    CONFIG,
+    ENGINE,
+    HTTP,
+    METRICS,
+    STORE,
+)
 from compat_server.config import Config
 from compat_server.engine import Engine, TtlCache
 from compat_server.errors import BadAction, BadKey, NoKey
 from compat_server.metrics import Metrics, healthz, metrics_handler, readyz
 from compat_server.rentals import reconcile as reconcile_rents
-from compat_server.store import SqliteStore, Store
+from compat_server.store import SqliteStore
 from providers import get_provider_class
 from providers.base import Provider
 from providers.vocabulary import BUDGET, Budget, Clock, CompatError
 
 log = logging.getLogger("compat_server")
 
-CONFIG = web.AppKey("config", Config)
-CLOCK: web.AppKey[Clock] = web.AppKey("clock")
-HTTP = web.AppKey("http", httpx.AsyncClient)
-STORE = web.AppKey("store", Store)
-ENGINE = web.AppKey("engine", Engine)
-BACKGROUND = web.AppKey("background", bool)
-METRICS = web.AppKey("metrics", Metrics)
-ADMIN_CACHE = web.AppKey("admin_cache", TtlCache)  # balances shown on /admin/
 
 PATHS = ("/stubs/handler_api.php", "/stubs/handler_api")
 METHODS = ("GET", "POST")

@@ -23,6 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from compat_server.app_keys import ENGINE, METRICS
 from compat_server.config import KeyConfig
 from compat_server.routing import CLOSED, HALF_OPEN, OPEN
 from compat_server.store import RECONCILED, Activation
@@ -191,7 +192,6 @@ class Metrics:
 
 async def metrics_handler(request: web.Request) -> web.Response:
     """GET /metrics."""
-    from compat_server.app import ENGINE, METRICS
 
     metrics = request.app[METRICS]
     await metrics.refresh(request.app[ENGINE])
@@ -211,7 +211,6 @@ async def readyz(request: web.Request) -> web.Response:
 
     503 with the same JSON when not ready, so a load balancer can read the status code.
     """
-    from compat_server.app import ENGINE
 
     engine = request.app[ENGINE]
     writable = await engine.store.writable()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from compat_server.app_keys import ENGINE, HTTP
 from compat_server.config import Config, load_config
 from compat_server.engine import Engine, TtlCache
 from compat_server.routing import Breaker
@@ -119,7 +120,6 @@ def apply(engine: Engine, new: Config, http: Any) -> None:
 
 async def reload_on_sighup(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: SIGHUP re-reads the config file (the serve command installs it)."""
-    from compat_server.app import ENGINE, HTTP
 
     loop = asyncio.get_running_loop()
 
