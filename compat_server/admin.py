@@ -86,7 +86,9 @@ def _valid_session(token: str, value: str, now: float) -> bool:
     stamp, _, mac = value.partition(".")
     if not stamp.isdigit() or len(stamp) > 12:
         return False
-    if not hmac.compare_digest(mac, _sign(token, "session:" + stamp)):
+    expected = _sign(token, "session:" + stamp)
+    # bytes: a cookie with non-ASCII characters is simply wrong, never a traceback
+    if not hmac.compare_digest(mac.encode("utf-8", "replace"), expected.encode()):
         return False
     return 0 <= now - int(stamp) <= SESSION_LIFETIME
 
@@ -103,12 +105,14 @@ def _guard(handler: Handler, csrf: bool = False) -> Handler:
             raise web.HTTPNotFound()
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer ") and hmac.compare_digest(
-            header[7:].strip().encode(), token.encode()
+            header[7:].strip().encode("utf-8", "replace"), token.encode()
         ):
             return await handler(request)  # no ambient credential: no CSRF to fear
         presented = request.query.get("token")
         if presented is not None and request.method == "GET":
-            if not hmac.compare_digest(presented.encode(), token.encode()):
+            if not hmac.compare_digest(
+                presented.encode("utf-8", "replace"), token.encode()
+            ):
                 return _page_error(403, "Wrong token.")
             response = web.HTTPSeeOther("/admin/")
             response.set_cookie(
@@ -130,7 +134,7 @@ def _guard(handler: Handler, csrf: bool = False) -> Handler:
             form = await request.post()
             sent = str(form.get("csrf", ""))
             if not hmac.compare_digest(
-                sent.encode(), csrf_token(token, session).encode()
+                sent.encode("utf-8", "replace"), csrf_token(token, session).encode()
             ):
                 return _page_error(
                     403, "Stale form (CSRF token mismatch): reload the page."

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import ssl
 from collections.abc import Callable
 
 log = logging.getLogger("compat_server")
@@ -81,23 +82,41 @@ class ConnectionGate:
         )
 
     def protocol(
-        self, factory: Callable[[], asyncio.Protocol]
+        self,
+        factory: Callable[[], asyncio.Protocol],
+        ssl_context: ssl.SSLContext | None = None,
     ) -> Callable[[], asyncio.Protocol]:
         """A protocol factory that admits each connection before ``factory``'s
-        protocol sees it."""
-        return lambda: _Gated(self, factory)
+        protocol sees it.
+
+        With ``ssl_context`` the listener accepts plain TCP and the TLS handshake
+        runs only after admission (bounded by HANDSHAKE_TIMEOUT): a connection that
+        never finishes its handshake counts against the caps from its first moment.
+        """
+        return lambda: _Gated(self, factory, ssl_context)
+
+
+HANDSHAKE_TIMEOUT = 10.0  # s a TLS client has to finish its handshake
 
 
 class _Gated(asyncio.Protocol):
-    """Admits or closes a connection, then hands every event to the real protocol."""
+    """Admits or closes a connection (then upgrades it to TLS, if asked), and hands
+    every event to the real protocol."""
 
     def __init__(
-        self, gate: ConnectionGate, factory: Callable[[], asyncio.Protocol]
+        self,
+        gate: ConnectionGate,
+        factory: Callable[[], asyncio.Protocol],
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._gate = gate
         self._factory = factory
+        self._ssl = ssl_context
         self._inner: asyncio.Protocol | None = None
         self._address = ""
+        self._admitted = False
+        self._early: list[bytes] = []  # data decrypted before the real protocol starts
+        self._handshake: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -107,17 +126,56 @@ class _Gated(asyncio.Protocol):
         if not self._gate.admit(self._address):
             transport.close()
             return
+        self._admitted = True
+        if self._ssl is None:
+            self._start(transport)
+        else:
+            assert isinstance(transport, asyncio.Transport)
+            self._handshake = asyncio.ensure_future(self._upgrade(transport))
+
+    async def _upgrade(self, transport: asyncio.Transport) -> None:
+        assert self._ssl is not None
+        try:
+            secure = await asyncio.get_running_loop().start_tls(
+                transport,
+                self,
+                self._ssl,
+                server_side=True,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
+            transport.close()
+            self._release()
+            return
+        if secure is None:  # closed during the handshake
+            self._release()
+            return
+        self._start(secure)
+
+    def _start(self, transport: asyncio.BaseTransport) -> None:
         self._inner = self._factory()
         self._inner.connection_made(transport)
+        early, self._early = self._early, []
+        for data in early:
+            self._inner.data_received(data)
+
+    def _release(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self._gate.release(self._address)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+        if self._handshake is not None and not self._handshake.done():
+            self._handshake.cancel()
         if self._inner is not None:
-            self._gate.release(self._address)
             self._inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._inner is not None:
             self._inner.data_received(data)
+        elif self._admitted:
+            self._early.append(data)
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received() if self._inner is not None else None

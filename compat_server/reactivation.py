@@ -64,14 +64,16 @@ async def reactivate(engine: Engine, key: KeyConfig, parent: Activation) -> Acti
     if not can_reactivate(engine, parent):
         raise NotReactivatable()
     order = Order(service=parent.service, country=parent.country)
-    # a key's budget holds for extra activations too: money set aside first
-    hold = await engine.router.budgets.hold(
-        key, await price(engine, parent) if key.budget is not None else None
-    )
-    try:
-        return await _reactivate(engine, key, parent, order)
-    finally:
-        engine.router.budgets.release(hold)
+    # one paid re-rent of a number at a time: concurrent calls on one parent queue
+    async with engine.store.lock(parent.id):
+        # a key's budget holds for extra activations too: money set aside first
+        hold = await engine.router.budgets.hold(
+            key, await price(engine, parent) if key.budget is not None else None
+        )
+        try:
+            return await _reactivate(engine, key, parent, order)
+        finally:
+            engine.router.budgets.release(hold)
 
 
 async def _reactivate(

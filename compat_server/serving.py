@@ -76,9 +76,14 @@ async def start(
     serving = Serving(runner)
     loop = asyncio.get_running_loop()
     handler: Any = runner.server
-    factory = handler if gate is None else gate.protocol(handler)
     try:
         for listener in listeners:
+            # behind the gate a TLS listener accepts plain TCP and the gate runs the
+            # handshake after admission, so half-open handshakes count against the caps
+            factory = handler
+            ssl_context = listener.ssl_context
+            if gate is not None:
+                factory, ssl_context = gate.protocol(handler, ssl_context), None
             try:
                 server = await loop.create_server(
                     factory,
@@ -86,7 +91,7 @@ async def start(
                     listener.port,
                     backlog=batch,
                     reuse_address=True,
-                    ssl=listener.ssl_context,
+                    ssl=ssl_context,
                 )
             except OSError as exc:
                 # asyncio's strerror repeats the address: keep the system's words

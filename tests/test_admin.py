@@ -74,6 +74,17 @@ async def test_access_by_token_cookie_or_bearer(
     client.session.cookie_jar.clear()
     resp = await client.get("/admin/", headers={"Cookie": "sms_compat_admin=1.abc"})
     assert resp.status == 401
+    # ...and so is one in other scripts (before: a TypeError traceback, ERROR_SQL)
+    for forged in ("1.\u00e9", "1.\u0661\u0662"):
+        resp = await client.get(
+            "/admin/",
+            headers={"Cookie": f"sms_compat_admin={forged}".encode().decode("latin-1")},
+        )
+        assert resp.status == 401
+    resp = await client.get(
+        "/admin/", headers={"Authorization": "Bearer \u00e9t\u00e9"}
+    )
+    assert resp.status == 401
     # a bearer header needs no cookie
     resp = await client.get(
         "/admin/fragment", headers={"Authorization": f"Bearer {TOKEN}"}

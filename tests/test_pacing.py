@@ -400,3 +400,35 @@ async def test_a_rent_whose_client_left_is_cancelled_upstream(
         "application/json",
         '{"status":"error","message":"NO_NUMBERS"}',
     )
+
+
+async def test_active_activations_wait_for_a_slow_upstream_once_not_per_number(
+    aiohttp_server: Any, start_app: StartApp, store_path: str, clock: Any
+) -> None:
+    """Before: each open number was refreshed in turn, each waiting up to 2 s for a
+    hanging poll: 5 numbers took 10 s, 100 would take 200 s. (min_interval 0: this
+    test is about a slow upstream, not pacing.)"""
+    fake = thuecodesim.FakeThuecodesim()
+    config = parse_config(
+        {
+            "store": {"path": store_path},
+            "currency": {"display": "RUB", "rates": {"VND": "0.004"}},
+            "upstream": {"read_timeout": 5},
+            "keys": [{"key": KEY, "alias": "farm", "providers": ["thuecodesim"]}],
+            "providers": {
+                "thuecodesim": thuecodesim.provider_options(
+                    await serve(aiohttp_server, fake)
+                )
+            },
+        }
+    )
+    client = await start_app(config)
+    for _ in range(5):
+        _, _, body = await call(client, action="getNumber", service="tg", country=10)
+        assert body.startswith("ACCESS_NUMBER:")
+    fake.fault, fake.fault_paths, fake.hang_seconds = "hang", {"/session/getv2"}, 4
+    clock.advance(60)  # every number is due for a poll
+    wait, body = await timed(lambda: call(client, action="getActiveActivations"))
+    assert len(json.loads(body)["activeActivations"]) == 5
+    assert wait < 3.5, wait
+    fake.fault = None

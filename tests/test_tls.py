@@ -38,6 +38,7 @@ from compat_server import serving, tls
 from compat_server.app import ENGINE, create_app
 from compat_server.cli import plan_listeners
 from compat_server.config import Config, parse_config
+from compat_server.connections import ConnectionGate
 from compat_server.serving import Listener
 from tests.conftest import KEY, T0, FakeClock, sandbox_raw
 
@@ -185,6 +186,7 @@ class Stack:
     runner: web.AppRunner
     http_port: int
     tls_port: int
+    gate: ConnectionGate
 
     @property
     def app(self) -> web.Application:
@@ -194,15 +196,48 @@ class Stack:
 @pytest.fixture
 async def stack(config: Config, clock: FakeClock, tls_dir: Path) -> AsyncIterator[Stack]:
     app = create_app(config, clock=clock, background=False)
+    gate = ConnectionGate(64, 8)  # as `serve` runs it: every listener behind the caps
     started = await serving.start(
         app,
         [Listener("127.0.0.1", 0), Listener("127.0.0.1", 0, tls.server_context(tls_dir))],
+        gate=gate,
         access_log=None,
     )
     ports = [int(url.rsplit(":", 1)[1]) for url in started.urls]
     assert started.urls == [f"http://127.0.0.1:{ports[0]}", f"https://127.0.0.1:{ports[1]}"]
-    yield Stack(started.runner, ports[0], ports[1])
+    yield Stack(started.runner, ports[0], ports[1], gate)
     await started.stop()
+
+
+async def test_handshakes_never_finished_count_against_the_caps(
+    stack: Stack, tls_dir: Path
+) -> None:
+    """Before: a TLS connection was counted only once its handshake was done, so one
+    address held hundreds of silent sockets past max_connections_per_client and ran
+    the server out of descriptors. Now the caps count it from its accept."""
+    silent = [
+        await asyncio.open_connection("127.0.0.1", stack.tls_port) for _ in range(12)
+    ]  # plain TCP, no ClientHello
+    await asyncio.sleep(0.2)
+    assert (stack.gate.total, stack.gate.per_client) == (8, {"127.0.0.1": 8})
+    refused = 0
+    for reader, _ in silent:  # past the cap: closed at once, before any byte
+        try:
+            if await asyncio.wait_for(reader.read(1), 0.5) == b"":
+                refused += 1
+        except TimeoutError:
+            pass
+    assert refused == 4
+    for _, writer in silent:
+        writer.close()
+    await asyncio.sleep(0.2)
+    assert stack.gate.total == 0  # released, handshake or not
+    # a real client gets through once the silent ones are gone
+    trusting = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
+    assert await raw_get(stack.tls_port, "api.sms-activate.org", trusting) == (
+        "HTTP/1.1 200 OK",
+        "ACCESS_BALANCE:1000.00",
+    )
 
 
 async def raw_get(
