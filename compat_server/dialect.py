@@ -104,6 +104,7 @@ ERROR_TOKENS: Mapping[type[errors.CompatError], Token] = {
     errors.UnknownService: Token.BAD_SERVICE,
     errors.UpstreamAuth: Token.ERROR_SQL,
     errors.NotNow: Token.ERROR_SQL,
+    errors.Refused: Token.ERROR_SQL,
     errors.UpstreamUnreachable: Token.ERROR_SQL,
     errors.NotSent: Token.ERROR_SQL,
     errors.UpstreamUncertain: Token.ERROR_SQL,

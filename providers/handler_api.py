@@ -47,6 +47,7 @@ from compat_server.errors import (
     NoBalance,
     NoNumbers,
     NotNow,
+    Refused,
     UnknownService,
     UpstreamAuth,
     UpstreamUncertain,
@@ -499,6 +500,8 @@ class HandlerApiProvider(Provider):
             raise UpstreamAuth(self.name, f"setStatus: {token}")
         if token and token not in ("ERROR_SQL", "SQL_ERROR", "SERVER_ERROR", "ERROR"):
             # BAD_STATUS, NO_ACTIVATION, ...: sending it again could never succeed
+            if status == "8":  # the caller must know: the SMS may have come meanwhile
+                raise Refused(self.name, f"setStatus 8: {token}")
             log.info(
                 "%s: setStatus %s for %s answered %s: taken as final",
                 self.name,
