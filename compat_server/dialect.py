@@ -105,6 +105,7 @@ ERROR_TOKENS: Mapping[type[vocabulary.CompatError], Token] = {
     vocabulary.UnknownService: Token.BAD_SERVICE,
     vocabulary.UpstreamAuth: Token.ERROR_SQL,
     vocabulary.NotNow: Token.ERROR_SQL,
+    vocabulary.Refused: Token.ERROR_SQL,
     vocabulary.UpstreamUnreachable: Token.ERROR_SQL,
     vocabulary.NotSent: Token.ERROR_SQL,
     vocabulary.UpstreamUncertain: Token.ERROR_SQL,

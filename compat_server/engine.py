@@ -596,8 +596,36 @@ class Engine:
                 op.op,
                 type(exc).__name__,
             )
+            if op.op == "cancel":
+                await self._cancel_refused(activation, provider)
         await self.store.op_done(op.id)
         return 1
+
+    async def _cancel_refused(self, activation: Activation, provider: Provider) -> None:
+        """The upstream refused a cancel for good: if that is because the SMS had
+        already arrived there, the number was paid for. Reopen it with its code, so
+        the key's spend counts it and its client can still read the code."""
+        try:
+            result = await self.upstreams.call(
+                activation.provider,
+                "poll",
+                functools.partial(provider.poll, activation.ref()),
+            )
+        except ProviderError:
+            return
+        if not result.messages:
+            return
+        async with self.store.lock(activation.id):
+            if activation.state not in (CANCELLED, EXPIRED):
+                return
+            await self.store.set_state(activation, CODE, self.clock())
+            await self.store.add_messages(activation, result.messages)
+        log.warning(
+            "id=%d provider=%s cancel refused: the SMS had arrived upstream, so the"
+            " number was paid for; reopened with its code",
+            activation.id,
+            activation.provider,
+        )
 
     async def sweep(self) -> int:
         """Expire every open activation past its lifetime; returns how many.

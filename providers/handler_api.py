@@ -66,6 +66,7 @@ from providers.vocabulary import (
     Order,
     PollResult,
     Purchase,
+    Refused,
     Sms,
     UnknownService,
     UpstreamAuth,
@@ -499,6 +500,8 @@ class HandlerApiProvider(Provider):
             raise UpstreamAuth(self.name, f"setStatus: {token}")
         if token and token not in ("ERROR_SQL", "SQL_ERROR", "SERVER_ERROR", "ERROR"):
             # BAD_STATUS, NO_ACTIVATION, ...: sending it again could never succeed
+            if status == "8":  # the caller must know: the SMS may have come meanwhile
+                raise Refused(self.name, f"setStatus 8: {token}")
             log.info(
                 "%s: setStatus %s for %s answered %s: taken as final",
                 self.name,

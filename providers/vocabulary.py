@@ -14,6 +14,7 @@ other way round), like httpx's ``_exceptions.py`` and ``_models.py`` leaves.
         ├── UnknownService      definite refusal: service or country not offered
         ├── UpstreamAuth        the upstream rejected *our* token (operator's fault)
         ├── NotNow              the upstream answered "not yet" (try again later)
+        ├── Refused             the upstream answered "never" (a cancel after the SMS)
         ├── UpstreamUnreachable the request provably never reached the upstream
         │   └── NotSent         ... because its deadline passed or its client left
         └── UpstreamUncertain   the request may have reached the upstream
@@ -71,6 +72,11 @@ class NotNow(ProviderError):
 
     Not a fault: the breaker counts it as an answer; a queued call is tried later.
     """
+
+
+class Refused(ProviderError):
+    """The upstream answered and refused the call for good (a cancel of an order
+    whose SMS already arrived); sending it again cannot succeed."""
 
 
 class UpstreamUnreachable(ProviderError):

@@ -1066,3 +1066,24 @@ async def test_any_buy_answer_is_a_purchase_a_refusal_or_uncertain(
     assert status < 500 and purchase.phone.isdigit() and purchase.upstream_id
     data = answer.data if isinstance(answer.data, dict) else {}
     assert answer.token == "ACCESS_NUMBER" or "activationId" in data, (status, body)
+
+
+async def test_a_cancel_refused_because_the_sms_arrived_reopens_with_the_code(
+    start_clone: Start,
+) -> None:
+    """The SMS reaches the upstream between two polls and the client cancels: the
+    upstream refuses (the number was used and paid for). Before: ACCESS_CANCEL, the
+    code was never seen again and the key's spend gave the money back."""
+    clone = await start_clone(fakes.FakeSmsActivate, fakes.sms_activate_options)
+    clone.fake.balance = Decimal("100")
+    ident, upstream = await clone.buy()
+    clone.clock.advance(121)  # past the clone's early-cancel window
+    clone.fake.deliver(upstream, "Telegram code: 55123", "55123")  # not polled yet
+    assert await clone.get(action="setStatus", id=ident, status=8) == (
+        200, TEXT, "ACCESS_CANCEL",
+    )  # fmt: skip
+    assert clone.fake.orders[upstream].calls == ["8"]  # refused: BAD_STATUS
+    stored = await clone.engine.store.get(ident)
+    assert stored is not None and stored.state == "code"
+    assert await clone.status(ident) == "STATUS_OK:55123"
+    assert clone.fake.balance == Decimal("87.50")  # charged upstream, not refunded

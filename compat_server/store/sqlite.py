@@ -916,6 +916,8 @@ class SqliteStore:
         if not activation.is_open:
             self._cache.pop(activation.id, None)
             self._locks.pop(activation.id, None)
+        else:  # open again (a refused cancel): served from memory like the others
+            self._cache[activation.id] = activation
 
     async def prune(self, before: float) -> int:
         """Forget attempts that bought nothing, and delivered calls, older than ``before``."""
