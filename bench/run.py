@@ -1092,27 +1092,30 @@ async def measure_c(run: Run) -> Json:
 # ==== (d) resident memory with 10,000 activations =======================================
 
 
-async def prefill(path: str, count: int) -> float:
-    """Store ``count`` open sandbox activations through the Store API; seconds taken."""
+async def prefill(path: str, count: int) -> tuple[float, list[int]]:
+    """Store ``count`` open sandbox activations through the Store API: (seconds taken,
+    their ids; a new store's ids start from the clock)."""
     from compat_server.config import key_id
     from compat_server.store import NewActivation, SqliteStore
     from providers.vocabulary import Order, Purchase
 
     started = time.perf_counter()
     store = await SqliteStore.open(path)
+    ids = []
     try:
         order = Order(service="tg", country=10)
         now = time.time()
         for index in range(count):
             purchase = Purchase(str(500_000_000 + index), f"84{900_000_000 + index}",
                                 Decimal("18.00"))  # fmt: skip
-            await store.complete_purchase(None, NewActivation(
+            stored = await store.complete_purchase(None, NewActivation(
                 key_id(KEY), "sandbox", "RUB", order, purchase, Decimal("18.00"),
                 now, 86_400.0,
             ))  # fmt: skip
+            ids.append(stored.id)
     finally:
         await store.close()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, ids
 
 
 async def hammer(urls: Sequence[str], workers: int, expect: str) -> int:
@@ -1151,7 +1154,7 @@ async def measure_d(run: Run) -> Json:
     """
     count = 10_000
     full_path = run.store("d-full")
-    fill_seconds = await prefill(full_path, count)
+    fill_seconds, stored_ids = await prefill(full_path, count)
     warm = 1000 if run.quick else 2000
     warm_urls = []
     for index in range(warm):
@@ -1164,7 +1167,7 @@ async def measure_d(run: Run) -> Json:
             errors = await hammer([server.url + u for u in warm_urls], 16, "")
             if name == "full":
                 result["rss_full_loaded_mb"] = await settled_rss(server.pid)
-                ids = range(100_000, 100_000 + count)
+                ids = stored_ids
                 urls = [f"{server.url}{API}?api_key={KEY}&action=getStatus&id={i}"
                         for i in ids]  # fmt: skip
                 errors += await hammer(urls, 16, "STATUS_WAIT_CODE")
