@@ -6,7 +6,8 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import httpx
 from aiohttp import web
@@ -23,8 +24,10 @@ from compat_server.app_keys import (  # noqa: F401 - re-exported for tests and c
     METRICS,
     STORE,
 )
+from compat_server.background import every, loop_ctx
+from compat_server.catalog import TtlCache
 from compat_server.config import Config
-from compat_server.engine import Engine, TtlCache
+from compat_server.engine import Engine
 from compat_server.errors import BadAction, BadKey, NoKey
 from compat_server.metrics import Metrics, healthz, metrics_handler, readyz
 from compat_server.rentals import reconcile as reconcile_rents
@@ -64,7 +67,7 @@ def create_app(
     app[BACKGROUND] = background
     app[METRICS] = Metrics(ACTIONS)
     app[ADMIN_CACHE] = TtlCache(admin.BALANCE_TTL, clock)
-    app.cleanup_ctx.extend([_http_client(http), _database, _engine, _background_tasks])
+    app.cleanup_ctx.extend([_http_client(http), _database, _engine, *BACKGROUND_LOOPS])
     app.cleanup_ctx.append(_log_summaries)
     if sighup:
         app.cleanup_ctx.append(ops.reload_on_sighup)
@@ -163,39 +166,30 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
-    if not app[BACKGROUND]:
-        yield
-        return
-    engine = app[ENGINE]
-    config = app[CONFIG]
-    tasks = [
-        asyncio.create_task(
-            engine.run_forever("outbox", config.outbox_interval, engine.run_outbox)
-        ),
-        asyncio.create_task(
-            engine.run_forever("sweeper", config.sweep_interval, engine.sweep)
-        ),
-        asyncio.create_task(
-            engine.run_forever(
-                "reconciler", config.reconcile_interval, engine.reconcile
-            )
-        ),
-        asyncio.create_task(
-            engine.run_forever("webhooks", config.outbox_interval, engine.webhooks.step)
-        ),
-        asyncio.create_task(
-            engine.run_forever(
-                "rent reconciler",
-                config.reconcile_interval,
-                functools.partial(reconcile_rents, engine.rentals),
-            )
-        ),
-    ]
-    yield
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+def _background(
+    loop: Callable[[Engine, Config], Coroutine[Any, Any, None]],
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """One background loop as its own cleanup_ctx (none when ``background=False``)."""
+    return loop_ctx(
+        lambda app: loop(app[ENGINE], app[CONFIG]) if app[BACKGROUND] else None
+    )
+
+
+BACKGROUND_LOOPS = [
+    _background(lambda e, c: e.outbox.run_forever(c.outbox_interval)),
+    _background(lambda e, c: every("sweeper", c.sweep_interval, e.lifecycle.sweep)),
+    _background(
+        lambda e, c: every("reconciler", c.reconcile_interval, e.reconciler.step)
+    ),
+    _background(lambda e, c: every("webhooks", c.outbox_interval, e.webhooks.step)),
+    _background(
+        lambda e, c: every(
+            "rent reconciler",
+            c.reconcile_interval,
+            functools.partial(reconcile_rents, e.rentals),
+        )
+    ),
+]
 
 
 async def _log_summaries(app: web.Application) -> AsyncIterator[None]:

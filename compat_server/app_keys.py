@@ -14,8 +14,9 @@ import httpx
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from compat_server.catalog import TtlCache
     from compat_server.config import Config
-    from compat_server.engine import Engine, TtlCache
+    from compat_server.engine import Engine
     from compat_server.metrics import Metrics
     from compat_server.store import Store
     from providers.vocabulary import Clock

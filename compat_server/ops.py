@@ -22,7 +22,7 @@ from aiohttp import web
 
 from compat_server.app_keys import ENGINE, HTTP
 from compat_server.config import Config, load_config
-from compat_server.engine import Engine, TtlCache
+from compat_server.engine import Engine
 from compat_server.routing import Breaker
 from providers import get_provider_class
 from providers.base import Provider
@@ -105,7 +105,10 @@ def apply(engine: Engine, new: Config, http: Any) -> None:
     engine.prices.config = new
     engine.prices.providers = providers
     engine.router.config = new
-    engine.catalog = TtlCache(new.catalog_ttl, engine.clock)
+    engine.catalog.reset(new)
+    engine.outbox.config = new
+    engine.lifecycle.config = new
+    engine.reconciler.config = new
     fixed = [f for f in RESTART_FIELDS if getattr(old, f) != getattr(new, f)]
     log.warning(
         "reload: %d keys; providers %s%s%s",

@@ -117,7 +117,7 @@ class Rentals:
     async def _offers(self, name: str, country: int, hours: int) -> list[RentOffer]:
         """One provider's rent offers for ``hours`` in a country (cached)."""
         provider = _renter(self.engine.providers[name])
-        offers: list[RentOffer] = await self.engine.catalog.get(
+        offers: list[RentOffer] = await self.engine.catalog.cache.get(
             ("rent", name, country, hours),
             functools.partial(
                 self.engine.upstreams.call,

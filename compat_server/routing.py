@@ -243,6 +243,7 @@ class Router:
         store: Store,
         upstreams: Upstreams,
         prices: Prices,
+        budgets: Budgets,
         offers: Callable[[str, int], Awaitable[list[Offer]]],
         clock: Clock,
     ) -> None:
@@ -252,7 +253,7 @@ class Router:
         self.prices = prices
         self.offers = offers
         self.clock = clock
-        self.budgets = Budgets(store, prices)
+        self.budgets = budgets
         self.in_flight: dict[int, str] = {}  # attempt id -> provider, while buy() runs
         self.wake_outbox: Callable[[], None] = lambda: None  # a cancel was queued
 

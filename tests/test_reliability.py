@@ -578,7 +578,7 @@ async def test_slow_upstream_poll_does_not_hold_get_status(
 ) -> None:  # fmt: skip
     import time
 
-    from compat_server import engine as engine_module
+    from compat_server import lifecycle as engine_module
 
     monkeypatch.setattr(engine_module, "POLL_WAIT", 0.2)
     fake, options = await serve(

@@ -1,0 +1,370 @@
+"""The activation lifecycle: states, transitions and the view, in one place.
+
+States live in the store (WAIT_CODE, CODE, WAIT_RETRY, then FINISHED, CANCELLED or
+EXPIRED); this room moves an activation between them: polling the upstream for its
+messages, expiry (and the sweeper that applies it), a client that left before its
+number was sent, and setStatus' ready, retry, finish and cancel. The upstream hears of
+a closing transition through the outbox. :meth:`Lifecycle.look` is the one "refresh,
+then view" every getStatus-like action starts from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from compat_server.catalog import Catalog
+from compat_server.config import Config
+from compat_server.errors import BadStatus, EarlyCancelDenied
+from compat_server.outbox import Outbox
+from compat_server.routing import Prices, Router, Upstreams
+from compat_server.store import (
+    CANCELLED,
+    CODE,
+    EXPIRED,
+    FINISHED,
+    RECONCILED,
+    REFUSED,
+    UNCERTAIN,
+    WAIT_CODE,
+    WAIT_RETRY,
+    Activation,
+    Store,
+)
+from compat_server.webhooks import Webhooks
+from providers.base import Provider
+from providers.vocabulary import (
+    Clock,
+    Order,
+    ProviderError,
+    Purchase,
+    UpstreamUncertain,
+)
+
+log = logging.getLogger("compat_server")
+
+POLL_WAIT = 2.0  # seconds a getStatus waits for an upstream poll before answering
+# in_flight keys of paid retries: below every rent attempt's (negative) and every
+# purchase attempt's key, so they never collide
+RETRY_FLIGHT = -(2**40)
+PRUNE_AFTER = 7 * 86400.0  # seconds refused attempts and delivered calls are kept
+
+
+@dataclass(frozen=True)
+class StatusView:
+    """What getStatus-like actions report for an activation."""
+
+    state: str
+    code: str = ""
+    previous_code: str = ""
+    text: str = ""
+    received_at: float = 0.0
+
+
+class Lifecycle:
+    """Moves activations between states; tells the upstream through the outbox."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        upstreams: Upstreams,
+        router: Router,
+        catalog: Catalog,
+        prices: Prices,
+        outbox: Outbox,
+        webhooks: Webhooks,
+        clock: Clock,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.upstreams = upstreams
+        self.router = router
+        self.catalog = catalog
+        self.prices = prices
+        self.outbox = outbox
+        self.webhooks = webhooks
+        self.clock = clock
+        self._polls: dict[int, asyncio.Future[None]] = {}
+        self._last_poll: dict[int, float] = {}
+        self._pruned_at = 0.0
+        self.abandoned_count = 0  # purchases whose client left before the answer
+
+    @property
+    def providers(self) -> Mapping[str, Provider]:
+        """Configured providers by name."""
+        return self.upstreams.providers
+
+    async def look(self, activation: Activation) -> StatusView:
+        """The activation brought up to date, as its client sees it."""
+        await self.refresh(activation)
+        return self.view(activation)
+
+    async def refresh(self, activation: Activation) -> None:
+        """Bring an open activation up to date: expiry, then at most one poll per interval.
+
+        Concurrent callers share one upstream request; an upstream failure leaves the
+        last known state in place.
+        """
+        if not activation.is_open:
+            return
+        if self.clock() >= activation.expires_at:
+            await self.expire(activation)
+            return
+        future = self._polls.get(activation.id)
+        if future is None:
+            provider = self.providers.get(activation.provider)
+            if provider is None:
+                return
+            now = self.clock()
+            if now - self._last_poll.get(activation.id, -1e18) < provider.poll_interval:
+                return
+            self._last_poll[activation.id] = now
+            future = asyncio.ensure_future(self._poll(activation, provider))
+            self._polls[activation.id] = future
+            future.add_done_callback(lambda _: self._polls.pop(activation.id, None))
+        try:
+            # a slow upstream must not make getStatus slow: past POLL_WAIT the client
+            # gets the stored state, and the poll finishes in the background
+            await asyncio.wait_for(asyncio.shield(future), POLL_WAIT)
+        except asyncio.TimeoutError:
+            log.info("poll id=%d slow upstream: answered from the store", activation.id)
+
+    async def _poll(self, activation: Activation, provider: Provider) -> None:
+        ref = activation.ref()
+        try:
+            result = await self.upstreams.call(
+                activation.provider, "poll", lambda: provider.poll(ref)
+            )
+        except ProviderError as exc:
+            log.info(
+                "poll id=%d provider=%s failed: %s",
+                activation.id,
+                activation.provider,
+                type(exc).__name__,
+            )
+            return
+        async with self.store.lock(activation.id):
+            if not activation.is_open or activation.upstream_id != ref.upstream_id:
+                return
+            await self.store.add_messages(
+                activation, result.messages, self.webhooks.activation_rows(activation)
+            )
+            if result.closed and activation.state == WAIT_CODE:
+                # the upstream ended the order without a code: nothing to cancel there
+                await self.store.set_state(activation, EXPIRED, self.clock())
+                self._last_poll.pop(activation.id, None)
+
+    async def expire(self, activation: Activation) -> None:
+        """Close an activation past its lifetime; cancel upstream unless a code came."""
+        async with self.store.lock(activation.id):
+            if not activation.is_open:
+                return
+            if activation.state == WAIT_CODE:
+                await self.store.set_state(
+                    activation, EXPIRED, self.clock(), outbox="cancel"
+                )
+            else:  # a code was delivered: the number was used, close it as finished
+                await self.store.set_state(
+                    activation, FINISHED, self.clock(), outbox="finish"
+                )
+        self._last_poll.pop(activation.id, None)
+        self.outbox.wake.set()
+
+    async def abandoned(self, activation: Activation) -> None:
+        """The client that bought ``activation`` left before its answer was sent.
+
+        Where the upstream can cancel, the number is cancelled there (its money comes
+        back); where it cannot, it stays open for the key's getActiveActivations and
+        the operator is warned with its id. Either way it is counted in the log.
+        """
+        self.abandoned_count += 1
+        provider = self.providers[activation.provider]
+        if not type(provider).can_cancel:
+            log.warning(
+                "id=%d provider=%s client left before its number was delivered:"
+                " kept open (this provider cannot cancel), see getActiveActivations"
+                " (abandoned so far: %d)",
+                activation.id,
+                activation.provider,
+                self.abandoned_count,
+            )
+            return
+        async with self.store.lock(activation.id):
+            if activation.state != WAIT_CODE:
+                return
+            await self.store.set_state(
+                activation, CANCELLED, self.clock(), outbox="cancel"
+            )
+        self._last_poll.pop(activation.id, None)
+        log.warning(
+            "id=%d provider=%s client left before its number was delivered:"
+            " cancel queued upstream (abandoned so far: %d)",
+            activation.id,
+            activation.provider,
+            self.abandoned_count,
+        )
+        self.outbox.wake.set()
+
+    def view(self, activation: Activation) -> StatusView:
+        """The client-visible state (messages and retry mark folded in)."""
+        if not activation.is_open:
+            return StatusView(activation.state)
+        messages = activation.messages
+        if activation.state == WAIT_RETRY:
+            # the code the client turned down: the newest one when it asked again
+            previous = messages[activation.retry_mark - 1].code
+            return StatusView(WAIT_RETRY, previous_code=previous)
+        if activation.state == CODE and messages:
+            last = messages[-1]
+            return StatusView(
+                CODE, last.code, text=last.text, received_at=last.received_at
+            )
+        return StatusView(WAIT_CODE)
+
+    # ---- setStatus ----------------------------------------------------------------------
+
+    async def ready(self, activation: Activation) -> None:
+        """setStatus 1: allowed while open; the upstream hears of it where it matters."""
+        if not activation.is_open:
+            raise BadStatus("activation is closed")
+        if activation.state == WAIT_CODE:
+            await self.outbox.deliver_now(activation, "ready")
+
+    async def retry(self, activation: Activation) -> None:
+        """setStatus 3: only after a code; waits for the next SMS (maybe a re-rent)."""
+        async with self.store.lock(activation.id):
+            if activation.state == WAIT_RETRY:
+                return
+            if activation.state != CODE:
+                raise BadStatus(f"retry in state {activation.state}")
+            provider = self.providers[activation.provider]
+            ref = activation.ref()
+            purchase = None
+            try:
+                if provider.retry_is_paid:
+                    purchase = await self._paid_retry(activation, provider)
+                    # stored below: until then no reconciler may take its order
+                else:
+                    purchase = await self.upstreams.call(
+                        activation.provider, "retry", lambda: provider.retry(ref)
+                    )
+            except ProviderError as exc:
+                # the order stays as it is; the client simply waits for a further SMS
+                log.warning(
+                    "retry id=%d provider=%s failed: %s",
+                    activation.id,
+                    activation.provider,
+                    type(exc).__name__,
+                )
+            try:
+                await self.store.set_state(
+                    activation, WAIT_RETRY, self.clock(), purchase=purchase, retry=True
+                )
+            finally:
+                self.router.in_flight.pop(RETRY_FLIGHT - activation.id, None)
+            self._last_poll.pop(activation.id, None)
+
+    async def _paid_retry(
+        self, activation: Activation, provider: Provider
+    ) -> Purchase | None:
+        """A retry that buys a new order, under the rules of a purchase: the key's
+        budget holds its price first, an attempt is stored before the paid call (an
+        unknown outcome is left to the reconciler, never retried), and what it cost
+        is added to the activation's cost."""
+        key = next((k for k in self.config.keys if k.key_id == activation.key_id), None)
+        name = activation.provider
+        price = None
+        for offer in await self.catalog.offers(name, activation.country):
+            if offer.service == activation.service:
+                price = self.prices.display(name, offer.price)
+        hold = None
+        if key is not None:
+            hold = await self.router.budgets.hold(
+                key, price if key.budget is not None else None
+            )
+        order = Order(service=activation.service, country=activation.country)
+        try:
+            attempt = await self.store.begin_purchase(
+                activation.key_id, name, order, self.clock()
+            )
+            # in flight (under the activation's id) until retry() has stored the new
+            # order: the reconciler skips a provider with a buy in flight
+            self.router.in_flight[RETRY_FLIGHT - activation.id] = name
+            try:
+                purchase = await self.upstreams.call(
+                    name, "retry", functools.partial(provider.retry, activation.ref())
+                )
+            except UpstreamUncertain as exc:
+                self.router.in_flight.pop(RETRY_FLIGHT - activation.id, None)
+                await self.store.end_purchase(
+                    attempt, UNCERTAIN, exc.detail, self.clock()
+                )
+                raise
+            except ProviderError as exc:
+                self.router.in_flight.pop(RETRY_FLIGHT - activation.id, None)
+                await self.store.end_purchase(
+                    attempt, REFUSED, type(exc).__name__, self.clock()
+                )
+                raise
+            if purchase is not None:
+                # the old order is the activation's: this attempt bought nothing new
+                # to store, its order becomes the activation's upstream id
+                await self.store.end_purchase(
+                    attempt, RECONCILED, "re-rent on retry", self.clock()
+                )
+                await self.store.add_cost(
+                    activation, self.prices.display(name, purchase.price)
+                )
+            return purchase
+        finally:
+            if hold is not None:
+                self.router.budgets.release(hold)
+
+    async def finish(self, activation: Activation) -> None:
+        """setStatus 6: after a code (or during a retry); repeated 6 is harmless."""
+        async with self.store.lock(activation.id):
+            if activation.state == FINISHED:
+                return
+            if activation.state not in (CODE, WAIT_RETRY):
+                raise BadStatus(f"finish in state {activation.state}")
+            await self.store.set_state(
+                activation, FINISHED, self.clock(), outbox="finish"
+            )
+        self._last_poll.pop(activation.id, None)
+        await self.outbox.drain_now(activation.id)
+
+    async def cancel(self, activation: Activation) -> None:
+        """setStatus 8/-1: only before a code and outside the early window."""
+        async with self.store.lock(activation.id):
+            if activation.state in (CANCELLED, EXPIRED):
+                return
+            if activation.state != WAIT_CODE:
+                raise BadStatus(f"cancel in state {activation.state}")
+            age = self.clock() - activation.created_at
+            if self.config.early_cancel and age < self.config.early_cancel:
+                raise EarlyCancelDenied(f"{age:.0f}s old")
+            await self.store.set_state(
+                activation, CANCELLED, self.clock(), outbox="cancel"
+            )
+        self._last_poll.pop(activation.id, None)
+        await self.outbox.drain_now(activation.id)
+
+    async def sweep(self) -> int:
+        """Expire every open activation past its lifetime; returns how many.
+
+        Once an hour it also prunes bookkeeping older than PRUNE_AFTER (attempts that
+        bought nothing, delivered outbox calls), so a client hammering getNumber on
+        NO_NUMBERS does not grow the store forever.
+        """
+        now = self.clock()
+        due = [a for a in self.store.open_activations() if a.expires_at <= now]
+        for activation in due:
+            await self.expire(activation)
+        if now - self._pruned_at >= 3600:
+            self._pruned_at = now
+            await self.store.prune(now - PRUNE_AFTER)
+        return len(due)
