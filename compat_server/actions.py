@@ -209,8 +209,7 @@ async def get_number_v2(call: Call) -> Reply:
 async def get_status(call: Call) -> Reply:
     """One of the five STATUS_* bodies."""
     activation = await _activation(call)
-    await call.engine.refresh(activation)
-    view = call.engine.view(activation)
+    view = await call.engine.lifecycle.look(activation)
     if view.state == CODE:
         return token(Token.STATUS_OK, dialect.safe_code(view.code))
     if view.state == WAIT_RETRY:
@@ -223,8 +222,7 @@ async def get_status(call: Call) -> Reply:
 async def get_status_v2(call: Call) -> Reply:
     """JSON with ``sms`` null while waiting; plain STATUS_CANCEL once closed."""
     activation = await _activation(call)
-    await call.engine.refresh(activation)
-    view = call.engine.view(activation)
+    view = await call.engine.lifecycle.look(activation)
     if view.state not in (CODE, WAIT_RETRY, WAIT_CODE):
         return Token.STATUS_CANCEL.value
     sms = None
@@ -240,8 +238,7 @@ async def get_status_v2(call: Call) -> Reply:
 async def get_full_sms(call: Call) -> Reply:
     """``FULL_SMS:<text>`` of the newest SMS; STATUS_WAIT_CODE before; STATUS_CANCEL after."""
     activation = await _activation(call)
-    await call.engine.refresh(activation)
-    view = call.engine.view(activation)
+    view = await call.engine.lifecycle.look(activation)
     if view.state == CODE:
         return token(Token.FULL_SMS, view.text)
     if view.state in (WAIT_CODE, WAIT_RETRY):
@@ -278,11 +275,10 @@ async def get_active_activations(call: Call) -> Reply:
     activations = await engine.store.for_key(call.key.key_id)
     # side by side: each waits at most POLL_WAIT for a slow upstream, so the whole
     # list is answered within that too, however many numbers are open
-    await asyncio.gather(*(engine.refresh(a) for a in activations))
-    for activation in activations:
+    views = await asyncio.gather(*(engine.lifecycle.look(a) for a in activations))
+    for activation, view in zip(activations, views, strict=True):
         if not activation.is_open:
             continue
-        view = engine.view(activation)
         codes = [dialect.safe_code(m.code) for m in activation.messages]
         rows.append(
             {
