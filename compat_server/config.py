@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from providers import get_provider_class, provider_type
-from providers.base import mask, mask_url
+from providers.settings import ProviderSettings, mask, parse, shown
 from providers.vocabulary import ConfigError
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -80,7 +80,6 @@ KEY_OPTIONS = (
     "webhook",
 )
 ROUTE_OPTIONS = ("providers", "service", "country", "strategy")
-BASE_PROVIDER_OPTIONS = ("min_interval", "poll_interval")  # read by Provider itself
 
 
 @dataclass(frozen=True)
@@ -125,6 +124,8 @@ class ProviderConfig:
     type: str
     options: Mapping[str, Any] = field(repr=False)
     markup: Decimal = Decimal(1)
+    # the options as validated by the provider's settings class (None: built by hand)
+    settings: ProviderSettings | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -283,17 +284,14 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
             cls = get_provider_class(type_name)
         except ConfigError as exc:
             raise ConfigError(f"{where}.type: {exc}") from None
-        declared = cls.option_names
-        if declared is not None:
-            _known(
-                options, ("type", "markup", *BASE_PROVIDER_OPTIONS, *declared), where
-            )
+        settings = parse(cls.settings_class, str(name), options)  # no provider built
         markup = _decimal(options.get("markup", 1), f"{where}.markup")
         if markup <= 0:
             raise ConfigError(f"{where}.markup: must be positive")
         clean = {k: v for k, v in options.items() if k != "markup"}
-        cls.validate_options(str(name), clean)
-        providers[str(name)] = ProviderConfig(str(name), type_name, clean, markup)
+        providers[str(name)] = ProviderConfig(
+            str(name), type_name, clean, markup, settings
+        )
 
     display = str(currency.get("display", "RUB")).upper()
     rates = {
@@ -476,13 +474,12 @@ def describe(config: Config) -> str:
         lines.append(f"route {_route_text(route)}")
     for provider in config.providers.values():
         cls = get_provider_class(provider.type)
-        shown = []
-        for name, value in sorted(provider.options.items()):
-            shown.append(
-                f"{name}={mask(str(value)) if name in cls.secret_fields else mask_url(value)}"
-            )
+        options = [
+            f"{name}={shown(cls.settings_class, name, value)}"
+            for name, value in sorted(provider.options.items())
+        ]
         lines.append(
-            f"provider {provider.name}: markup={provider.markup} " + " ".join(shown)
+            f"provider {provider.name}: markup={provider.markup} " + " ".join(options)
         )
     return "\n".join(lines)
 

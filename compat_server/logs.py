@@ -24,12 +24,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from aiohttp.http_exceptions import HttpProcessingError
 
 from compat_server.config import Config
 from providers import get_provider_class
+from providers.settings import MASK, mask_userinfo, secret_values
 
 LOGGERS = (
     "",  # the root: records logged on it directly
@@ -46,21 +46,15 @@ LOGGERS = (
     "httpcore",
     "aiosqlite",
 )
-MASK = "****"
 # a value after one of these names in a query string or a form
 _NAMED = re.compile(
     r"(?i)\b((?:api_?key|apikey|token|access_token|password|secret)=)([^\s&;,'\"<>]+)"
 )
 _NAMES = ("api_key=", "apikey=", "token=", "password=", "secret=")  # _NAMED's, quick
-_USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^/\s@?#]+@")
 
 
 def _mask_named(match: re.Match[str]) -> str:
     return match.group(1) + MASK
-
-
-def _mask_userinfo(match: re.Match[str]) -> str:
-    return match.group(1) + MASK + "@"
 
 
 _FORMATTER = logging.Formatter()
@@ -93,7 +87,7 @@ class Redactor(logging.Filter):
             if any(name in lowered for name in _NAMES):
                 text = _NAMED.sub(_mask_named, text)
         if "@" in text and "://" in text:
-            text = _USERINFO.sub(_mask_userinfo, text)
+            text = mask_userinfo(text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -266,13 +260,8 @@ def secrets_of(config: Config) -> set[str]:
     """Every secret the config holds: client keys, provider secrets, URL credentials."""
     found = {key.key for key in config.keys}
     for provider in config.providers.values():
-        secret_fields = get_provider_class(provider.type).secret_fields
-        for name, value in provider.options.items():
-            if name in secret_fields:
-                found.add(str(value))
-            elif isinstance(value, str) and "@" in value:
-                parts = urlsplit(value)
-                found |= {p for p in (parts.username, parts.password) if p}
+        settings_class = get_provider_class(provider.type).settings_class
+        found |= secret_values(settings_class, provider.options)
     return found
 
 

@@ -14,20 +14,19 @@ import heapq
 import itertools
 import json
 import math
-import re
 import time
 from collections.abc import Iterator, Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, ClassVar
 
 import httpx
 
+from providers.settings import ProviderSettings, as_decimal, parse, shown
 from providers.vocabulary import (
     BUDGET,
     ActivationRef,
     Budget,
     Clock,
-    ConfigError,
     NotSent,
     Offer,
     Order,
@@ -117,10 +116,8 @@ class Provider(abc.ABC):
 
     type_name: ClassVar[str]  # registry key, e.g. "smsman"
     currency: ClassVar[str]  # native currency: "VND", "RUB", "USD"
-    secret_fields: ClassVar[tuple[str, ...]] = ()  # option names that hold secrets
-    # Options this provider reads, besides type, markup, min_interval and poll_interval;
-    # the config refuses any other name (a typo). None: not declared, not checked.
-    option_names: ClassVar[tuple[str, ...] | None] = None
+    # every option it reads (besides type and markup), their types, secrets, readers
+    settings_class: ClassVar[type[ProviderSettings]] = ProviderSettings
     min_interval: float = 0.0  # seconds between two upstream calls (per instance)
     default_poll_interval: ClassVar[float] = 3.0
     can_lookup: ClassVar[bool] = False  # lookup_purchases() is implemented
@@ -136,21 +133,22 @@ class Provider(abc.ABC):
     ) -> None:
         self.name = name
         self.options = options
+        self.settings = parse(type(self).settings_class, name, options)
         self.http = http
         self.clock = clock
         # instance values shadow the class defaults; tests set min_interval: 0
-        self.min_interval = number_option(
-            name, options, "min_interval", type(self).min_interval
+        given = self.settings
+        self.min_interval = (
+            type(self).min_interval
+            if given.min_interval is None
+            else given.min_interval
         )
-        self.poll_interval = number_option(
-            name, options, "poll_interval", self.default_poll_interval
+        self.poll_interval = (
+            self.default_poll_interval
+            if given.poll_interval is None
+            else given.poll_interval
         )
         self.pacer = Pacer(name, self.min_interval)
-
-    @classmethod
-    def validate_options(cls, name: str, options: Mapping[str, Any]) -> None:
-        """Raise ConfigError if ``options`` cannot build this provider (no network)."""
-        cls(name, options, _offline_client())
 
     @classmethod
     def native_currency(cls, options: Mapping[str, Any]) -> str:
@@ -246,8 +244,7 @@ class Provider(abc.ABC):
         for key, value in sorted(self.options.items()):
             if key == "type":
                 continue
-            shown = mask(str(value)) if key in self.secret_fields else mask_url(value)
-            parts.append(f"{key}={shown}")
+            parts.append(f"{key}={shown(self.settings_class, key, value)}")
         return " ".join(parts)
 
     # ---- shared HTTP helper ---------------------------------------------------------
@@ -289,17 +286,6 @@ class Provider(abc.ABC):
             ) from exc
 
 
-_OFFLINE: httpx.AsyncClient | None = None
-
-
-def _offline_client() -> httpx.AsyncClient:
-    """A client that is never used to send: lets validation build a provider."""
-    global _OFFLINE
-    if _OFFLINE is None:
-        _OFFLINE = httpx.AsyncClient()
-    return _OFFLINE
-
-
 @contextlib.contextmanager
 def upstream_errors(provider: str) -> Iterator[None]:
     """Re-raise transport failures as our ProviderError subclasses."""
@@ -311,37 +297,7 @@ def upstream_errors(provider: str) -> Iterator[None]:
         raise UpstreamUncertain(provider, type(exc).__name__) from exc
 
 
-def mask(secret: str) -> str:
-    """A secret as shown in logs and check-config: nothing of it."""
-    return "****"
-
-
-def mask_url(value: Any) -> Any:
-    """A URL with its credentials (``user:password@``) masked; other values as given."""
-    if isinstance(value, str) and "@" in value:
-        return _USERINFO.sub(r"\1****@", value)
-    return value
-
-
-_USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^/\s@?#]+@")
-
-
 # ---- defensive parsing (the seeds contradict themselves on types) ----------------------
-
-
-def as_decimal(value: Any, default: Decimal | None = None) -> Decimal | None:
-    """800, "800", "799.70", 799.7 -> Decimal; anything else -> default."""
-    if isinstance(value, bool):
-        return default
-    if isinstance(value, (int, str)):
-        try:
-            result = Decimal(str(value).strip())
-        except InvalidOperation:
-            return default
-        return result if result.is_finite() else default
-    if isinstance(value, float):
-        return Decimal(repr(value))
-    return default
 
 
 def as_int(value: Any, default: int | None = None) -> int | None:
@@ -373,36 +329,3 @@ def as_text(value: Any) -> str:
 def digits(value: Any) -> str:
     """Only the decimal digits of a value ("+84 98-7" -> "84987")."""
     return "".join(ch for ch in as_text(value) if ch.isdigit())
-
-
-def number_option(
-    name: str, options: Mapping[str, Any], key: str, default: float
-) -> float:
-    """A non-negative number option (YAML number or numeric text), or ConfigError."""
-    value = options.get(key, default)
-    number = as_decimal(value)
-    if number is None or number < 0:
-        raise ConfigError(
-            f"providers.{name}.{key}: must be a number >= 0, got {value!r}"
-        )
-    return float(number)
-
-
-def url_option(name: str, options: Mapping[str, Any], key: str, default: str) -> str:
-    """An http(s) URL without its trailing slash, or ConfigError naming the place."""
-    value = options.get(key, default)
-    if not isinstance(value, str) or not re.match(
-        r"^https?://[^/\s]+\S*$", value.strip()
-    ):
-        raise ConfigError(f"providers.{name}.{key}: must be an http(s) URL")
-    return value.strip().rstrip("/")
-
-
-def require_option(name: str, options: Mapping[str, Any], key: str) -> str:
-    """A non-empty string option, or ConfigError naming the place."""
-    value = options.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(
-            f"providers.{name}.{key}: missing (set it, e.g. ${{ENV_VAR}})"
-        )
-    return value.strip()

@@ -42,19 +42,17 @@ from typing import Any, ClassVar, NoReturn
 
 import httpx
 
-from providers.base import (
-    Provider,
-    as_bool,
+from providers.base import Provider, as_bool, as_int, as_text, digits, upstream_errors
+from providers.otp import extract_code
+from providers.settings import (
+    ProviderSettings,
     as_decimal,
-    as_int,
-    as_text,
-    digits,
-    number_option,
+    number,
+    option,
     require_option,
-    upstream_errors,
+    required,
     url_option,
 )
-from providers.otp import extract_code
 from providers.vocabulary import (
     ActivationRef,
     Clock,
@@ -170,26 +168,31 @@ class Answer:
         return f"HTTP {self.status} {shown!r}"
 
 
+@dataclass(frozen=True)
+class HandlerApiSettings(ProviderSettings):
+    """The options of an sms-activate clone (its handler_api endpoint)."""
+
+    base_url: str = option(lambda n, o, k: _base_url_option(n, o, k))
+    api_key: str = option(required, secret=True)
+    lang: str | None = option(lambda n, o, k: _optional_text(n, o, k))
+    currency: str = option(lambda n, o, k: _currency_option(n, o, k))
+    method: str = option(lambda n, o, k: _method_option(n, o, k))
+    number_v2: bool = option(lambda n, o, k: as_bool(o.get(k, False)))
+    status_v2: bool = option(lambda n, o, k: as_bool(o.get(k, False)))
+    services: dict[str, str] = option(lambda n, o, k: _code_map(n, o, k))
+    operators: dict[str, str] = option(lambda n, o, k: _code_map(n, o, k))
+    countries: dict[int, str] = option(lambda n, o, k: _country_option(n, o))
+    timezone: dt.tzinfo | None = option(lambda n, o, k: _timezone_option(n, o))
+    table_ttl: float = option(number(DEFAULT_TABLE_TTL))
+
+
 class HandlerApiProvider(Provider):
     """An sms-activate clone reached through its handler_api endpoint."""
 
     type_name = "handler_api"
     currency = "RUB"
-    secret_fields = ("api_key",)
-    option_names: ClassVar[tuple[str, ...] | None] = (
-        "base_url",
-        "api_key",
-        "lang",
-        "currency",
-        "method",
-        "number_v2",
-        "status_v2",
-        "services",
-        "operators",
-        "countries",
-        "timezone",
-        "table_ttl",
-    )
+    settings_class: ClassVar[type[ProviderSettings]] = HandlerApiSettings
+    settings: HandlerApiSettings
     can_lookup = True
 
     def __init__(
@@ -200,32 +203,20 @@ class HandlerApiProvider(Provider):
         clock: Clock = time.time,
     ) -> None:
         super().__init__(name, options, http, clock)
-        require_option(name, options, "base_url")
-        self.base_url = url_option(name, options, "base_url", "").rstrip("?&")
-        if re.search(r"[?&]api_key=", self.base_url, re.IGNORECASE):
-            # it would show in check-config and logs: the key has its own masked option
-            raise ConfigError(
-                f"providers.{name}.base_url: holds an api_key; move it to"
-                f" providers.{name}.api_key"
-            )
-        self.api_key = require_option(name, options, "api_key")
-        self.lang = _optional_text(name, options, "lang")
-        self.native = type(self).native_currency(options)
-        if not re.fullmatch(r"[A-Z]{3}", self.native):
-            raise ConfigError(
-                f"providers.{name}.currency: expected a currency code such as RUB"
-            )
-        self.method = str(options.get("method", "GET")).strip().upper()
-        if self.method not in ("GET", "POST"):
-            raise ConfigError(f"providers.{name}.method: must be GET or POST")
-        self.number_v2 = as_bool(options.get("number_v2", False))
-        self.status_v2 = as_bool(options.get("status_v2", False))
-        self.services = _code_map(name, options, "services")
-        self.operator_map = _code_map(name, options, "operators")
-        self.country_map = _country_option(name, options)
-        self.timezone = _timezone_option(name, options)
+        given = self.settings
+        self.base_url = given.base_url
+        self.api_key = given.api_key
+        self.lang = given.lang
+        self.native = given.currency
+        self.method = given.method
+        self.number_v2 = given.number_v2
+        self.status_v2 = given.status_v2
+        self.services = given.services
+        self.operator_map = given.operators
+        self.country_map = given.countries
+        self.timezone = given.timezone
         self._service_of = {theirs: ours for ours, theirs in self.services.items()}
-        self.table_ttl = number_option(name, options, "table_ttl", DEFAULT_TABLE_TTL)
+        self.table_ttl = given.table_ttl
         self._has_get_prices = True
         self._whole_table = not self.country_map  # False once the clone shows it can't
         self._table: tuple[float, dict[str, PriceRows]] | None = None
@@ -757,6 +748,37 @@ def _activation_rows(data: Any) -> list[dict[str, Any]] | None:
 
 
 # ---- options ---------------------------------------------------------------------
+
+
+def _base_url_option(name: str, options: Mapping[str, Any], key: str) -> str:
+    """The clone's endpoint: required, http(s), and without the key in its query."""
+    require_option(name, options, key)
+    value = url_option(name, options, key, "").rstrip("?&")
+    if re.search(r"[?&]api_key=", value, re.IGNORECASE):
+        # it would show in check-config and logs: the key has its own masked option
+        raise ConfigError(
+            f"providers.{name}.{key}: holds an api_key; move it to"
+            f" providers.{name}.api_key"
+        )
+    return value
+
+
+def _currency_option(name: str, options: Mapping[str, Any], key: str) -> str:
+    """The clone's balance currency, a three-letter code (RUB by default)."""
+    value = HandlerApiProvider.native_currency(options)
+    if not re.fullmatch(r"[A-Z]{3}", value):
+        raise ConfigError(
+            f"providers.{name}.{key}: expected a currency code such as RUB"
+        )
+    return value
+
+
+def _method_option(name: str, options: Mapping[str, Any], key: str) -> str:
+    """GET or POST."""
+    value = str(options.get(key, "GET")).strip().upper()
+    if value not in ("GET", "POST"):
+        raise ConfigError(f"providers.{name}.{key}: must be GET or POST")
+    return value
 
 
 def _optional_text(name: str, options: Mapping[str, Any], key: str) -> str | None:

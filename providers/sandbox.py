@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar
 
-from providers.base import Provider, as_decimal
+from providers.base import Provider
 from providers.rental import Rental
+from providers.settings import ProviderSettings, as_decimal, option
 from providers.vocabulary import (
     ActivationRef,
     ConfigError,
@@ -106,6 +107,25 @@ class _Rent:
     got_sms: bool = False
 
 
+DEFAULT_COUNTRIES = [0, 10, 25, 187]
+
+
+@dataclass(frozen=True)
+class SandboxSettings(ProviderSettings):
+    """The options of the in-memory sandbox: its whole world comes from config."""
+
+    currency: str = option(lambda n, o, k: SandboxProvider.native_currency(o))
+    sms_delay: float = option(lambda n, o, k: _number(n, o, k, 5.0))
+    balance: float = option(lambda n, o, k: _number(n, o, k, 1000.0))
+    countries: list[int] = option(lambda n, o, k: _country_list(n, o, k))
+    services: dict[str, tuple[str, Decimal, int]] = option(
+        lambda n, o, k: _services(n, o.get(k))
+    )
+    price_drift: Decimal = option(lambda n, o, k: _drift(n, o, k))
+    operators: list[str] = option(lambda n, o, k: _operator_list(n, o, k))
+    rent_countries: list[int] = option(lambda n, o, k: _country_list(n, o, k))
+
+
 class SandboxProvider(Provider, Rental):
     """Everything from config, nothing from the network; it rents numbers too."""
 
@@ -113,53 +133,23 @@ class SandboxProvider(Provider, Rental):
     currency = "RUB"
     default_poll_interval = 1.0
     can_lookup = True
-    option_names: ClassVar[tuple[str, ...] | None] = (
-        "currency",
-        "sms_delay",
-        "balance",
-        "countries",
-        "services",
-        "price_drift",
-        "operators",
-        "rent_countries",
-    )
+    settings_class: ClassVar[type[ProviderSettings]] = SandboxSettings
+    settings: SandboxSettings
 
     def __init__(
         self, name: str, options: Mapping[str, Any], *args: Any, **kwargs: Any
     ) -> None:
         super().__init__(name, options, *args, **kwargs)
-        self._currency = str(options.get("currency", "RUB")).upper()
-        self.sms_delay = _number(name, options, "sms_delay", 5.0)
-        self._balance = Decimal(str(_number(name, options, "balance", 1000.0)))
-        countries = options.get("countries", [0, 10, 25, 187])
-        if not isinstance(countries, list) or not all(
-            isinstance(c, int) for c in countries
-        ):
-            raise ConfigError(
-                f"providers.{name}.countries: must be a list of country ids"
-            )
-        self._countries = countries
-        self._services = _services(name, options.get("services"))
-        # charged on top of the listed price: rehearses a price that moved between
-        # the quote and the purchase
-        # may be negative: rehearses an upstream reporting a nonsense charge
-        drift = as_decimal(options.get("price_drift", 0))
-        if drift is None:
-            raise ConfigError(f"providers.{name}.price_drift: must be a number")
-        self.price_drift = drift
-        operators = options.get("operators", [])
-        if not isinstance(operators, list) or not all(
-            isinstance(o, str) for o in operators
-        ):
-            raise ConfigError(f"providers.{name}.operators: must be a list of names")
-        self._operators = [o.lower() for o in operators]  # [] = any operator
+        given = self.settings
+        self._currency = given.currency
+        self.sms_delay = given.sms_delay
+        self._balance = Decimal(str(given.balance))
+        self._countries = given.countries
+        self._services = given.services
+        self.price_drift = given.price_drift
+        self._operators = given.operators  # [] = any operator
         self._orders: dict[str, _Order] = {}
-        rent = options.get("rent_countries", countries)
-        if not isinstance(rent, list) or not all(isinstance(c, int) for c in rent):
-            raise ConfigError(
-                f"providers.{name}.rent_countries: must be a list of country ids"
-            )
-        self._rent_countries = rent
+        self._rent_countries = given.rent_countries
         self._rents: dict[str, _Rent] = {}
 
     @classmethod
@@ -381,6 +371,35 @@ class SandboxProvider(Provider, Rental):
 
 def _rent_price(per_block: Decimal, hours: int) -> Decimal:
     return (per_block * hours / RENT_BLOCK).quantize(Decimal("0.01"))
+
+
+def _country_list(name: str, options: Mapping[str, Any], key: str) -> list[int]:
+    default = DEFAULT_COUNTRIES
+    if key != "countries":  # rent_countries default to the countries
+        default = options.get("countries", DEFAULT_COUNTRIES)
+    value = options.get(key, default)
+    if not isinstance(value, list) or not all(isinstance(c, int) for c in value):
+        raise ConfigError(f"providers.{name}.{key}: must be a list of country ids")
+    return value
+
+
+def _drift(name: str, options: Mapping[str, Any], key: str) -> Decimal:
+    # charged on top of the listed price: rehearses a price that moved between
+    # the quote and the purchase
+    # may be negative: rehearses an upstream reporting a nonsense charge
+    drift = as_decimal(options.get(key, 0))
+    if drift is None:
+        raise ConfigError(f"providers.{name}.{key}: must be a number")
+    return drift
+
+
+def _operator_list(name: str, options: Mapping[str, Any], key: str) -> list[str]:
+    operators = options.get(key, [])
+    if not isinstance(operators, list) or not all(
+        isinstance(o, str) for o in operators
+    ):
+        raise ConfigError(f"providers.{name}.{key}: must be a list of names")
+    return [o.lower() for o in operators]
 
 
 def _number(name: str, options: Mapping[str, Any], key: str, default: float) -> float:

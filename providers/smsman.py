@@ -32,18 +32,16 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import httpx
 
-from providers.base import (
-    Provider,
-    as_bool,
-    as_decimal,
-    as_int,
-    as_text,
-    digits,
-    number_option,
-    require_option,
-    url_option,
-)
+from providers.base import Provider, as_bool, as_int, as_text, digits
 from providers.otp import extract_code
+from providers.settings import (
+    ProviderSettings,
+    as_decimal,
+    number,
+    option,
+    required,
+    url,
+)
 from providers.vocabulary import (
     ActivationRef,
     Clock,
@@ -110,19 +108,24 @@ class _Cached(Generic[T]):
     value: T
 
 
+@dataclass(frozen=True)
+class SmsmanSettings(ProviderSettings):
+    """The options of an sms-man account."""
+
+    token: str = option(required, secret=True)
+    base_url: str = option(url(DEFAULT_BASE_URL))
+    catalog_ttl: float = option(number(DEFAULT_CATALOG_TTL))
+    services: dict[str, str] = option(lambda n, o, k: _service_option(n, o))
+    countries: dict[int, str] = option(lambda n, o, k: _country_option(n, o))
+
+
 class SmsmanProvider(Provider):
     """sms-man: numbers by sms-man application and country id, prices in RUB."""
 
     type_name = "smsman"
     currency = "RUB"
-    secret_fields = ("token",)
-    option_names: ClassVar[tuple[str, ...] | None] = (
-        "token",
-        "base_url",
-        "catalog_ttl",
-        "services",
-        "countries",
-    )
+    settings_class: ClassVar[type[ProviderSettings]] = SmsmanSettings
+    settings: SmsmanSettings
 
     def __init__(
         self,
@@ -132,13 +135,12 @@ class SmsmanProvider(Provider):
         clock: Clock = time.time,
     ) -> None:
         super().__init__(name, options, http, clock)
-        self.token = require_option(name, options, "token")
-        self.base_url = url_option(name, options, "base_url", DEFAULT_BASE_URL)
-        self.catalog_ttl = number_option(
-            name, options, "catalog_ttl", DEFAULT_CATALOG_TTL
-        )
-        self.service_ids = _service_option(name, options)
-        self.country_ids = _country_option(name, options)
+        given = self.settings
+        self.token = given.token
+        self.base_url = given.base_url
+        self.catalog_ttl = given.catalog_ttl
+        self.service_ids = given.services
+        self.country_ids = given.countries
         try:
             self.country_titles = country_table()
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -32,17 +32,17 @@ from urllib.parse import quote
 
 import httpx
 
-from providers.base import (
-    Provider,
-    as_decimal,
-    as_int,
-    as_text,
-    digits,
-    number_option,
-    require_option,
-    url_option,
-)
+from providers.base import Provider, as_int, as_text, digits
 from providers.otp import extract_code
+from providers.settings import (
+    ProviderSettings,
+    Reader,
+    as_decimal,
+    number,
+    option,
+    required,
+    url,
+)
 from providers.vocabulary import (
     ActivationRef,
     Clock,
@@ -103,6 +103,36 @@ class _Answer:
     error: str  # lower-cased free text from error/msg, for hints only
 
 
+def _api_option(served: str) -> Reader:
+    """Reader of ``api``: one of APIS, and the one this settings class serves."""
+
+    def read(name: str, options: Mapping[str, Any], key: str) -> str:
+        api = options.get(key, served)
+        if api not in APIS:
+            raise ConfigError(
+                f"providers.{name}.{key}: {api!r} is not one of {', '.join(APIS)}"
+            )
+        if api != served:  # the registry maps ``api`` to the class (provider_type)
+            raise ConfigError(f"providers.{name}.{key}: {api!r} is not served here")
+        return str(api)
+
+    return read
+
+
+@dataclass(frozen=True)
+class SmspvaSettings(ProviderSettings):
+    """The options of an smspva account (activation v2; SmspvaRentSettings: rent)."""
+
+    api_key: str = option(required, secret=True)
+    api: str = option(_api_option("activation"))
+    activation_url: str = option(url("https://api.smspva.com"))
+    base_url: str = option(url("https://smspva.com"))
+    rent: tuple[str, int] = option(lambda n, o, k: _rent_period(n, o.get(k)))
+    catalog_ttl: float = option(number(60.0))
+    services: dict[str, str] = option(lambda n, o, k: _service_overrides(n, o.get(k)))
+    countries: dict[int, str] = option(lambda n, o, k: _country_overrides(n, o.get(k)))
+
+
 class SmspvaAccount(Provider):
     """What both smspva APIs share: the account, its tables, activation v2's balance.
 
@@ -113,17 +143,8 @@ class SmspvaAccount(Provider):
 
     type_name: ClassVar[str] = "smspva"
     currency: ClassVar[str] = "USD"
-    secret_fields: ClassVar[tuple[str, ...]] = ("api_key",)
-    option_names: ClassVar[tuple[str, ...] | None] = (
-        "api_key",
-        "api",
-        "activation_url",
-        "base_url",
-        "rent",
-        "catalog_ttl",
-        "services",
-        "countries",
-    )
+    settings_class: ClassVar[type[ProviderSettings]] = SmspvaSettings
+    settings: SmspvaSettings
     min_interval: float = 4.5  # [doc] keep 4-5 s between queries
     default_poll_interval: ClassVar[float] = POLL_FLOOR
     can_lookup: ClassVar[bool] = True
@@ -140,29 +161,15 @@ class SmspvaAccount(Provider):
     ) -> None:
         super().__init__(name, options, http, clock)
         self.poll_interval = max(self.poll_interval, POLL_FLOOR)
-        self.api_key = require_option(name, options, "api_key")
-        api = options.get("api", self.api)
-        if api not in APIS:
-            raise ConfigError(
-                f"providers.{name}.api: {api!r} is not one of {', '.join(APIS)}"
-            )
-        if api != self.api:  # the registry maps ``api`` to the class (provider_type)
-            raise ConfigError(f"providers.{name}.api: {api!r} is not served here")
-        self.activation_url = url_option(
-            name, options, "activation_url", "https://api.smspva.com"
-        )
-        self.base_url = url_option(name, options, "base_url", "https://smspva.com")
-        self.dtype, self.dcount = _rent_period(name, options.get("rent"))
+        given = self.settings
+        self.api_key = given.api_key
+        self.activation_url = given.activation_url
+        self.base_url = given.base_url
+        self.dtype, self.dcount = given.rent
         self.rent_days = RENT_DAYS[self.dtype] * self.dcount
-        self.catalog_ttl = number_option(name, options, "catalog_ttl", 60.0)
-        self.services = {
-            **SERVICES,
-            **_service_overrides(name, options.get("services")),
-        }
-        self.country_iso = {
-            **COUNTRIES,
-            **_country_overrides(name, options.get("countries")),
-        }
+        self.catalog_ttl = given.catalog_ttl
+        self.services = {**SERVICES, **given.services}
+        self.country_iso = {**COUNTRIES, **given.countries}
 
     # ---- facts ----------------------------------------------------------------------
 

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, ClassVar
 
 import httpx
 
-from providers.base import as_decimal, as_int, as_text, digits
+from providers.base import as_int, as_text, digits
 from providers.rental import Rental
+from providers.settings import ProviderSettings, as_decimal, option
 from providers.smspva import (
     _AUTH_HINTS,
     _BALANCE_HINTS,
@@ -30,7 +32,9 @@ from providers.smspva import (
     RENT_DAYS,
     RENT_EXCLUDED,
     SmspvaAccount,
+    SmspvaSettings,
     _Answer,
+    _api_option,
     _code_of,
     _count,
     _first,
@@ -64,12 +68,21 @@ from providers.vocabulary import (
 )
 
 
+@dataclass(frozen=True)
+class SmspvaRentSettings(SmspvaSettings):
+    """The options of an smspva account renting through rent.php (``api: rent``)."""
+
+    api: str = option(_api_option("rent"))
+
+
 class SmspvaRentProvider(SmspvaAccount, Rental):
     """An smspva account selling through rent.php: getNumber and the rent family."""
 
     type_name: ClassVar[str] = "smspva_rent"
     api: ClassVar[str] = "rent"
     excluded: ClassVar[frozenset[str]] = RENT_EXCLUDED
+    settings_class: ClassVar[type[ProviderSettings]] = SmspvaRentSettings
+    settings: SmspvaRentSettings
 
     def __init__(
         self,

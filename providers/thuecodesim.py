@@ -25,18 +25,17 @@ from typing import Any, ClassVar
 
 import httpx
 
-from providers.base import (
-    Provider,
-    as_bool,
-    as_decimal,
-    as_int,
-    as_text,
-    digits,
-    number_option,
-    require_option,
-    url_option,
-)
+from providers.base import Provider, as_bool, as_int, as_text, digits
 from providers.otp import extract_code
+from providers.settings import (
+    ProviderSettings,
+    as_decimal,
+    number,
+    number_option,
+    option,
+    required,
+    url,
+)
 from providers.vocabulary import (
     ActivationRef,
     ChannelsLimit,
@@ -174,20 +173,25 @@ def load_tables() -> tuple[dict[int, CountrySpec], dict[str, tuple[str, ...]]]:
 COUNTRIES, SERVICES = load_tables()
 
 
+@dataclass(frozen=True)
+class ThuecodesimSettings(ProviderSettings):
+    """The options of a thuecodesim account."""
+
+    token: str = option(required, secret=True)
+    base_url: str = option(url(DEFAULT_BASE_URL))
+    rerent_on_retry: bool = option(lambda n, o, k: _bool_option(n, o, k, False))
+    catalog_ttl: float = option(number(60.0))
+    nominal_stock: int = option(lambda n, o, k: _stock_option(n, o, k))
+    services: dict[str, str] = option(lambda n, o, k: _alias_table(n, o.get(k)))
+
+
 class ThuecodesimProvider(Provider):
     """thuecodesim.com through its v2 GET API; VND prices, charged at request time."""
 
     type_name: ClassVar[str] = "thuecodesim"
     currency: ClassVar[str] = "VND"
-    secret_fields: ClassVar[tuple[str, ...]] = ("token",)
-    option_names: ClassVar[tuple[str, ...] | None] = (
-        "token",
-        "base_url",
-        "rerent_on_retry",
-        "catalog_ttl",
-        "nominal_stock",
-        "services",
-    )
+    settings_class: ClassVar[type[ProviderSettings]] = ThuecodesimSettings
+    settings: ThuecodesimSettings
     can_lookup: ClassVar[bool] = True
     can_cancel: ClassVar[bool] = False  # no cancel endpoint: a number bought is spent
     can_reactivate: ClassVar[bool] = True  # request/getv2 with number= re-rents it
@@ -200,15 +204,13 @@ class ThuecodesimProvider(Provider):
         clock: Clock = time.time,
     ) -> None:
         super().__init__(name, options, http, clock)
-        self.token = require_option(name, options, "token")
-        self.base_url = url_option(name, options, "base_url", DEFAULT_BASE_URL)
-        self.rerent_on_retry = _bool_option(name, options, "rerent_on_retry", False)
-        self.catalog_ttl = number_option(name, options, "catalog_ttl", 60.0)
-        stock = number_option(name, options, "nominal_stock", 100)
-        if stock != int(stock):
-            raise ConfigError(f"providers.{name}.nominal_stock: must be an integer")
-        self.nominal_stock = int(stock)
-        self._aliases = _alias_table(name, options.get("services"))
+        given = self.settings
+        self.token = given.token
+        self.base_url = given.base_url
+        self.rerent_on_retry = given.rerent_on_retry
+        self.catalog_ttl = given.catalog_ttl
+        self.nominal_stock = given.nominal_stock
+        self._aliases = given.services
         self._catalogs: dict[str, tuple[float, list[Entry]]] = {}
         # seconds east of UTC of the upstream's CreatedTime, once a live answer told
         self.utc_offset: float | None = None
@@ -669,6 +671,14 @@ def classify_failure(message: str) -> type[ProviderError]:
 def _day(moment: float, offset: float) -> date:
     """The calendar day at an epoch time in the zone ``offset`` seconds east of UTC."""
     return datetime.fromtimestamp(moment, timezone(timedelta(seconds=offset))).date()
+
+
+def _stock_option(name: str, options: Mapping[str, Any], key: str) -> int:
+    """The stock shown for an offer the upstream does not count: a whole number."""
+    stock = number_option(name, options, key, 100)
+    if stock != int(stock):
+        raise ConfigError(f"providers.{name}.{key}: must be an integer")
+    return int(stock)
 
 
 def _bool_option(

@@ -45,6 +45,7 @@ from providers.handler_api import (
     NO_NUMBERS_TOKENS,
     UNKNOWN_SERVICE_TOKENS,
     HandlerApiProvider,
+    HandlerApiSettings,
     decode,
 )
 from providers.vocabulary import (
@@ -734,10 +735,17 @@ async def test_no_get_active_activations_is_logged_once_per_lost_purchase(
 
 
 def test_options_are_checked() -> None:
+    from providers.settings import parse
     from providers.vocabulary import ConfigError
 
     good = {"base_url": "http://clone.example/stubs/handler_api", "api_key": "k" * 32}
-    HandlerApiProvider.validate_options("c", good)
+    settings = parse(HandlerApiSettings, "c", good)
+    assert (settings.base_url, settings.api_key, settings.currency, settings.method) == (
+        "http://clone.example/stubs/handler_api",
+        "k" * 32,
+        "RUB",
+        "GET",
+    )
     for bad, message in [
         ({"api_key": "k"}, "providers.c.base_url: missing"),
         ({"base_url": "ftp://x"}, "providers.c.base_url: must be an http(s) URL"),
@@ -755,7 +763,7 @@ def test_options_are_checked() -> None:
         if "api_key" in bad:
             del options["base_url"]
         with pytest.raises(ConfigError) as raised:
-            HandlerApiProvider.validate_options("c", options)
+            parse(HandlerApiSettings, "c", options)
         assert str(raised.value).startswith(message), str(raised.value)
     provider = HandlerApiProvider("c", {**good, "countries": {10: 84}}, None)  # type: ignore[arg-type]
     assert provider.countries() == [10]

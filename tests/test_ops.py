@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -22,6 +23,7 @@ from compat_server import ops
 from compat_server.cli import main
 from compat_server.config import parse_config
 from providers import PROVIDERS, get_provider_class
+from providers.settings import ProviderSettings
 from providers.vocabulary import ConfigError
 from tests.conftest import (
     KEY,
@@ -105,7 +107,10 @@ def test_keys_routes_and_providers_reject_typos(
 
 def test_every_provider_declares_its_options() -> None:
     for name in PROVIDERS:
-        assert get_provider_class(name).option_names is not None, name
+        settings_class = get_provider_class(name).settings_class
+        assert settings_class is not ProviderSettings, name  # its own, not the base
+        assert dataclasses.is_dataclass(settings_class), name
+        assert settings_class.__dataclass_params__.frozen, name  # type: ignore[attr-defined]
 
 
 def test_bad_port_is_one_line_from_the_command_line(
