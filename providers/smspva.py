@@ -155,11 +155,13 @@ class SmspvaAccount(Provider):
     def __init__(
         self,
         name: str,
-        options: Mapping[str, Any],
+        settings: ProviderSettings,
         http: httpx.AsyncClient,
         clock: Clock = time.time,
+        *,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(name, options, http, clock)
+        super().__init__(name, settings, http, clock, options=options)
         self.poll_interval = max(self.poll_interval, POLL_FLOOR)
         given = self.settings
         self.api_key = given.api_key
@@ -268,11 +270,13 @@ class SmspvaProvider(SmspvaAccount):
     def __init__(
         self,
         name: str,
-        options: Mapping[str, Any],
+        settings: ProviderSettings,
         http: httpx.AsyncClient,
         clock: Clock = time.time,
+        *,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(name, options, http, clock)
+        super().__init__(name, settings, http, clock, options=options)
         # activation v2: one price list for every country; counts per country
         self._prices: tuple[float, dict[tuple[str, str], Decimal]] | None = None
         self._counts: dict[str, tuple[float, dict[str, int]]] = {}

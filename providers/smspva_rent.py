@@ -87,11 +87,13 @@ class SmspvaRentProvider(SmspvaAccount, Rental):
     def __init__(
         self,
         name: str,
-        options: Mapping[str, Any],
+        settings: ProviderSettings,
         http: httpx.AsyncClient,
         clock: Clock = time.time,
+        *,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(name, options, http, clock)
+        super().__init__(name, settings, http, clock, options=options)
         self._rent_weeks: dict[
             tuple[str, int], tuple[float, dict[str, tuple[Decimal, int]]]
         ] = {}

@@ -59,7 +59,7 @@ Make = Callable[..., SmsmanProvider]
 def make(url: str, http: httpx.AsyncClient, clock: Clock) -> Make:
     def build(client: httpx.AsyncClient | None = None, **extra: Any) -> SmsmanProvider:
         options = {**provider_options(url), **extra}
-        return SmsmanProvider("sm", options, client or http, clock)
+        return SmsmanProvider.from_options("sm", options, client or http, clock)
 
     return build
 
@@ -236,7 +236,7 @@ async def test_buy_refused_port_is_unreachable(http: httpx.AsyncClient) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     options = provider_options(f"http://127.0.0.1:{port}")
-    provider = SmsmanProvider("sm", options, http)
+    provider = SmsmanProvider.from_options("sm", options, http)
     with pytest.raises(UpstreamUnreachable):
         await provider.buy(TG_VN)
 
@@ -504,7 +504,7 @@ def test_config_errors(
 ) -> None:
     base = {**provider_options("http://127.0.0.1:9"), **options}
     with pytest.raises(ConfigError) as info:
-        SmsmanProvider("sm", base, http)
+        SmsmanProvider.from_options("sm", base, http)
     assert str(info.value).startswith(message)
 
 
@@ -512,8 +512,8 @@ def test_missing_token_and_describe(http: httpx.AsyncClient) -> None:
     options = provider_options("http://127.0.0.1:9")
     del options["token"]
     with pytest.raises(ConfigError, match=r"^providers\.sm\.token: missing"):
-        SmsmanProvider("sm", options, http)
-    provider = SmsmanProvider("sm", provider_options("http://127.0.0.1:9"), http)
+        SmsmanProvider.from_options("sm", options, http)
+    provider = SmsmanProvider.from_options("sm", provider_options("http://127.0.0.1:9"), http)
     assert provider.describe() == (
         "type=smsman base_url=http://127.0.0.1:9/control min_interval=0 token=****"
     )

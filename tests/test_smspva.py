@@ -69,7 +69,7 @@ def make(url: str, http: httpx.AsyncClient, clock: Clock) -> Make:
     ) -> Any:
         options = {**provider_options(url, api), **extra}
         cls = SmspvaRentProvider if api == "rent" else SmspvaProvider
-        return cls("pva", options, client or http, clock)
+        return cls.from_options("pva", options, client or http, clock)
 
     return build
 
@@ -119,7 +119,7 @@ def test_class_facts_and_poll_floor(make: Make, http: httpx.AsyncClient) -> None
     assert SmspvaProvider.min_interval == 4.5 and SmspvaProvider.can_lookup
     assert make(poll_interval=1).poll_interval == 5.0
     assert make(poll_interval=7).poll_interval == 7.0
-    default = SmspvaProvider("pva", {"api_key": API_KEY}, http)
+    default = SmspvaProvider.from_options("pva", {"api_key": API_KEY}, http)
     assert (default.min_interval, default.poll_interval) == (4.5, 5.0)
     assert make().describe().count("api_key=****") == 1
     assert API_KEY not in make().describe()
@@ -337,7 +337,7 @@ async def test_refused_port_is_unreachable(
         port = sock.getsockname()[1]
     options = provider_options(f"http://127.0.0.1:{port}", api)
     cls = SmspvaRentProvider if api == "rent" else SmspvaProvider
-    provider = cls("pva", options, http, clock)
+    provider = cls.from_options("pva", options, http, clock)
     with pytest.raises(UpstreamUnreachable):
         await provider.buy(TG_RU)
 
@@ -558,9 +558,9 @@ def test_api_rent_in_the_config_builds_the_rental_provider() -> None:
 
 def test_each_class_serves_only_its_api(http: httpx.AsyncClient) -> None:
     with pytest.raises(ConfigError) as rent:
-        SmspvaProvider("pva", {"api_key": API_KEY, "api": "rent"}, http)
+        SmspvaProvider.from_options("pva", {"api_key": API_KEY, "api": "rent"}, http)
     assert str(rent.value) == "providers.pva.api: 'rent' is not served here"
     with pytest.raises(ConfigError) as activation:
-        SmspvaRentProvider("pva", {"api_key": API_KEY, "api": "activation"}, http)
+        SmspvaRentProvider.from_options("pva", {"api_key": API_KEY, "api": "activation"}, http)
     assert str(activation.value) == "providers.pva.api: 'activation' is not served here"
-    assert SmspvaRentProvider("pva", {"api_key": API_KEY}, http).api == "rent"
+    assert SmspvaRentProvider.from_options("pva", {"api_key": API_KEY}, http).api == "rent"

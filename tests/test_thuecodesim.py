@@ -67,7 +67,7 @@ class Stack:
         self, http: httpx.AsyncClient | None = None, **options: Any
     ) -> ThuecodesimProvider:
         merged = {**provider_options(self.url), **options}
-        return ThuecodesimProvider("tcs", merged, http or self.http, self.clock)
+        return ThuecodesimProvider.from_options("tcs", merged, http or self.http, self.clock)
 
 
 @pytest.fixture
@@ -185,7 +185,7 @@ def test_bad_options_raise_config_error(
 
 def test_missing_token_raises_config_error(http: httpx.AsyncClient) -> None:
     with pytest.raises(ConfigError, match=r"^providers\.tcs\.token: missing"):
-        ThuecodesimProvider("tcs", {"base_url": "http://127.0.0.1:9"}, http)
+        ThuecodesimProvider.from_options("tcs", {"base_url": "http://127.0.0.1:9"}, http)
 
 
 # ---- balance -------------------------------------------------------------------------
@@ -357,7 +357,7 @@ async def test_buy_connection_refused_is_unreachable(http: httpx.AsyncClient) ->
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    provider = ThuecodesimProvider(
+    provider = ThuecodesimProvider.from_options(
         "tcs", provider_options(f"http://127.0.0.1:{port}"), http
     )
     with pytest.raises(UpstreamUnreachable):
