@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import pytest
 
 from fakes.smspva import API_KEY, FakeSmspva, FakeSmspvaOrder, provider_options
 from providers.otp import extract_code
-from providers.smspva import SmspvaProvider
+from providers.smspva import PRICE_LIST_MEMO, SmspvaProvider
 from providers.smspva_rent import SmspvaRentProvider
 from providers.vocabulary import (
     ActivationRef,
@@ -480,7 +481,40 @@ async def test_catalog_activation(make: Make, fake: FakeSmspva) -> None:
         "/activation/servicesprices",
         "/activation/countnumbers/RU",
         "/activation/countnumbers/VN",
-    ]  # the price list is cached for catalog_ttl
+    ]  # one price list serves every country (PRICE_LIST_MEMO)
+
+
+async def test_catalog_is_fresh_but_the_price_list_is_shared(
+    make: Make, fake: FakeSmspva, clock: Clock
+) -> None:
+    # the catalog cache is the engine's (upstream.catalog_ttl, test_provider_battery);
+    # the provider asks the stock again and reuses only the all-country price list
+    provider = make()
+    first = await provider.catalog(0)
+    clock.now += PRICE_LIST_MEMO - 1
+    assert await provider.catalog(0) == first
+    clock.now += 2
+    assert await provider.catalog(0) == first
+    assert fake.paths_called() == [
+        "/activation/servicesprices",
+        "/activation/countnumbers/RU",
+        "/activation/countnumbers/RU",
+        "/activation/servicesprices",
+        "/activation/countnumbers/RU",
+    ]
+
+
+@pytest.mark.parametrize("api", ["activation", "rent"])
+async def test_provider_catalog_ttl_is_deprecated_with_one_warning(
+    make: Make, caplog: pytest.LogCaptureFixture, api: str
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="providers.smspva"):
+        make(api, catalog_ttl=600)
+        make(api)  # without the option: no warning
+    assert [r.getMessage() for r in caplog.records] == [
+        "providers.pva.catalog_ttl is deprecated and ignored: the catalog is "
+        "cached once, upstream.catalog_ttl"
+    ]
 
 
 async def test_catalog_rent(make: Make, fake: FakeSmspva) -> None:
