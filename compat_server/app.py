@@ -26,13 +26,12 @@ from compat_server.app_keys import (  # noqa: F401 - re-exported for tests and c
 )
 from compat_server.background import every, loop_ctx
 from compat_server.catalog import TtlCache
-from compat_server.config import Config
+from compat_server.config import Config, build_provider
 from compat_server.engine import Engine
 from compat_server.errors import BadAction, BadKey, NoKey
 from compat_server.metrics import Metrics, healthz, metrics_handler, readyz
 from compat_server.rentals import reconcile as reconcile_rents
 from compat_server.store import SqliteStore
-from providers import get_provider_class
 from providers.base import Provider
 from providers.vocabulary import BUDGET, Budget, Clock, CompatError
 
@@ -148,7 +147,7 @@ def build_providers(
 ) -> dict[str, Provider]:
     """One provider instance per configured account."""
     return {
-        name: get_provider_class(p.type)(name, p.options, http, clock)
+        name: build_provider(name, p, http, clock)
         for name, p in config.providers.items()
     }
 

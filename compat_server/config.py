@@ -18,11 +18,13 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from providers import get_provider_class, provider_type
+from providers.base import Provider
 from providers.settings import ProviderSettings, mask, parse, shown
-from providers.vocabulary import ConfigError
+from providers.vocabulary import Clock, ConfigError
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -126,6 +128,15 @@ class ProviderConfig:
     markup: Decimal = Decimal(1)
     # the options as validated by the provider's settings class (None: built by hand)
     settings: ProviderSettings | None = field(default=None, repr=False, compare=False)
+
+
+def build_provider(
+    name: str, p: ProviderConfig, http: httpx.AsyncClient, clock: Clock
+) -> Provider:
+    """One provider from its parsed settings (parsed here when built by hand)."""
+    cls = get_provider_class(p.type)
+    settings = p.settings or parse(cls.settings_class, name, p.options)
+    return cls(name, settings, http, clock, options=p.options)
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from compat_server.app_keys import ENGINE, HTTP
-from compat_server.config import Config, load_config
+from compat_server.config import Config, build_provider, load_config
 from compat_server.engine import Engine
 from compat_server.routing import Breaker
-from providers import get_provider_class
 from providers.base import Provider
 from providers.vocabulary import ConfigError
 
@@ -78,9 +77,7 @@ def apply(engine: Engine, new: Config, http: Any) -> None:
         ):
             built[name] = providers[name]
         else:
-            built[name] = get_provider_class(wanted.type)(
-                name, wanted.options, http, engine.clock
-            )
+            built[name] = build_provider(name, wanted, http, engine.clock)
     retired = [n for n in providers if n not in new.providers]
     for name in retired:  # still polls, cancels and finishes what it sold
         built[name] = providers[name]

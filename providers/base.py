@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import json
@@ -17,7 +18,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import httpx
 
@@ -127,13 +128,34 @@ class Provider(abc.ABC):
     def __init__(
         self,
         name: str,
-        options: Mapping[str, Any],
+        settings: ProviderSettings,
         http: httpx.AsyncClient,
         clock: Clock = time.time,
+        *,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
+        """``settings`` as the config parsed them (one parse, in config.py).
+
+        ``options`` are the raw options they came from, shown by describe() and read by
+        native_currency(); without them, the settings' set fields stand in.
+        """
+        wanted = type(self).settings_class
+        if not isinstance(settings, wanted):
+            raise TypeError(
+                f"{type(self).__name__} takes {wanted.__name__}, "
+                f"got {type(settings).__name__}"
+            )
         self.name = name
-        self.options = options
-        self.settings = parse(type(self).settings_class, name, options)
+        self.settings = settings
+        self.options: Mapping[str, Any] = (
+            dict(options)
+            if options is not None
+            else {
+                f.name: getattr(settings, f.name)
+                for f in dataclasses.fields(settings)
+                if getattr(settings, f.name) is not None
+            }
+        )
         self.http = http
         self.clock = clock
         # instance values shadow the class defaults; tests set min_interval: 0
@@ -149,6 +171,18 @@ class Provider(abc.ABC):
             else given.poll_interval
         )
         self.pacer = Pacer(name, self.min_interval)
+
+    @classmethod
+    def from_options(
+        cls,
+        name: str,
+        options: Mapping[str, Any],
+        http: httpx.AsyncClient,
+        clock: Clock = time.time,
+    ) -> Self:
+        """Parse raw ``options`` (ConfigError names the place) and build: for tests, tools."""
+        settings = parse(cls.settings_class, name, options)
+        return cls(name, settings, http, clock, options=options)
 
     @classmethod
     def native_currency(cls, options: Mapping[str, Any]) -> str:

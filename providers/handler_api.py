@@ -198,11 +198,13 @@ class HandlerApiProvider(Provider):
     def __init__(
         self,
         name: str,
-        options: Mapping[str, Any],
+        settings: ProviderSettings,
         http: httpx.AsyncClient,
         clock: Clock = time.time,
+        *,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(name, options, http, clock)
+        super().__init__(name, settings, http, clock, options=options)
         given = self.settings
         self.base_url = given.base_url
         self.api_key = given.api_key

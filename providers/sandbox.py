@@ -137,9 +137,9 @@ class SandboxProvider(Provider, Rental):
     settings: SandboxSettings
 
     def __init__(
-        self, name: str, options: Mapping[str, Any], *args: Any, **kwargs: Any
+        self, name: str, settings: ProviderSettings, *args: Any, **kwargs: Any
     ) -> None:
-        super().__init__(name, options, *args, **kwargs)
+        super().__init__(name, settings, *args, **kwargs)
         given = self.settings
         self._currency = given.currency
         self.sms_delay = given.sms_delay

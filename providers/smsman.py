@@ -62,7 +62,8 @@ from providers.vocabulary import (
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.sms-man.com/control"
-DEFAULT_CATALOG_TTL = 60.0
+DEFAULT_CATALOG_TTL = 60.0  # the deprecated, ignored catalog_ttl option's default
+ID_TABLES_TTL = 60.0  # seconds the applications and countries id tables are reused
 
 WAIT_SMS = "wait_sms"
 WRONG_TOKEN = "wrong_token"
@@ -114,6 +115,8 @@ class SmsmanSettings(ProviderSettings):
 
     token: str = option(required, secret=True)
     base_url: str = option(url(DEFAULT_BASE_URL))
+    # deprecated, accepted for old configs and ignored (one warning line): the catalog
+    # cache is the engine's, upstream.catalog_ttl
     catalog_ttl: float = option(number(DEFAULT_CATALOG_TTL))
     services: dict[str, str] = option(lambda n, o, k: _service_option(n, o))
     countries: dict[int, str] = option(lambda n, o, k: _country_option(n, o))
@@ -130,15 +133,22 @@ class SmsmanProvider(Provider):
     def __init__(
         self,
         name: str,
-        options: Mapping[str, Any],
+        settings: ProviderSettings,
         http: httpx.AsyncClient,
         clock: Clock = time.time,
+        *,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(name, options, http, clock)
+        super().__init__(name, settings, http, clock, options=options)
         given = self.settings
         self.token = given.token
         self.base_url = given.base_url
-        self.catalog_ttl = given.catalog_ttl
+        if options is not None and "catalog_ttl" in options:
+            log.warning(
+                "providers.%s.catalog_ttl is deprecated and ignored: the catalog is "
+                "cached once, upstream.catalog_ttl",
+                name,
+            )
         self.service_ids = given.services
         self.country_ids = given.countries
         try:
@@ -149,7 +159,9 @@ class SmsmanProvider(Provider):
             ) from exc
         self._applications: _Cached[dict[str, str]] | None = None  # {code: app id}
         self._countries: _Cached[dict[str, str]] | None = None  # {title: country id}
-        self._prices: dict[str, _Cached[dict[str, tuple[Decimal, int]]]] = {}
+        # the last get-prices answer per country: the cost buy reports; never served
+        # to catalog() or quote(), which always ask again (no provider catalog cache)
+        self._last_prices: dict[str, _Cached[dict[str, tuple[Decimal, int]]]] = {}
         self._lists_lock = asyncio.Lock()
 
     # ---- operations --------------------------------------------------------------
@@ -255,14 +267,13 @@ class SmsmanProvider(Provider):
         country_id = await self._country_id(order.country)
         if country_id is None:
             return None
-        self._prices.pop(country_id, None)
         found = (await self._prices_for(country_id)).get(application_id)
         if found is None:
             return None
         return Offer(service=order.service, price=found[0], count=found[1])
 
     async def catalog(self, country: int) -> list[Offer]:
-        """``get-prices`` for one country, ids turned into codes; cached for the TTL."""
+        """``get-prices`` for one country, ids turned into codes (the engine caches it)."""
         country_id = await self._country_id(country)
         if country_id is None:
             return []
@@ -327,25 +338,23 @@ class SmsmanProvider(Provider):
         return None
 
     async def _prices_for(self, country_id: str) -> dict[str, tuple[Decimal, int]]:
-        """{application id: (cost, count)} for one sms-man country; cached."""
-        cached = self._prices.get(country_id)
-        if cached is not None and self._fresh(cached):
-            return cached.value
+        """{application id: (cost, count)} for one sms-man country, asked now."""
         body = await self._get("get-prices", {"country_id": country_id})
         self._raise_for_error(body, "get-prices")
         prices = _parse_prices(body, country_id)
-        self._prices[country_id] = _Cached(self.clock(), prices)
+        self._last_prices[country_id] = _Cached(self.clock(), prices)
         return prices
 
     def _cached_price(self, country_id: str, application_id: str) -> Decimal:
         """The last known cost (even stale) of a number; Decimal(0) when never seen."""
-        cached = self._prices.get(country_id)
+        cached = self._last_prices.get(country_id)
         if cached is None or application_id not in cached.value:
             return Decimal(0)
         return cached.value[application_id][0]
 
     def _fresh(self, cached: _Cached[Any]) -> bool:
-        return self.clock() - cached.fetched_at < self.catalog_ttl
+        """An id table fetched less than ID_TABLES_TTL ago."""
+        return self.clock() - cached.fetched_at < ID_TABLES_TTL
 
     # ---- wire --------------------------------------------------------------------
 

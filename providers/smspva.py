@@ -20,6 +20,7 @@ Branches follow the documented ``statusCode``/``status`` only; message text is a
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -72,7 +73,12 @@ RENT_EXCLUDED: frozenset[str] = frozenset(_TABLES["rent_excluded"])  # no VN, LA
 APIS = ("activation", "rent")
 RENT_DAYS = {"week": 7, "month": 30}  # "month" as 30 days: price_day x days [doc]
 POLL_FLOOR = 5.0  # seconds; the docs ask for 4-5 s between queries
-SINGLE_TTL_FACTOR = 5  # serviceprice answers live 5 x catalog_ttl (paced calls)
+log = logging.getLogger(__name__)
+
+# internal memos, not catalog TTLs (the catalog cache is the engine's, upstream.catalog_ttl)
+PRICE_LIST_MEMO = 60.0  # servicesprices: one list for every country's catalog
+SINGLE_MEMO = 300.0  # serviceprice/{country}/{service} answers (paced calls)
+RENT_OFFERS_MEMO = 60.0  # rent getdata per (country, weeks) for rent_offers()
 LOOKUP_SLACK = 600.0  # seconds of clock skew tolerated when matching orders
 
 _OPT = re.compile(r"opt\d+")
@@ -128,6 +134,8 @@ class SmspvaSettings(ProviderSettings):
     activation_url: str = option(url("https://api.smspva.com"))
     base_url: str = option(url("https://smspva.com"))
     rent: tuple[str, int] = option(lambda n, o, k: _rent_period(n, o.get(k)))
+    # deprecated, accepted for old configs and ignored (one warning line): the catalog
+    # cache is the engine's, upstream.catalog_ttl
     catalog_ttl: float = option(number(60.0))
     services: dict[str, str] = option(lambda n, o, k: _service_overrides(n, o.get(k)))
     countries: dict[int, str] = option(lambda n, o, k: _country_overrides(n, o.get(k)))
@@ -155,11 +163,13 @@ class SmspvaAccount(Provider):
     def __init__(
         self,
         name: str,
-        options: Mapping[str, Any],
+        settings: ProviderSettings,
         http: httpx.AsyncClient,
         clock: Clock = time.time,
+        *,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(name, options, http, clock)
+        super().__init__(name, settings, http, clock, options=options)
         self.poll_interval = max(self.poll_interval, POLL_FLOOR)
         given = self.settings
         self.api_key = given.api_key
@@ -167,7 +177,12 @@ class SmspvaAccount(Provider):
         self.base_url = given.base_url
         self.dtype, self.dcount = given.rent
         self.rent_days = RENT_DAYS[self.dtype] * self.dcount
-        self.catalog_ttl = given.catalog_ttl
+        if options is not None and "catalog_ttl" in options:
+            log.warning(
+                "providers.%s.catalog_ttl is deprecated and ignored: the catalog is "
+                "cached once, upstream.catalog_ttl",
+                name,
+            )
         self.services = {**SERVICES, **given.services}
         self.country_iso = {**COUNTRIES, **given.countries}
 
@@ -268,11 +283,13 @@ class SmspvaProvider(SmspvaAccount):
     def __init__(
         self,
         name: str,
-        options: Mapping[str, Any],
+        settings: ProviderSettings,
         http: httpx.AsyncClient,
         clock: Clock = time.time,
+        *,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(name, options, http, clock)
+        super().__init__(name, settings, http, clock, options=options)
         # activation v2: one price list for every country; counts per country
         self._prices: tuple[float, dict[tuple[str, str], Decimal]] | None = None
         self._counts: dict[str, tuple[float, dict[str, int]]] = {}
@@ -384,7 +401,7 @@ class SmspvaProvider(SmspvaAccount):
         deliver, only while those failed lately (when they work, a service they do not
         list is not on sale): paced calls are not spent on it otherwise. The count
         comes from the answer, else from a cached countnumbers, else 0 (unknown).
-        Answers are kept SINGLE_TTL_FACTOR x catalog_ttl.
+        Answers are kept SINGLE_MEMO seconds.
         """
         if self._bulk_failed_at is None:
             return None
@@ -393,7 +410,7 @@ class SmspvaProvider(SmspvaAccount):
         except UnknownService:
             return None
         cached = self._single.get((iso, opt))
-        if cached and self.clock() - cached[0] < self.catalog_ttl * SINGLE_TTL_FACTOR:
+        if cached and self.clock() - cached[0] < SINGLE_MEMO:
             return cached[1]
         answer = await self._activation("GET", f"serviceprice/{iso}/{opt}")
         offer = None
@@ -469,8 +486,12 @@ class SmspvaProvider(SmspvaAccount):
         )
 
     async def _activation_prices(self) -> dict[tuple[str, str], Decimal]:
-        """(ISO, optNN) -> USD from ``servicesprices``, cached ``catalog_ttl``."""
-        if self._prices and self.clock() - self._prices[0] < self.catalog_ttl:
+        """(ISO, optNN) -> USD from ``servicesprices``, kept PRICE_LIST_MEMO seconds.
+
+        One list serves every country: the engine's per-country catalog fills read it
+        once instead of one paced call each; quote() drops it to ask again.
+        """
+        if self._prices and self.clock() - self._prices[0] < PRICE_LIST_MEMO:
             return self._prices[1]
         answer = await self._activation("GET", "servicesprices")
         if answer.code != OK:
@@ -481,10 +502,10 @@ class SmspvaProvider(SmspvaAccount):
         return prices
 
     async def _activation_counts(self, iso: str) -> dict[str, int]:
-        """optNN -> numbers in stock from ``countnumbers/{ISO}``, cached."""
-        cached = self._counts.get(iso)
-        if cached and self.clock() - cached[0] < self.catalog_ttl:
-            return cached[1]
+        """optNN -> numbers in stock from ``countnumbers/{ISO}``, asked now.
+
+        The answer is kept as the last known counts (quote, service_offer read it).
+        """
         answer = await self._activation("GET", f"countnumbers/{iso}")
         if answer.code != OK:
             raise self._activation_failure(answer, buying=False)

@@ -31,6 +31,7 @@ from providers.smspva import (
     LOOKUP_SLACK,
     RENT_DAYS,
     RENT_EXCLUDED,
+    RENT_OFFERS_MEMO,
     SmspvaAccount,
     SmspvaSettings,
     _Answer,
@@ -87,11 +88,13 @@ class SmspvaRentProvider(SmspvaAccount, Rental):
     def __init__(
         self,
         name: str,
-        options: Mapping[str, Any],
+        settings: ProviderSettings,
         http: httpx.AsyncClient,
         clock: Clock = time.time,
+        *,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(name, options, http, clock)
+        super().__init__(name, settings, http, clock, options=options)
         self._rent_weeks: dict[
             tuple[str, int], tuple[float, dict[str, tuple[Decimal, int]]]
         ] = {}
@@ -136,7 +139,6 @@ class SmspvaRentProvider(SmspvaAccount, Rental):
             iso, opt = self._resolve(order.country, order.service)
         except UnknownService:
             return None
-        self._rent_offers.pop(iso, None)
         offer = (await self._rent_catalog(iso)).get(opt)
         if offer is None:
             return None
@@ -244,9 +246,6 @@ class SmspvaRentProvider(SmspvaAccount, Rental):
 
     async def _rent_catalog(self, iso: str) -> dict[str, tuple[Decimal, int]]:
         """optNN -> (price for the configured period, count) from ``getdata``."""
-        cached = self._rent_offers.get(iso)
-        if cached and self.clock() - cached[0] < self.catalog_ttl:
-            return cached[1]
         answer = await self._rent(
             "getdata", country=iso, dtype=self.dtype, dcount=self.dcount
         )
@@ -307,7 +306,7 @@ class SmspvaRentProvider(SmspvaAccount, Rental):
             return []
         weeks = _weeks(hours)
         cached = self._rent_weeks.get((iso, weeks))
-        if cached and self.clock() - cached[0] < self.catalog_ttl:
+        if cached and self.clock() - cached[0] < RENT_OFFERS_MEMO:
             priced = cached[1]
         else:
             answer = await self._rent(

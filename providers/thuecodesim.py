@@ -56,6 +56,7 @@ from providers.vocabulary import (
 )
 
 log = logging.getLogger(__name__)
+SERVICE_LIST_MEMO = 60.0  # seconds buy/reactivate/lookup reuse a fetched service list
 
 VIETNAM_TZ = timezone(timedelta(hours=7))
 DEFAULT_BASE_URL = "https://api.thuecodesim.com"
@@ -180,6 +181,8 @@ class ThuecodesimSettings(ProviderSettings):
     token: str = option(required, secret=True)
     base_url: str = option(url(DEFAULT_BASE_URL))
     rerent_on_retry: bool = option(lambda n, o, k: _bool_option(n, o, k, False))
+    # deprecated, accepted for old configs and ignored (one warning line): the catalog
+    # cache is the engine's, upstream.catalog_ttl
     catalog_ttl: float = option(number(60.0))
     nominal_stock: int = option(lambda n, o, k: _stock_option(n, o, k))
     services: dict[str, str] = option(lambda n, o, k: _alias_table(n, o.get(k)))
@@ -199,19 +202,28 @@ class ThuecodesimProvider(Provider):
     def __init__(
         self,
         name: str,
-        options: Mapping[str, Any],
+        settings: ProviderSettings,
         http: httpx.AsyncClient,
         clock: Clock = time.time,
+        *,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(name, options, http, clock)
+        super().__init__(name, settings, http, clock, options=options)
         given = self.settings
         self.token = given.token
         self.base_url = given.base_url
         self.rerent_on_retry = given.rerent_on_retry
-        self.catalog_ttl = given.catalog_ttl
+        if options is not None and "catalog_ttl" in options:
+            log.warning(
+                "providers.%s.catalog_ttl is deprecated and ignored: the catalog is "
+                "cached once, upstream.catalog_ttl",
+                name,
+            )
         self.nominal_stock = given.nominal_stock
         self._aliases = given.services
-        self._catalogs: dict[str, tuple[float, list[Entry]]] = {}
+        # the service-list memo: ids and prices buy, reactivate and lookup resolve a
+        # service with; not a catalog cache (catalog() and quote() always refresh it)
+        self._service_lists: dict[str, tuple[float, list[Entry]]] = {}
         # seconds east of UTC of the upstream's CreatedTime, once a live answer told
         self.utc_offset: float | None = None
         self._bought: dict[str, float] = {}  # recent request ids -> when we bought them
@@ -333,9 +345,8 @@ class ThuecodesimProvider(Provider):
         spec = COUNTRIES.get(order.country)
         if spec is None or order.service not in self._aliases.values():
             return None
-        self._catalogs.pop(spec.key, None)
         try:
-            entry = self._pick(await self._entries(spec), order.service)
+            entry = self._pick(await self._entries(spec, fresh=True), order.service)
         except UnknownService:
             return None
         return Offer(service=order.service, price=entry.price, count=self.nominal_stock)
@@ -345,7 +356,7 @@ class ThuecodesimProvider(Provider):
         spec = COUNTRIES.get(country)
         if spec is None:
             return []
-        entries = await self._entries(spec)
+        entries = await self._entries(spec, fresh=True)  # the engine caches it
         chosen: dict[str, Entry] = {}
         for entry in entries:
             code = self._aliases.get(name_key(entry.name))
@@ -503,11 +514,15 @@ class ThuecodesimProvider(Provider):
             error = UpstreamUncertain
         raise error(self.name, f"{path}: {message}")
 
-    async def _entries(self, spec: CountrySpec) -> list[Entry]:
-        """The catalogue of a country, fetched at most once per ``catalog_ttl``."""
+    async def _entries(self, spec: CountrySpec, *, fresh: bool = False) -> list[Entry]:
+        """The service list of a country; ``fresh`` asks upstream, else the memo serves.
+
+        The memo lives SERVICE_LIST_MEMO seconds: a buy right after a quote or a
+        catalog() reads their answer instead of asking again (one paced call saved).
+        """
         now = self.clock()
-        cached = self._catalogs.get(spec.key)
-        if cached is not None and now - cached[0] < self.catalog_ttl:
+        cached = self._service_lists.get(spec.key)
+        if not fresh and cached is not None and now - cached[0] < SERVICE_LIST_MEMO:
             return cached[1]
         data = await self._call("/service/getv2", {"country": spec.key})
         rows = list(data.values()) if isinstance(data, dict) else data
@@ -520,7 +535,7 @@ class ThuecodesimProvider(Provider):
             service_id, price = as_text(row.get("id")), as_decimal(row.get("price"))
             if service_id and price is not None:
                 entries.append(Entry(service_id, as_text(row.get("name")), price))
-        self._catalogs[spec.key] = (now, entries)
+        self._service_lists[spec.key] = (now, entries)
         return entries
 
     async def _catalog_before_buying(self, spec: CountrySpec) -> list[Entry]:
@@ -559,7 +574,7 @@ class ThuecodesimProvider(Provider):
         try:
             data = await self._call("/request/getv2", params, purchase=True)
         except UnknownService:
-            self._catalogs.pop(spec.key, None)  # the id may be stale
+            self._service_lists.pop(spec.key, None)  # the id may be stale
             raise
         if not isinstance(data, dict):
             raise UpstreamUncertain(self.name, "success without data")

@@ -765,13 +765,13 @@ def test_options_are_checked() -> None:
         with pytest.raises(ConfigError) as raised:
             parse(HandlerApiSettings, "c", options)
         assert str(raised.value).startswith(message), str(raised.value)
-    provider = HandlerApiProvider("c", {**good, "countries": {10: 84}}, None)  # type: ignore[arg-type]
+    provider = HandlerApiProvider.from_options("c", {**good, "countries": {10: 84}}, None)  # type: ignore[arg-type]
     assert provider.countries() == [10]
     assert provider.describe() == (
         "type=handler_api api_key=**** base_url=http://clone.example/stubs/handler_api"
         " countries={10: 84}"
     )
-    assert HandlerApiProvider("c", good, None).countries() == list(range(200))  # type: ignore[arg-type]
+    assert HandlerApiProvider.from_options("c", good, None).countries() == list(range(200))  # type: ignore[arg-type]
 
 
 # ---- published clients, unchanged, through sms-compat to each fake ---------------------
@@ -1041,7 +1041,7 @@ async def sms3t_provider(
     server: TestServer = await aiohttp_server(fake.app)
     url = str(server.make_url("")).rstrip("/")
     async with httpx.AsyncClient(timeout=2) as http:
-        provider = HandlerApiProvider("fuzz", fakes.sms3t_options(url), http)
+        provider = HandlerApiProvider.from_options("fuzz", fakes.sms3t_options(url), http)
         provider._prices[(10, "tg")] = Decimal("15")
         yield fake, provider
 

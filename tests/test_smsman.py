@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable
 from decimal import Decimal
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from fakes.smsman import TOKEN, FakeSmsman, provider_options
-from providers.smsman import SmsmanProvider
+from providers.smsman import ID_TABLES_TTL, SmsmanProvider
 from providers.vocabulary import (
     ActivationRef,
     ConfigError,
@@ -59,7 +60,7 @@ Make = Callable[..., SmsmanProvider]
 def make(url: str, http: httpx.AsyncClient, clock: Clock) -> Make:
     def build(client: httpx.AsyncClient | None = None, **extra: Any) -> SmsmanProvider:
         options = {**provider_options(url), **extra}
-        return SmsmanProvider("sm", options, client or http, clock)
+        return SmsmanProvider.from_options("sm", options, client or http, clock)
 
     return build
 
@@ -236,7 +237,7 @@ async def test_buy_refused_port_is_unreachable(http: httpx.AsyncClient) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     options = provider_options(f"http://127.0.0.1:{port}")
-    provider = SmsmanProvider("sm", options, http)
+    provider = SmsmanProvider.from_options("sm", options, http)
     with pytest.raises(UpstreamUnreachable):
         await provider.buy(TG_VN)
 
@@ -413,22 +414,36 @@ async def test_catalog_of_unserved_country_is_empty(
     assert calls_to(fake, "get-prices") == []
 
 
-async def test_catalog_cache_follows_the_clock(
+async def test_catalog_is_fresh_and_id_tables_follow_the_clock(
     make: Make, fake: FakeSmsman, clock: Clock
 ) -> None:
-    provider = make(catalog_ttl=60)
+    # the catalog cache is the engine's (upstream.catalog_ttl, test_provider_battery);
+    # the provider asks get-prices every time and reuses only its id tables
+    provider = make()
     first = await provider.catalog(0)
-    clock.now += 59
+    clock.now += ID_TABLES_TTL - 1
     assert await provider.catalog(0) == first
-    assert len(calls_to(fake, "get-prices")) == 1
+    assert len(calls_to(fake, "get-prices")) == 2
     assert len(calls_to(fake, "applications")) == 1
     assert len(calls_to(fake, "countries")) == 1
 
     clock.now += 2
     assert await provider.catalog(0) == first
-    assert len(calls_to(fake, "get-prices")) == 2
+    assert len(calls_to(fake, "get-prices")) == 3
     assert len(calls_to(fake, "applications")) == 2
     assert len(calls_to(fake, "countries")) == 2
+
+
+async def test_provider_catalog_ttl_is_deprecated_with_one_warning(
+    make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="providers.smsman"):
+        make(catalog_ttl=600)
+        make()  # without the option: no warning
+    assert [r.getMessage() for r in caplog.records] == [
+        "providers.sm.catalog_ttl is deprecated and ignored: the catalog is "
+        "cached once, upstream.catalog_ttl"
+    ]
 
 
 async def test_catalog_flat_prices(make: Make, fake: FakeSmsman) -> None:
@@ -504,7 +519,7 @@ def test_config_errors(
 ) -> None:
     base = {**provider_options("http://127.0.0.1:9"), **options}
     with pytest.raises(ConfigError) as info:
-        SmsmanProvider("sm", base, http)
+        SmsmanProvider.from_options("sm", base, http)
     assert str(info.value).startswith(message)
 
 
@@ -512,8 +527,8 @@ def test_missing_token_and_describe(http: httpx.AsyncClient) -> None:
     options = provider_options("http://127.0.0.1:9")
     del options["token"]
     with pytest.raises(ConfigError, match=r"^providers\.sm\.token: missing"):
-        SmsmanProvider("sm", options, http)
-    provider = SmsmanProvider("sm", provider_options("http://127.0.0.1:9"), http)
+        SmsmanProvider.from_options("sm", options, http)
+    provider = SmsmanProvider.from_options("sm", provider_options("http://127.0.0.1:9"), http)
     assert provider.describe() == (
         "type=smsman base_url=http://127.0.0.1:9/control min_interval=0 token=****"
     )

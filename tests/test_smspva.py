@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import pytest
 
 from fakes.smspva import API_KEY, FakeSmspva, FakeSmspvaOrder, provider_options
 from providers.otp import extract_code
-from providers.smspva import SmspvaProvider
+from providers.smspva import PRICE_LIST_MEMO, SmspvaProvider
 from providers.smspva_rent import SmspvaRentProvider
 from providers.vocabulary import (
     ActivationRef,
@@ -69,7 +70,7 @@ def make(url: str, http: httpx.AsyncClient, clock: Clock) -> Make:
     ) -> Any:
         options = {**provider_options(url, api), **extra}
         cls = SmspvaRentProvider if api == "rent" else SmspvaProvider
-        return cls("pva", options, client or http, clock)
+        return cls.from_options("pva", options, client or http, clock)
 
     return build
 
@@ -119,7 +120,7 @@ def test_class_facts_and_poll_floor(make: Make, http: httpx.AsyncClient) -> None
     assert SmspvaProvider.min_interval == 4.5 and SmspvaProvider.can_lookup
     assert make(poll_interval=1).poll_interval == 5.0
     assert make(poll_interval=7).poll_interval == 7.0
-    default = SmspvaProvider("pva", {"api_key": API_KEY}, http)
+    default = SmspvaProvider.from_options("pva", {"api_key": API_KEY}, http)
     assert (default.min_interval, default.poll_interval) == (4.5, 5.0)
     assert make().describe().count("api_key=****") == 1
     assert API_KEY not in make().describe()
@@ -337,7 +338,7 @@ async def test_refused_port_is_unreachable(
         port = sock.getsockname()[1]
     options = provider_options(f"http://127.0.0.1:{port}", api)
     cls = SmspvaRentProvider if api == "rent" else SmspvaProvider
-    provider = cls("pva", options, http, clock)
+    provider = cls.from_options("pva", options, http, clock)
     with pytest.raises(UpstreamUnreachable):
         await provider.buy(TG_RU)
 
@@ -480,7 +481,40 @@ async def test_catalog_activation(make: Make, fake: FakeSmspva) -> None:
         "/activation/servicesprices",
         "/activation/countnumbers/RU",
         "/activation/countnumbers/VN",
-    ]  # the price list is cached for catalog_ttl
+    ]  # one price list serves every country (PRICE_LIST_MEMO)
+
+
+async def test_catalog_is_fresh_but_the_price_list_is_shared(
+    make: Make, fake: FakeSmspva, clock: Clock
+) -> None:
+    # the catalog cache is the engine's (upstream.catalog_ttl, test_provider_battery);
+    # the provider asks the stock again and reuses only the all-country price list
+    provider = make()
+    first = await provider.catalog(0)
+    clock.now += PRICE_LIST_MEMO - 1
+    assert await provider.catalog(0) == first
+    clock.now += 2
+    assert await provider.catalog(0) == first
+    assert fake.paths_called() == [
+        "/activation/servicesprices",
+        "/activation/countnumbers/RU",
+        "/activation/countnumbers/RU",
+        "/activation/servicesprices",
+        "/activation/countnumbers/RU",
+    ]
+
+
+@pytest.mark.parametrize("api", ["activation", "rent"])
+async def test_provider_catalog_ttl_is_deprecated_with_one_warning(
+    make: Make, caplog: pytest.LogCaptureFixture, api: str
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="providers.smspva"):
+        make(api, catalog_ttl=600)
+        make(api)  # without the option: no warning
+    assert [r.getMessage() for r in caplog.records] == [
+        "providers.pva.catalog_ttl is deprecated and ignored: the catalog is "
+        "cached once, upstream.catalog_ttl"
+    ]
 
 
 async def test_catalog_rent(make: Make, fake: FakeSmspva) -> None:
@@ -558,9 +592,9 @@ def test_api_rent_in_the_config_builds_the_rental_provider() -> None:
 
 def test_each_class_serves_only_its_api(http: httpx.AsyncClient) -> None:
     with pytest.raises(ConfigError) as rent:
-        SmspvaProvider("pva", {"api_key": API_KEY, "api": "rent"}, http)
+        SmspvaProvider.from_options("pva", {"api_key": API_KEY, "api": "rent"}, http)
     assert str(rent.value) == "providers.pva.api: 'rent' is not served here"
     with pytest.raises(ConfigError) as activation:
-        SmspvaRentProvider("pva", {"api_key": API_KEY, "api": "activation"}, http)
+        SmspvaRentProvider.from_options("pva", {"api_key": API_KEY, "api": "activation"}, http)
     assert str(activation.value) == "providers.pva.api: 'activation' is not served here"
-    assert SmspvaRentProvider("pva", {"api_key": API_KEY}, http).api == "rent"
+    assert SmspvaRentProvider.from_options("pva", {"api_key": API_KEY}, http).api == "rent"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,6 +16,7 @@ import pytest
 
 from fakes.thuecodesim import TOKEN, FakeThuecodesim, provider_options
 from providers.thuecodesim import (
+    SERVICE_LIST_MEMO,
     SERVICES,
     VIETNAM_TZ,
     ThuecodesimProvider,
@@ -67,7 +69,7 @@ class Stack:
         self, http: httpx.AsyncClient | None = None, **options: Any
     ) -> ThuecodesimProvider:
         merged = {**provider_options(self.url), **options}
-        return ThuecodesimProvider("tcs", merged, http or self.http, self.clock)
+        return ThuecodesimProvider.from_options("tcs", merged, http or self.http, self.clock)
 
 
 @pytest.fixture
@@ -185,7 +187,7 @@ def test_bad_options_raise_config_error(
 
 def test_missing_token_raises_config_error(http: httpx.AsyncClient) -> None:
     with pytest.raises(ConfigError, match=r"^providers\.tcs\.token: missing"):
-        ThuecodesimProvider("tcs", {"base_url": "http://127.0.0.1:9"}, http)
+        ThuecodesimProvider.from_options("tcs", {"base_url": "http://127.0.0.1:9"}, http)
 
 
 # ---- balance -------------------------------------------------------------------------
@@ -357,7 +359,7 @@ async def test_buy_connection_refused_is_unreachable(http: httpx.AsyncClient) ->
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    provider = ThuecodesimProvider(
+    provider = ThuecodesimProvider.from_options(
         "tcs", provider_options(f"http://127.0.0.1:{port}"), http
     )
     with pytest.raises(UpstreamUnreachable):
@@ -510,20 +512,44 @@ async def test_catalog(stack: Stack) -> None:
     assert last_params(stack.fake, "/request/getv2")["serviceId"] == "8"
 
 
-async def test_catalog_is_cached_for_its_ttl(stack: Stack) -> None:
-    provider = stack.provider(catalog_ttl=60)
+async def test_catalog_is_fresh_and_buy_reuses_the_service_list_memo(
+    stack: Stack,
+) -> None:
+    # the catalog cache is the engine's (upstream.catalog_ttl, test_provider_battery);
+    # the provider asks every time and keeps the answer for buy to resolve the id
+    provider = stack.provider()
     first = await provider.catalog(10)
     stack.clock.now += 59
     assert await provider.catalog(10) == first
     await provider.buy(TG_VN)
     assert stack.fake.paths_called() == [
         "/service/getv2",
+        "/service/getv2",
         "/request/getv2",
         "/session/getv2",
     ]
-    stack.clock.now += 2
-    assert await provider.catalog(10) == first
-    assert stack.fake.paths_called().count("/service/getv2") == 2
+    stack.clock.now += SERVICE_LIST_MEMO + 1
+    await provider.buy(TG_VN)
+    assert stack.fake.paths_called()[4:] == [
+        "/service/getv2",
+        "/request/getv2",
+        "/session/getv2",
+    ]
+
+
+async def test_provider_catalog_ttl_is_deprecated_with_one_warning(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="providers.thuecodesim"):
+        provider = stack.provider(catalog_ttl=600)
+        stack.provider()  # without the option: no warning
+    assert [r.getMessage() for r in caplog.records] == [
+        "providers.tcs.catalog_ttl is deprecated and ignored: the catalog is "
+        "cached once, upstream.catalog_ttl"
+    ]
+    await provider.catalog(10)
+    await provider.catalog(10)
+    assert stack.fake.paths_called() == ["/service/getv2", "/service/getv2"]
 
 
 async def test_catalog_failures(stack: Stack) -> None:
