@@ -99,7 +99,9 @@ async def _default_country(call: Call) -> int:
 
 async def get_balance(call: Call) -> Reply:
     """``ACCESS_BALANCE:<amount>``, always with two decimals."""
-    return token(Token.ACCESS_BALANCE, money(await call.engine.balance(call.key)))
+    return token(
+        Token.ACCESS_BALANCE, money(await call.engine.catalog.balance(call.key))
+    )
 
 
 # ---- numbers -------------------------------------------------------------------------
@@ -126,7 +128,7 @@ async def _order(call: Call) -> Order:
 async def _buy(call: Call) -> Activation:
     """Buy for the caller; a number whose client left meanwhile is released."""
     activation = await paid(
-        call.engine.buy(call.key, await _order(call)), call.engine.abandoned
+        call.engine.buy(call.key, await _order(call)), call.engine.lifecycle.abandoned
     )
     call.provider = activation.provider
     call.activation = activation
@@ -252,18 +254,18 @@ async def set_status(call: Call) -> Reply:
     activation = await _activation(call)
     engine = call.engine
     if activation.is_open and engine.clock() >= activation.expires_at:
-        await engine.expire(activation)
+        await engine.lifecycle.expire(activation)
     if status == "1":
-        await engine.ready(activation)
+        await engine.lifecycle.ready(activation)
         return Token.ACCESS_READY.value
     if status == "3":
-        await engine.retry(activation)
+        await engine.lifecycle.retry(activation)
         return Token.ACCESS_RETRY_GET.value
     if status == "6":
-        await engine.finish(activation)
+        await engine.lifecycle.finish(activation)
         return Token.ACCESS_ACTIVATION.value
     if status in ("8", "-1"):
-        await engine.cancel(activation)
+        await engine.lifecycle.cancel(activation)
         return Token.ACCESS_CANCEL.value
     raise BadStatus(status[:8])
 
@@ -344,7 +346,7 @@ async def _stock(
         named = provider.operators(country)
         if operators and named and not set(operators) & set(named):
             continue
-        offers = await engine.offers(name, country, priority)
+        offers = await engine.catalog.offers(name, country, priority)
         for offer in offers:
             add(name, offer)
         if country not in provider.countries() or (only_empty and offers):
@@ -679,7 +681,7 @@ async def get_extra_activation(call: Call) -> Reply:
     try:
         activation = await paid(
             reactivation.reactivate(call.engine, call.key, parent),
-            call.engine.abandoned,
+            call.engine.lifecycle.abandoned,
         )
     except reactivation.NotReactivatable:
         return Token.RENEW_ACTIVATION_NOT_AVAILABLE.value

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from decimal import Decimal
 
 from compat_server.budget import Budgets
 from compat_server.catalog import Catalog, TtlCache, key_providers
@@ -29,7 +28,7 @@ from compat_server.routing import Breaker, Prices, Router, Upstreams
 from compat_server.store import Activation, Store
 from compat_server.webhooks import Webhooks
 from providers.base import Provider
-from providers.vocabulary import CLIENT, Clock, Offer, Order
+from providers.vocabulary import Clock, Order
 
 __all__ = [
     "CLAIM_SLACK",
@@ -107,16 +106,6 @@ class Engine:
         """Every provider a key can reach (its list, then its routes'), no repeats."""
         return key_providers(self.config, key)
 
-    async def offers(
-        self, name: str, country: int, priority: int = CLIENT
-    ) -> list[Offer]:
-        """See Catalog.offers."""
-        return await self.catalog.offers(name, country, priority)
-
-    async def balance(self, key: KeyConfig) -> Decimal:
-        """See Catalog.balance."""
-        return await self.catalog.balance(key)
-
     async def buy(self, key: KeyConfig, order: Order) -> Activation:
         """Buy a number for the key (see Router.buy)."""
         activation = await self.router.buy(key, order)
@@ -126,43 +115,6 @@ class Engine:
             except Exception:
                 log.exception("id=%d purchase hook failed", activation.id)
         return activation
-
-    async def refresh(self, activation: Activation) -> None:
-        await self.lifecycle.refresh(activation)
-
-    def view(self, activation: Activation) -> StatusView:
-        return self.lifecycle.view(activation)
-
-    async def expire(self, activation: Activation) -> None:
-        await self.lifecycle.expire(activation)
-
-    async def abandoned(self, activation: Activation) -> None:
-        await self.lifecycle.abandoned(activation)
-
-    async def ready(self, activation: Activation) -> None:
-        await self.lifecycle.ready(activation)
-
-    async def retry(self, activation: Activation) -> None:
-        await self.lifecycle.retry(activation)
-
-    async def finish(self, activation: Activation) -> None:
-        await self.lifecycle.finish(activation)
-
-    async def cancel(self, activation: Activation) -> None:
-        await self.lifecycle.cancel(activation)
-
-    async def run_outbox(self, only: int | None = None) -> int:
-        return await self.outbox.step(only)
-
-    async def sweep(self) -> int:
-        return await self.lifecycle.sweep()
-
-    async def reconcile(self) -> int:
-        return await self.reconciler.step()
-
-    @property
-    def abandoned_count(self) -> int:
-        return self.lifecycle.abandoned_count
 
     def _breaker_changed(self, breaker: Breaker) -> None:
         """Persist a circuit change so ``check-config --ping`` can show it."""

@@ -50,7 +50,7 @@ def can_reactivate(engine: Engine, parent: Activation) -> bool:
 
 async def price(engine: Engine, parent: Activation) -> Decimal:
     """The display price of a new order for the parent's service and country."""
-    for offer in await engine.offers(parent.provider, parent.country):
+    for offer in await engine.catalog.offers(parent.provider, parent.country):
         if offer.service == parent.service:
             return engine.prices.display(parent.provider, offer.price)
     return parent.cost

@@ -131,7 +131,7 @@ class Webhooks:
         if not any(k.webhook for k in engine.config.keys):
             return
         tasks: list[Awaitable[object]] = [
-            engine.refresh(a)
+            engine.lifecycle.refresh(a)
             for a in engine.store.open_activations()
             if self.key(a.key_id) is not None
         ]
