@@ -22,6 +22,7 @@ from compat_server.lifecycle import (
     StatusView,
 )
 from compat_server.outbox import INLINE_TIMEOUT, RETRYABLE, Outbox
+from compat_server.reactivation import Reactivation
 from compat_server.reconciler import CLAIM_SLACK, RECONCILE_WINDOW, Reconciler
 from compat_server.rentals import Rentals
 from compat_server.routing import Breaker, Prices, Router, Upstreams
@@ -92,6 +93,9 @@ class Engine:
             self.outbox,
             self.webhooks,
             clock,
+        )
+        self.reactivation = Reactivation(
+            config, store, self.upstreams, self.prices, self.catalog, self.router, clock
         )
         self.reconciler = Reconciler(
             config, store, self.upstreams, self.router, self.outbox, clock
