@@ -81,8 +81,11 @@ class Engine:
         self.outbox = Outbox(config, store, self.upstreams, clock)
         self.router.wake_outbox = self.outbox.wake.set  # an over-limit buy's cancel
         self.on_purchase: Callable[[KeyConfig, Activation], None] | None = None
-        self.rentals = Rentals(self)
+        self.rentals = Rentals(
+            config, store, self.upstreams, self.prices, self.catalog, self.router, clock
+        )
         self.webhooks = Webhooks(self)
+        self.rentals.webhooks = self.webhooks  # a rent's new SMS become deliveries
         self.lifecycle = Lifecycle(
             config,
             store,
