@@ -1,8 +1,9 @@
 """The composition of the rooms behind the dialect.
 
 :class:`Engine` builds the rooms (catalog, routing, lifecycle, outbox, reconciler,
-rentals, webhooks) over one store and one set of providers, and keeps the thin
-entry points older callers use. Each room lives in its own module.
+rentals, webhooks, reactivation) over one store and one set of providers, each
+given its collaborators; handlers receive the rooms (``actions.Call.of``), not the
+Engine. Each room lives in its own module.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class Engine:
         self.rentals = Rentals(
             config, store, self.upstreams, self.prices, self.catalog, self.router, clock
         )
-        self.webhooks = Webhooks(self)
+        self.webhooks = Webhooks(config, store, clock)
         self.rentals.webhooks = self.webhooks  # a rent's new SMS become deliveries
         self.lifecycle = Lifecycle(
             config,
@@ -97,6 +98,8 @@ class Engine:
             self.webhooks,
             clock,
         )
+        self.webhooks.refresh_activation = self.lifecycle.refresh
+        self.webhooks.refresh_rent = self.rentals.refresh
         self.reactivation = Reactivation(
             config, store, self.upstreams, self.prices, self.catalog, self.router, clock
         )

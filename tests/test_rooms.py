@@ -22,7 +22,7 @@ async def test_reload_reaches_every_room_and_the_next_call(
         "engine": engine, "upstreams": engine.upstreams, "prices": engine.prices,
         "router": engine.router, "outbox": engine.outbox, "lifecycle": engine.lifecycle,
         "reactivation": engine.reactivation, "reconciler": engine.reconciler,
-        "rentals": engine.rentals,
+        "rentals": engine.rentals, "webhooks": engine.webhooks,
     }  # fmt: skip
     assert {name: room.config is new for name, room in rooms.items()} == dict.fromkeys(
         rooms, True
