@@ -18,16 +18,22 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from compat_server import dialect, reactivation
-from compat_server.config import KeyConfig
+from compat_server.catalog import Catalog, key_providers
+from compat_server.config import Config, KeyConfig
 from compat_server.dialect import Reply, Token, money, money_number, param, token
 from compat_server.engine import Engine
 from compat_server.errors import BadStatus, ClientGone, NoActivation
-from compat_server.store import CODE, WAIT_CODE, WAIT_RETRY, Activation
+from compat_server.lifecycle import Lifecycle
+from compat_server.reactivation import Reactivation
+from compat_server.rentals import Rentals
+from compat_server.routing import Prices, Upstreams
+from compat_server.store import CODE, WAIT_CODE, WAIT_RETRY, Activation, Store
 from providers.vocabulary import (
     BACKGROUND,
     BUDGET,
     CLIENT,
     Budget,
+    Clock,
     NoBalance,
     NoNumbers,
     Offer,
@@ -39,13 +45,39 @@ from providers.vocabulary import (
 
 @dataclass
 class Call:
-    """One authenticated request."""
+    """One authenticated request, with the rooms its handler works with.
 
-    engine: Engine
+    The rooms are the app's own (built once by the Engine); ``config`` is the one in
+    force when the request arrived (a SIGHUP reload swaps it between requests).
+    """
+
     key: KeyConfig
     params: Mapping[str, str]
+    config: Config
+    store: Store
+    clock: Clock
+    upstreams: Upstreams
+    prices: Prices
+    catalog: Catalog
+    lifecycle: Lifecycle
+    rentals: Rentals
+    reactivation: Reactivation
+    buy: Callable[[KeyConfig, Order], Awaitable[Activation]]
     provider: str = "-"  # filled in by handlers that touch one provider, for the log
     activation: Activation | None = None  # bought or acted on, for the log
+
+    @classmethod
+    def of(cls, engine: Engine, key: KeyConfig, params: Mapping[str, str]) -> Call:
+        """The call for ``key``, bound to the engine's rooms."""
+        return cls(
+            key, params, engine.config, engine.store, engine.clock, engine.upstreams,
+            engine.prices, engine.catalog, engine.lifecycle, engine.rentals,
+            engine.reactivation, engine.buy,
+        )  # fmt: skip
+
+    def providers(self) -> list[str]:
+        """Every provider the caller's key can reach (see catalog.key_providers)."""
+        return key_providers(self.config, self.key)
 
 
 Action = Callable[[Call], Awaitable[Reply]]
@@ -76,7 +108,7 @@ def _timestamp(seconds: float) -> str:
 async def _activation(call: Call) -> Activation:
     """The activation named by ``id``, if it belongs to the caller's key."""
     wanted = dialect.activation_id(call.params)
-    activation = await call.engine.store.get(wanted)
+    activation = await call.store.get(wanted)
     if activation is None or activation.key_id != call.key.key_id:
         raise NoActivation(str(wanted))
     call.provider = activation.provider
@@ -87,8 +119,8 @@ async def _activation(call: Call) -> Activation:
 async def _default_country(call: Call) -> int:
     if call.key.default_country is not None:
         return call.key.default_country
-    for name in call.engine.key_providers(call.key):
-        countries = call.engine.providers[name].countries()
+    for name in call.providers():
+        countries = call.upstreams.providers[name].countries()
         if countries:
             return countries[0]
     return 0
@@ -99,7 +131,7 @@ async def _default_country(call: Call) -> int:
 
 async def get_balance(call: Call) -> Reply:
     """``ACCESS_BALANCE:<amount>``, always with two decimals."""
-    return token(Token.ACCESS_BALANCE, money(await call.engine.balance(call.key)))
+    return token(Token.ACCESS_BALANCE, money(await call.catalog.balance(call.key)))
 
 
 # ---- numbers -------------------------------------------------------------------------
@@ -126,7 +158,7 @@ async def _order(call: Call) -> Order:
 async def _buy(call: Call) -> Activation:
     """Buy for the caller; a number whose client left meanwhile is released."""
     activation = await paid(
-        call.engine.buy(call.key, await _order(call)), call.engine.abandoned
+        call.buy(call.key, await _order(call)), call.lifecycle.abandoned
     )
     call.provider = activation.provider
     call.activation = activation
@@ -193,7 +225,7 @@ async def get_number_v2(call: Call) -> Reply:
         "activationId": activation.id,
         "phoneNumber": activation.phone,
         "activationCost": money_number(activation.cost),
-        "currency": call.engine.config.currency_number,
+        "currency": call.config.currency_number,
         "countryCode": str(activation.country),
         "canGetAnotherSms": "1",
         "activationTime": _timestamp(activation.created_at),
@@ -209,7 +241,7 @@ async def get_number_v2(call: Call) -> Reply:
 async def get_status(call: Call) -> Reply:
     """One of the five STATUS_* bodies."""
     activation = await _activation(call)
-    view = await call.engine.lifecycle.look(activation)
+    view = await call.lifecycle.look(activation)
     if view.state == CODE:
         return token(Token.STATUS_OK, dialect.safe_code(view.code))
     if view.state == WAIT_RETRY:
@@ -222,7 +254,7 @@ async def get_status(call: Call) -> Reply:
 async def get_status_v2(call: Call) -> Reply:
     """JSON with ``sms`` null while waiting; plain STATUS_CANCEL once closed."""
     activation = await _activation(call)
-    view = await call.engine.lifecycle.look(activation)
+    view = await call.lifecycle.look(activation)
     if view.state not in (CODE, WAIT_RETRY, WAIT_CODE):
         return Token.STATUS_CANCEL.value
     sms = None
@@ -238,7 +270,7 @@ async def get_status_v2(call: Call) -> Reply:
 async def get_full_sms(call: Call) -> Reply:
     """``FULL_SMS:<text>`` of the newest SMS; STATUS_WAIT_CODE before; STATUS_CANCEL after."""
     activation = await _activation(call)
-    view = await call.engine.lifecycle.look(activation)
+    view = await call.lifecycle.look(activation)
     if view.state == CODE:
         return token(Token.FULL_SMS, view.text)
     if view.state in (WAIT_CODE, WAIT_RETRY):
@@ -250,32 +282,30 @@ async def set_status(call: Call) -> Reply:
     """1 ready, 3 another SMS, 6 finish, 8/-1 cancel -> exactly one ACCESS_* token."""
     status = param(call.params, "status")
     activation = await _activation(call)
-    engine = call.engine
-    if activation.is_open and engine.clock() >= activation.expires_at:
-        await engine.expire(activation)
+    if activation.is_open and call.clock() >= activation.expires_at:
+        await call.lifecycle.expire(activation)
     if status == "1":
-        await engine.ready(activation)
+        await call.lifecycle.ready(activation)
         return Token.ACCESS_READY.value
     if status == "3":
-        await engine.retry(activation)
+        await call.lifecycle.retry(activation)
         return Token.ACCESS_RETRY_GET.value
     if status == "6":
-        await engine.finish(activation)
+        await call.lifecycle.finish(activation)
         return Token.ACCESS_ACTIVATION.value
     if status in ("8", "-1"):
-        await engine.cancel(activation)
+        await call.lifecycle.cancel(activation)
         return Token.ACCESS_CANCEL.value
     raise BadStatus(status[:8])
 
 
 async def get_active_activations(call: Call) -> Reply:
     """Open activations of the key, under both ``activeActivations`` and ``data``."""
-    engine = call.engine
     rows = []
-    activations = await engine.store.for_key(call.key.key_id)
+    activations = await call.store.for_key(call.key.key_id)
     # side by side: each waits at most POLL_WAIT for a slow upstream, so the whole
     # list is answered within that too, however many numbers are open
-    views = await asyncio.gather(*(engine.lifecycle.look(a) for a in activations))
+    views = await asyncio.gather(*(call.lifecycle.look(a) for a in activations))
     for activation, view in zip(activations, views, strict=True):
         if not activation.is_open:
             continue
@@ -301,7 +331,7 @@ async def get_active_activations(call: Call) -> Reply:
                 "countryCode": str(activation.country),
                 "countryName": _country_name(activation.country),
                 "canGetAnotherSms": "1",
-                "currency": engine.config.currency_number,
+                "currency": call.config.currency_number,
             }
         )
     if not rows:
@@ -327,11 +357,10 @@ async def _stock(
     ``want`` that a provider's catalog lacks (with ``only_empty``: only when its
     catalog came back empty) are asked one by one through ``service_offer``.
     """
-    engine = call.engine
     merged: dict[str, tuple[Decimal, int]] = {}
 
     def add(name: str, offer: Offer) -> None:
-        price = engine.prices.display(name, offer.price)
+        price = call.prices.display(name, offer.price)
         if offer.service in merged:
             old_price, old_count = merged[offer.service]
             merged[offer.service] = (min(old_price, price), old_count + offer.count)
@@ -339,12 +368,12 @@ async def _stock(
             merged[offer.service] = (price, offer.count)
 
     singles: list[tuple[str, asyncio.Future[Offer | None]]] = []
-    for name in engine.key_providers(call.key):
-        provider = engine.providers[name]
+    for name in call.providers():
+        provider = call.upstreams.providers[name]
         named = provider.operators(country)
         if operators and named and not set(operators) & set(named):
             continue
-        offers = await engine.offers(name, country, priority)
+        offers = await call.catalog.offers(name, country, priority)
         for offer in offers:
             add(name, offer)
         if country not in provider.countries() or (only_empty and offers):
@@ -368,11 +397,11 @@ def _single_offer(
     call: Call, name: str, country: int, code: str
 ) -> asyncio.Future[Offer | None]:
     """One service_offer call, guarded; it runs on past the deadline to fill caches."""
-    provider = call.engine.providers[name]
+    provider = call.upstreams.providers[name]
 
     async def ask() -> Offer | None:
         try:
-            return await call.engine.upstreams.call(
+            return await call.upstreams.call(
                 name, "serviceprice", lambda: provider.service_offer(country, code)
             )
         except ProviderError:
@@ -406,8 +435,8 @@ async def _stocks(
 
 async def _countries(call: Call) -> list[int]:
     found: set[int] = set()
-    for name in call.engine.key_providers(call.key):
-        found.update(call.engine.providers[name].countries())
+    for name in call.providers():
+        found.update(call.upstreams.providers[name].countries())
     return sorted(found)
 
 
@@ -500,8 +529,8 @@ async def get_operators(call: Call) -> Reply:
         if country_id not in served:
             continue
         names: list[str] = []
-        for name in call.engine.key_providers(call.key):
-            names.extend(call.engine.providers[name].operators(country_id))
+        for name in call.providers():
+            names.extend(call.upstreams.providers[name].operators(country_id))
         if not names:
             names = list(table.get(str(country_id), []))
         if names:
@@ -513,7 +542,7 @@ async def get_operators(call: Call) -> Reply:
 
 def rent_countries(call: Call) -> list[int]:
     """Countries where a provider of the key rents numbers."""
-    return call.engine.rentals.countries(call.key)
+    return call.rentals.countries(call.key)
 
 
 def service_name(code: str) -> str:
@@ -593,8 +622,8 @@ async def get_country_and_operators(call: Call) -> Reply:
     result = []
     for country in await _countries(call):
         names: list[str] = []
-        for name in call.engine.key_providers(call.key):
-            names.extend(call.engine.providers[name].operators(country))
+        for name in call.providers():
+            names.extend(call.upstreams.providers[name].operators(country))
         if not names:
             names = list(table.get(str(country), []))
         row = rows.get(country, {"eng": str(country), "rus": str(country)})
@@ -641,7 +670,7 @@ async def _own_activation(call: Call) -> Activation | None:
     raw = param(call.params, "activationId", "id")
     if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
         return None
-    activation = await call.engine.store.get(int(raw))
+    activation = await call.store.get(int(raw))
     if activation is None or activation.key_id != call.key.key_id:
         return None
     call.provider = activation.provider
@@ -678,8 +707,8 @@ async def get_extra_activation(call: Call) -> Reply:
         return Token.WRONG_ACTIVATION_ID.value
     try:
         activation = await paid(
-            reactivation.reactivate(call.engine, call.key, parent),
-            call.engine.abandoned,
+            call.reactivation.reactivate(call.key, parent),
+            call.lifecycle.abandoned,
         )
     except reactivation.NotReactivatable:
         return Token.RENEW_ACTIVATION_NOT_AVAILABLE.value
@@ -695,11 +724,11 @@ async def check_extra_activation(call: Call) -> Reply:
     parent = await _own_activation(call)
     if parent is None:
         return Token.WRONG_ACTIVATION_ID.value
-    if not reactivation.can_reactivate(call.engine, parent):
+    if not call.reactivation.can_reactivate(parent):
         return Token.RENEW_ACTIVATION_NOT_AVAILABLE.value
     return {
         "status": "success",
-        "cost": money_number(await reactivation.price(call.engine, parent)),
+        "cost": money_number(await call.reactivation.price(parent)),
         "service": parent.service,
         "phone": int(parent.phone),
         "country": parent.country,

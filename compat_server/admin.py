@@ -218,7 +218,7 @@ async def cancel(request: web.Request) -> web.StreamResponse:
     if activation is None:
         raise web.HTTPSeeOther(f"/admin/{_join(back, 'error=unknown')}")
     try:
-        await engine.cancel(activation)
+        await engine.lifecycle.cancel(activation)
     except CompatError as exc:
         reason = type(exc).__name__
         raise web.HTTPSeeOther(

@@ -237,7 +237,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         handler = ACTIONS.get(action)
         if handler is None:
             raise BadAction()
-        call = Call(engine, key, params)
+        call = Call.of(engine, key, params)
         reply = await handler(call)
         outcome = reply.split(":", 1)[0] if isinstance(reply, str) else "json"
         return dialect.render(reply)

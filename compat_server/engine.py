@@ -1,8 +1,9 @@
 """The composition of the rooms behind the dialect.
 
 :class:`Engine` builds the rooms (catalog, routing, lifecycle, outbox, reconciler,
-rentals, webhooks) over one store and one set of providers, and keeps the thin
-entry points older callers use. Each room lives in its own module.
+rentals, webhooks, reactivation) over one store and one set of providers, each
+given its collaborators; handlers receive the rooms (``actions.Call.of``), not the
+Engine. Each room lives in its own module.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from decimal import Decimal
 
 from compat_server.budget import Budgets
 from compat_server.catalog import Catalog, TtlCache, key_providers
@@ -23,13 +23,14 @@ from compat_server.lifecycle import (
     StatusView,
 )
 from compat_server.outbox import INLINE_TIMEOUT, RETRYABLE, Outbox
+from compat_server.reactivation import Reactivation
 from compat_server.reconciler import CLAIM_SLACK, RECONCILE_WINDOW, Reconciler
 from compat_server.rentals import Rentals
 from compat_server.routing import Breaker, Prices, Router, Upstreams
 from compat_server.store import Activation, Store
 from compat_server.webhooks import Webhooks
 from providers.base import Provider
-from providers.vocabulary import CLIENT, Clock, Offer, Order
+from providers.vocabulary import Clock, Order
 
 __all__ = [
     "CLAIM_SLACK",
@@ -81,8 +82,11 @@ class Engine:
         self.outbox = Outbox(config, store, self.upstreams, clock)
         self.router.wake_outbox = self.outbox.wake.set  # an over-limit buy's cancel
         self.on_purchase: Callable[[KeyConfig, Activation], None] | None = None
-        self.rentals = Rentals(self)
-        self.webhooks = Webhooks(self)
+        self.rentals = Rentals(
+            config, store, self.upstreams, self.prices, self.catalog, self.router, clock
+        )
+        self.webhooks = Webhooks(config, store, clock)
+        self.rentals.webhooks = self.webhooks  # a rent's new SMS become deliveries
         self.lifecycle = Lifecycle(
             config,
             store,
@@ -93,6 +97,11 @@ class Engine:
             self.outbox,
             self.webhooks,
             clock,
+        )
+        self.webhooks.refresh_activation = self.lifecycle.refresh
+        self.webhooks.refresh_rent = self.rentals.refresh
+        self.reactivation = Reactivation(
+            config, store, self.upstreams, self.prices, self.catalog, self.router, clock
         )
         self.reconciler = Reconciler(
             config, store, self.upstreams, self.router, self.outbox, clock
@@ -107,16 +116,6 @@ class Engine:
         """Every provider a key can reach (its list, then its routes'), no repeats."""
         return key_providers(self.config, key)
 
-    async def offers(
-        self, name: str, country: int, priority: int = CLIENT
-    ) -> list[Offer]:
-        """See Catalog.offers."""
-        return await self.catalog.offers(name, country, priority)
-
-    async def balance(self, key: KeyConfig) -> Decimal:
-        """See Catalog.balance."""
-        return await self.catalog.balance(key)
-
     async def buy(self, key: KeyConfig, order: Order) -> Activation:
         """Buy a number for the key (see Router.buy)."""
         activation = await self.router.buy(key, order)
@@ -126,43 +125,6 @@ class Engine:
             except Exception:
                 log.exception("id=%d purchase hook failed", activation.id)
         return activation
-
-    async def refresh(self, activation: Activation) -> None:
-        await self.lifecycle.refresh(activation)
-
-    def view(self, activation: Activation) -> StatusView:
-        return self.lifecycle.view(activation)
-
-    async def expire(self, activation: Activation) -> None:
-        await self.lifecycle.expire(activation)
-
-    async def abandoned(self, activation: Activation) -> None:
-        await self.lifecycle.abandoned(activation)
-
-    async def ready(self, activation: Activation) -> None:
-        await self.lifecycle.ready(activation)
-
-    async def retry(self, activation: Activation) -> None:
-        await self.lifecycle.retry(activation)
-
-    async def finish(self, activation: Activation) -> None:
-        await self.lifecycle.finish(activation)
-
-    async def cancel(self, activation: Activation) -> None:
-        await self.lifecycle.cancel(activation)
-
-    async def run_outbox(self, only: int | None = None) -> int:
-        return await self.outbox.step(only)
-
-    async def sweep(self) -> int:
-        return await self.lifecycle.sweep()
-
-    async def reconcile(self) -> int:
-        return await self.reconciler.step()
-
-    @property
-    def abandoned_count(self) -> int:
-        return self.lifecycle.abandoned_count
 
     def _breaker_changed(self, breaker: Breaker) -> None:
         """Persist a circuit change so ``check-config --ping`` can show it."""

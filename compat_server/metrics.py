@@ -11,7 +11,6 @@ never a key or a token.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import (
@@ -24,12 +23,9 @@ from prometheus_client import (
 )
 
 from compat_server.app_keys import ENGINE, METRICS
-from compat_server.config import KeyConfig
-from compat_server.routing import CLOSED, HALF_OPEN, OPEN
-from compat_server.store import RECONCILED, Activation
-
-if TYPE_CHECKING:
-    from compat_server.engine import Engine
+from compat_server.config import Config, KeyConfig
+from compat_server.routing import CLOSED, HALF_OPEN, OPEN, Upstreams
+from compat_server.store import RECONCILED, Activation, Store
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 CIRCUIT_STATES = (CLOSED, HALF_OPEN, OPEN)
@@ -152,20 +148,22 @@ class Metrics:
 
     # ---- read when scraped --------------------------------------------------------------
 
-    async def refresh(self, engine: Engine) -> None:
-        """Set the gauges from the engine and the store."""
-        aliases = {k.key_id: k.alias for k in engine.config.keys}
+    async def refresh(self, config: Config, upstreams: Upstreams, store: Store) -> None:
+        """Set the gauges from the config, the circuits and the store."""
+        aliases = {k.key_id: k.alias for k in config.keys}
         self.open_activations.clear()
-        for name in engine.providers:
-            for key in engine.config.keys:
+        for name in upstreams.providers:
+            for key in config.keys:
                 self.open_activations.labels(name, key.alias).set(0)
-        for activation in engine.store.open_activations():
+        for activation in store.open_activations():
             alias = aliases.get(activation.key_id, "unknown")
             self.open_activations.labels(activation.provider, alias).inc()
-        for name, state in engine.health().items():
+        for name, breaker in upstreams.breakers.items():
             for candidate in CIRCUIT_STATES:
-                self.circuit.labels(name, candidate).set(int(state == candidate))
-        figures = await engine.store.figures()
+                self.circuit.labels(name, candidate).set(
+                    int(breaker.state == candidate)
+                )
+        figures = await store.figures()
         self.outbox.clear()
         for op in ("cancel", "finish", "ready"):
             self.outbox.labels(op).set(0)
@@ -194,7 +192,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
     """GET /metrics."""
 
     metrics = request.app[METRICS]
-    await metrics.refresh(request.app[ENGINE])
+    engine = request.app[ENGINE]
+    await metrics.refresh(engine.config, engine.upstreams, engine.store)
     content_type, _, charset = CONTENT_TYPE_LATEST.partition("; charset=")
     return web.Response(
         body=metrics.render(), content_type=content_type, charset=charset or "utf-8"

@@ -105,6 +105,9 @@ def apply(engine: Engine, new: Config, http: Any) -> None:
     engine.catalog.reset(new)
     engine.outbox.config = new
     engine.lifecycle.config = new
+    engine.reactivation.config = new
+    engine.rentals.config = new
+    engine.webhooks.config = new
     engine.reconciler.config = new
     fixed = [f for f in RESTART_FIELDS if getattr(old, f) != getattr(new, f)]
     log.warning(

@@ -64,7 +64,7 @@ async def _rent(call: Call) -> Rent:
     raw = param(call.params, "id")
     rent = None
     if raw.isascii() and raw.isdigit() and len(raw) <= 18:
-        rent = await call.engine.store.get_rent(int(raw))
+        rent = await call.store.get_rent(int(raw))
     if rent is None or rent.key_id != call.key.key_id:
         raise _Answer(rent_error(Token.NO_ID_RENT))
     call.provider = rent.provider
@@ -92,7 +92,7 @@ def _phone(rent: Rent) -> dict[str, Any]:
 async def get_rent_services_and_countries(call: Call) -> Reply:
     """``{"countries":{"0":id},"operators":{"0":"any"},"services":{..},"currency":n}``."""
     hours = _hours(call, "rent_time", "time", "hours")
-    rentals = call.engine.rentals
+    rentals = call.rentals
     countries = rentals.countries(call.key)
     if not countries:
         raise _Answer(rent_error(Token.OUT_OF_STOCK))
@@ -107,7 +107,7 @@ async def get_rent_services_and_countries(call: Call) -> Reply:
         raise _Answer(rent_error(Token.OUT_OF_STOCK))
     names: list[str] = []
     for name in rentals.renters(call.key, country):
-        names.extend(call.engine.providers[name].operators(country))
+        names.extend(call.upstreams.providers[name].operators(country))
     operators = ["any", *sorted(set(names) - {"any"})]
     services = {
         code: {"cost": money_number(s.cost), "quant": s.count}
@@ -117,7 +117,7 @@ async def get_rent_services_and_countries(call: Call) -> Reply:
         "countries": {str(i): c for i, c in enumerate(countries)},
         "operators": {str(i): o for i, o in enumerate(operators)},
         "services": services,
-        "currency": call.engine.config.currency_number,
+        "currency": call.config.currency_number,
     }
 
 
@@ -127,7 +127,7 @@ async def get_rent_number(call: Call) -> Reply:
     if not service or len(service) > 16:
         raise _Answer(rent_error(Token.BAD_SERVICE))
     hours = _hours(call, "rent_time", "time", "duration")
-    rentals = call.engine.rentals
+    rentals = call.rentals
     country = dialect.country_param(call.params)
     if country is None:
         countries = rentals.countries(call.key)
@@ -152,7 +152,7 @@ async def get_rent_status(call: Call) -> Reply:
     rent = await _rent(call)
     page = _positive(param(call.params, "page"), 1)
     size = _positive(param(call.params, "size"), 10)
-    await call.engine.rentals.refresh(rent)
+    await call.rentals.refresh(rent)
     if rent.state != RENT_ACTIVE:
         raise _Answer(rent_error(CLOSED_STATUS[rent.state]))
     if not rent.messages:
@@ -187,7 +187,7 @@ async def set_rent_status(call: Call) -> Reply:
     if status not in ("1", "2"):
         raise _Answer(rent_error(Token.INCORECT_STATUS))
     try:
-        await call.engine.rentals.release(rent, cancel=status == "2")
+        await call.rentals.release(rent, cancel=status == "2")
     except RentClosed:
         token = (
             Token.ALREADY_CANCEL
@@ -204,9 +204,9 @@ async def set_rent_status(call: Call) -> Reply:
 
 async def get_rent_list(call: Call) -> Reply:
     """The key's held numbers: ``{"status":"success","values":{"0":{"id","phone"}}}``."""
-    rentals = call.engine.rentals
+    rentals = call.rentals
     rents = []
-    for rent in await call.engine.store.rents_for_key(call.key.key_id):
+    for rent in await call.store.rents_for_key(call.key.key_id):
         await rentals.refresh(rent)
         if rent.state == RENT_ACTIVE:
             rents.append(rent)
@@ -228,7 +228,7 @@ async def continue_rent_number(call: Call) -> Reply:
     rent = await _rent(call)
     hours = _hours(call, "rent_time", "time", "hours")
     try:
-        await call.engine.rentals.prolong(call.key, rent, hours)
+        await call.rentals.prolong(call.key, rent, hours)
     except RentClosed:
         raise _Answer(rent_error(Token.RENT_DIE, {})) from None
     except ProviderError as exc:
@@ -240,23 +240,23 @@ async def continue_rent_price(call: Call) -> Reply:
     """getContinueRentPriceNumber / continueRentInfo: the price of ``hours`` more."""
     rent = await _rent(call)
     hours = _hours(call, "rent_time", "hours", "time")
-    if rent.state == RENT_ACTIVE and call.engine.clock() >= rent.until:
-        await call.engine.rentals.refresh(rent)
+    if rent.state == RENT_ACTIVE and call.clock() >= rent.until:
+        await call.rentals.refresh(rent)
     if rent.state != RENT_ACTIVE:
         raise _Answer(rent_error(Token.RENT_DIE))
     try:
-        price = await call.engine.rentals.prolong_price(rent, hours)
+        price = await call.rentals.prolong_price(rent, hours)
     except ProviderError:
         raise _Answer(rent_error(Token.SERVER_ERROR)) from None
     body: dict[str, Any] = {
         "status": "success",
         "price": money_number(price),
-        "currency": call.engine.config.currency_number,
+        "currency": call.config.currency_number,
     }
     if param(call.params, "action") == "continueRentInfo":
         body["hours"] = hours
         if param(call.params, "needHistory").lower() in ("true", "1"):
-            payments = await call.engine.store.rent_payments(rent.id)
+            payments = await call.store.rent_payments(rent.id)
             body["history"] = {
                 str(i): {
                     "createDate": _date(p.created_at),

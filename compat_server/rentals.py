@@ -12,10 +12,10 @@ import functools
 import logging
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING
 
-from compat_server.config import KeyConfig
-from compat_server.routing import merge_refusals
+from compat_server.catalog import Catalog, key_providers
+from compat_server.config import Config, KeyConfig
+from compat_server.routing import Prices, Router, Upstreams, merge_refusals
 from compat_server.store import (
     CONFIRMED,
     PENDING,
@@ -28,10 +28,13 @@ from compat_server.store import (
     UNCERTAIN,
     Rent,
     RentMessage,
+    Store,
 )
+from compat_server.webhooks import Webhooks
 from providers.base import Provider
 from providers.rental import Rental
 from providers.vocabulary import (
+    Clock,
     NoBalance,
     NoNumbers,
     ProviderError,
@@ -42,9 +45,6 @@ from providers.vocabulary import (
     UpstreamUncertain,
     UpstreamUnreachable,
 )
-
-if TYPE_CHECKING:
-    from compat_server.engine import Engine
 
 log = logging.getLogger("compat_server")
 
@@ -71,18 +71,34 @@ class RentStock:
 
 
 class Rentals:
-    """Every rent operation of the engine."""
+    """Every rent operation: stock, rent, poll, prolong, release, reconcile."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        upstreams: Upstreams,
+        prices: Prices,
+        catalog: Catalog,
+        router: Router,
+        clock: Clock,
+    ) -> None:
+        self.config = config  # swapped by ops.apply on a reload
+        self.store = store
+        self.upstreams = upstreams
+        self.prices = prices
+        self.catalog = catalog
+        self.router = router
+        self.clock = clock
+        self.webhooks: Webhooks | None = None  # set by the Engine (they refresh rents)
         self._last_poll: dict[int, float] = {}
         self._in_flight: set[int] = set()  # rent attempts whose call is running
 
     def renters(self, key: KeyConfig, country: int | None = None) -> list[str]:
         """The key's providers that rent (in ``country``, if given), in order."""
         names = []
-        for name in self.engine.key_providers(key):
-            provider = self.engine.providers[name]
+        for name in key_providers(self.config, key):
+            provider = self.upstreams.providers[name]
             if not isinstance(provider, Rental):
                 continue
             countries = provider.rent_countries()
@@ -94,7 +110,7 @@ class Rentals:
         """Countries where the key can rent."""
         found: set[int] = set()
         for name in self.renters(key):
-            found.update(_renter(self.engine.providers[name]).rent_countries())
+            found.update(_renter(self.upstreams.providers[name]).rent_countries())
         return sorted(found)
 
     async def stock(
@@ -104,7 +120,7 @@ class Rentals:
         merged: dict[str, RentStock] = {}
         for name in self.renters(key, country):
             for offer in await self._offers(name, country, hours):
-                cost = self.engine.prices.display(name, offer.price)
+                cost = self.prices.display(name, offer.price)
                 old = merged.get(offer.service)
                 if old is None:
                     merged[offer.service] = RentStock(cost, offer.count)
@@ -116,11 +132,11 @@ class Rentals:
 
     async def _offers(self, name: str, country: int, hours: int) -> list[RentOffer]:
         """One provider's rent offers for ``hours`` in a country (cached)."""
-        provider = _renter(self.engine.providers[name])
-        offers: list[RentOffer] = await self.engine.catalog.cache.get(
+        provider = _renter(self.upstreams.providers[name])
+        offers: list[RentOffer] = await self.catalog.cache.get(
             ("rent", name, country, hours),
             functools.partial(
-                self.engine.upstreams.call,
+                self.upstreams.call,
                 name,
                 "rent_offers",
                 functools.partial(provider.rent_offers, country, hours),
@@ -131,49 +147,48 @@ class Rentals:
 
     async def rent(self, key: KeyConfig, order: RentOrder) -> Rent:
         """Rent one number; stored before this returns. Raises ProviderError."""
-        engine = self.engine
         refusals: list[ProviderError] = []
         for name in self.renters(key, order.country):
-            provider = _renter(engine.providers[name])
-            native = type(engine.providers[name]).native_currency(
-                engine.providers[name].options
+            provider = _renter(self.upstreams.providers[name])
+            native = type(self.upstreams.providers[name]).native_currency(
+                self.upstreams.providers[name].options
             )
             try:  # a key's budget holds for rents too: money set aside first
-                hold = await engine.router.budgets.hold(
+                hold = await self.router.budgets.hold(
                     key, await self._rent_price(key, name, order)
                 )
             except NoBalance as exc:
                 refusals.append(exc)
                 continue
             try:
-                attempt = await engine.store.begin_rent_attempt(
+                attempt = await self.store.begin_rent_attempt(
                     key.key_id,
                     name,
                     "rent",
                     _order_json(order),
                     order.hours,
-                    engine.clock(),
+                    self.clock(),
                 )
             except BaseException:
-                engine.router.budgets.release(hold)
+                self.router.budgets.release(hold)
                 raise
             # in flight until stored: no reconciler may take this number for an orphan
-            engine.router.in_flight[-attempt] = name
+            self.router.in_flight[-attempt] = name
             self._in_flight.add(attempt)
             try:
                 try:
-                    purchase = await engine.upstreams.call(
+                    purchase = await self.upstreams.call(
                         name, "rent", functools.partial(provider.rent, order)
                     )
                 except REFUSALS as exc:
-                    await engine.store.end_rent_attempt(
-                        attempt, REFUSED, type(exc).__name__, engine.clock()
+                    await self.store.end_rent_attempt(
+                        attempt, REFUSED, type(exc).__name__, self.clock()
                     )
                     refusals.append(exc)
                     continue
                 except UpstreamUncertain as exc:
-                    await engine.store.end_rent_attempt(
-                        attempt, UNCERTAIN, exc.detail, engine.clock()
+                    await self.store.end_rent_attempt(
+                        attempt, UNCERTAIN, exc.detail, self.clock()
                     )
                     log.error(
                         "rent provider=%s outcome unknown (%s): not retried; rent attempt"
@@ -183,10 +198,10 @@ class Rentals:
                         attempt,
                     )
                     raise NoNumbers(name, "rent outcome unknown") from exc
-                cost = engine.prices.display(name, purchase.price)
-                rent = await engine.store.complete_rent(
+                cost = self.prices.display(name, purchase.price)
+                rent = await self.store.complete_rent(
                     attempt, key.key_id, name, native, order.service, order.country,
-                    purchase, cost, engine.clock(),
+                    purchase, cost, self.clock(),
                 )  # fmt: skip
                 log.info(
                     "rent id=%d provider=%s service=%s country=%d hours=%d",
@@ -194,9 +209,9 @@ class Rentals:
                 )  # fmt: skip
                 return rent
             finally:
-                engine.router.in_flight.pop(-attempt, None)
+                self.router.in_flight.pop(-attempt, None)
                 self._in_flight.discard(attempt)
-                engine.router.budgets.release(hold)
+                self.router.budgets.release(hold)
         raise merge_refusals(refusals)
 
     async def _rent_price(
@@ -207,34 +222,32 @@ class Rentals:
             return None
         for offer in await self._offers(name, order.country, order.hours):
             if offer.service == order.service:
-                return self.engine.prices.display(name, offer.price)
+                return self.prices.display(name, offer.price)
         return None  # unknown: all that is left is held
 
     async def refresh(self, rent: Rent) -> list[RentMessage]:
         """Poll an active rent (at most once per poll interval); the new messages."""
         if rent.state != RENT_ACTIVE:
             return []
-        engine = self.engine
-        if engine.clock() >= rent.until:
+        if self.clock() >= rent.until:
             await self._poll(rent)  # the SMS of its last minutes still count
             if rent.state == RENT_ACTIVE:
-                await engine.store.set_rent_state(rent, RENT_EXPIRED, engine.clock())
+                await self.store.set_rent_state(rent, RENT_EXPIRED, self.clock())
             return []
         return await self._poll(rent)
 
     async def _poll(self, rent: Rent) -> list[RentMessage]:
-        engine = self.engine
-        base = engine.providers.get(rent.provider)
+        base = self.upstreams.providers.get(rent.provider)
         if base is None:
             return []
-        now = engine.clock()
+        now = self.clock()
         if now - self._last_poll.get(rent.id, -1e18) < base.poll_interval:
             return []
         self._last_poll[rent.id] = now
         provider = _renter(base)
         ref = rent.ref()
         try:
-            result = await engine.upstreams.call(
+            result = await self.upstreams.call(
                 rent.provider, "rent_poll", lambda: provider.rent_poll(ref)
             )
         except ProviderError as exc:
@@ -243,11 +256,13 @@ class Rentals:
                 rent.id, rent.provider, type(exc).__name__,
             )  # fmt: skip
             return []
-        new = await engine.store.add_rent_messages(
-            rent, result.messages, engine.webhooks.rent_rows(rent)
+        new = await self.store.add_rent_messages(
+            rent,
+            result.messages,
+            None if self.webhooks is None else self.webhooks.rent_rows(rent),
         )
         if result.closed and rent.state == RENT_ACTIVE:
-            await engine.store.set_rent_state(rent, RENT_EXPIRED, engine.clock())
+            await self.store.set_rent_state(rent, RENT_EXPIRED, self.clock())
         return new
 
     async def abandoned(self, rent: Rent) -> None:
@@ -272,61 +287,58 @@ class Rentals:
     async def release(self, rent: Rent, cancel: bool) -> None:
         """setRentStatus 1 (finish) or 2 (cancel). Raises RentClosed, CantCancel or
         ProviderError (the rent then stays as it was)."""
-        engine = self.engine
-        if rent.state == RENT_ACTIVE and engine.clock() >= rent.until:
-            await engine.store.set_rent_state(rent, RENT_EXPIRED, engine.clock())
+        if rent.state == RENT_ACTIVE and self.clock() >= rent.until:
+            await self.store.set_rent_state(rent, RENT_EXPIRED, self.clock())
         if rent.state != RENT_ACTIVE:
             raise RentClosed(rent.state)
-        if cancel and engine.clock() - rent.created_at > CANCEL_WINDOW:
+        if cancel and self.clock() - rent.created_at > CANCEL_WINDOW:
             raise CantCancel()
-        provider = _renter(engine.providers[rent.provider])
+        provider = _renter(self.upstreams.providers[rent.provider])
         ref = rent.ref()
-        await engine.upstreams.call(
+        await self.upstreams.call(
             rent.provider, "rent_release", lambda: provider.rent_release(ref)
         )
         state = RENT_CANCELLED if cancel else RENT_FINISHED
-        await engine.store.set_rent_state(rent, state, engine.clock())
+        await self.store.set_rent_state(rent, state, self.clock())
 
     async def prolong_price(self, rent: Rent, hours: int) -> Decimal:
         """What prolonging costs, display currency."""
-        provider = _renter(self.engine.providers[rent.provider])
+        provider = _renter(self.upstreams.providers[rent.provider])
         ref = rent.ref()
-        native = await self.engine.upstreams.call(
+        native = await self.upstreams.call(
             rent.provider, "prolong_price", lambda: provider.prolong_price(ref, hours)
         )
-        return self.engine.prices.display(rent.provider, native)
+        return self.prices.display(rent.provider, native)
 
     async def prolong(self, key: KeyConfig, rent: Rent, hours: int) -> None:
         """Pay for ``hours`` more (attempt stored first, never retried blindly)."""
-        engine = self.engine
-        if rent.state == RENT_ACTIVE and engine.clock() >= rent.until:
-            await engine.store.set_rent_state(rent, RENT_EXPIRED, engine.clock())
+        if rent.state == RENT_ACTIVE and self.clock() >= rent.until:
+            await self.store.set_rent_state(rent, RENT_EXPIRED, self.clock())
         if rent.state != RENT_ACTIVE:
             raise RentClosed(rent.state)
         price = await self.prolong_price(rent, hours)
-        hold = await engine.router.budgets.hold(key, price)  # NoBalance if it won't fit
+        hold = await self.router.budgets.hold(key, price)  # NoBalance if it won't fit
         try:
             await self._prolong(key, rent, hours, price)
         finally:
-            engine.router.budgets.release(hold)
+            self.router.budgets.release(hold)
 
     async def _prolong(
         self, key: KeyConfig, rent: Rent, hours: int, price: Decimal
     ) -> None:
-        engine = self.engine
-        provider = _renter(engine.providers[rent.provider])
+        provider = _renter(self.upstreams.providers[rent.provider])
         ref = rent.ref()
-        attempt = await engine.store.begin_rent_attempt(
+        attempt = await self.store.begin_rent_attempt(
             key.key_id, rent.provider, "prolong", {"rent": rent.id}, hours,
-            engine.clock(), rent_id=rent.id,
+            self.clock(), rent_id=rent.id,
         )  # fmt: skip
         try:
-            until = await engine.upstreams.call(
+            until = await self.upstreams.call(
                 rent.provider, "prolong", lambda: provider.prolong(ref, hours)
             )
         except UpstreamUncertain as exc:
-            await engine.store.end_rent_attempt(
-                attempt, UNCERTAIN, exc.detail, engine.clock()
+            await self.store.end_rent_attempt(
+                attempt, UNCERTAIN, exc.detail, self.clock()
             )
             log.error(
                 "prolong rent id=%d provider=%s outcome unknown: not retried",
@@ -334,14 +346,14 @@ class Rentals:
             )  # fmt: skip
             raise
         except ProviderError as exc:
-            await engine.store.end_rent_attempt(
-                attempt, REFUSED, type(exc).__name__, engine.clock()
+            await self.store.end_rent_attempt(
+                attempt, REFUSED, type(exc).__name__, self.clock()
             )
             raise
-        await engine.store.end_rent_attempt(
-            attempt, CONFIRMED, "", engine.clock(), cost=price
+        await self.store.end_rent_attempt(
+            attempt, CONFIRMED, "", self.clock(), cost=price
         )
-        await engine.store.set_rent_state(rent, RENT_ACTIVE, engine.clock(), until)
+        await self.store.set_rent_state(rent, RENT_ACTIVE, self.clock(), until)
 
 
 async def reconcile(rentals: Rentals) -> int:
@@ -350,21 +362,20 @@ async def reconcile(rentals: Rentals) -> int:
     An unowned upstream rent is stored (cancelled) under the attempt's key and given
     back; one rent per attempt, so rents bought elsewhere on the account are spared.
     """
-    engine = rentals.engine
-    store = engine.store
-    now = engine.clock()
+    store = rentals.store
+    now = rentals.clock()
     orphans = 0
     for attempt in await store.rent_attempts([UNCERTAIN, PENDING]):
         if attempt.id in rentals._in_flight:
             continue
         if attempt.state == PENDING and now - attempt.created_at < 60:
             continue  # maybe a rent of this process between its record and its call
-        base = engine.providers.get(attempt.provider)
+        base = rentals.upstreams.providers.get(attempt.provider)
         if base is None or not isinstance(base, Rental):
             continue
         service, country = attempt.order["service"], attempt.order["country"]
         try:
-            found = await engine.upstreams.call(
+            found = await rentals.upstreams.call(
                 attempt.provider,
                 "rent_lookup",
                 functools.partial(
@@ -374,7 +385,7 @@ async def reconcile(rentals: Rentals) -> int:
         except ProviderError as exc:
             log.info("rent reconcile lookup failed: %s", type(exc).__name__)
             continue
-        if engine.router.in_flight or rentals._in_flight:
+        if rentals.router.in_flight or rentals._in_flight:
             return orphans  # a concurrent buy could look like an orphan: next round
         known = await store.known_upstream_ids(attempt.provider)
         unknown = [p for p in found or [] if p.upstream_id not in known]
@@ -383,7 +394,7 @@ async def reconcile(rentals: Rentals) -> int:
             native = type(base).native_currency(base.options)
             rent = await store.complete_rent(
                 attempt.id, attempt.key_id, attempt.provider, native, service,
-                country, purchase, engine.prices.display(attempt.provider, purchase.price),
+                country, purchase, rentals.prices.display(attempt.provider, purchase.price),
                 now,
             )  # fmt: skip
             await store.set_rent_state(rent, RENT_CANCELLED, now)
@@ -398,7 +409,7 @@ async def reconcile(rentals: Rentals) -> int:
             )
             orphans += 1
             try:
-                await engine.upstreams.call(
+                await rentals.upstreams.call(
                     attempt.provider,
                     "rent_release",
                     functools.partial(base.rent_release, rent.ref()),

@@ -19,17 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import httpx
 
 from compat_server import dialect
-from compat_server.config import KeyConfig
-from compat_server.store import Activation, Rent, WebhookJob, WebhookRows
-
-if TYPE_CHECKING:
-    from compat_server.engine import Engine
+from compat_server.config import Config, KeyConfig
+from compat_server.store import Activation, Rent, Store, WebhookJob, WebhookRows
+from providers.vocabulary import Clock
 
 log = logging.getLogger("compat_server")
 
@@ -61,10 +59,15 @@ def payload(
 class Webhooks:
     """Queue and deliver webhooks; poll what webhook keys hold."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, config: Config, store: Store, clock: Clock) -> None:
+        self.config = config  # swapped by ops.apply on a reload
+        self.store = store
+        self.clock = clock
         self.http: httpx.AsyncClient | None = None  # set by the app at startup
-        self._keys = {k.key_id: k for k in engine.config.keys}
+        # set by the Engine: the rooms that poll an activation and a rent upstream
+        self.refresh_activation: Callable[[Activation], Awaitable[object]] | None = None
+        self.refresh_rent: Callable[[Rent], Awaitable[object]] | None = None
+        self._keys = {k.key_id: k for k in config.keys}
         self._sending: set[int] = set()
 
     def key(self, key_id: str) -> KeyConfig | None:
@@ -127,17 +130,20 @@ class Webhooks:
 
     async def poll(self) -> None:
         """Refresh open activations and active rents of every key with a webhook."""
-        engine = self.engine
-        if not any(k.webhook for k in engine.config.keys):
+        if not any(k.webhook for k in self.config.keys):
             return
-        tasks: list[Awaitable[object]] = [
-            engine.refresh(a)
-            for a in engine.store.open_activations()
-            if self.key(a.key_id) is not None
-        ]
-        for rent in await engine.store.active_rents():
-            if self.key(rent.key_id) is not None:
-                tasks.append(engine.rentals.refresh(rent))
+        refresh, refresh_rent = self.refresh_activation, self.refresh_rent
+        tasks: list[Awaitable[object]] = []
+        if refresh is not None:
+            tasks.extend(
+                refresh(a)
+                for a in self.store.open_activations()
+                if self.key(a.key_id) is not None
+            )
+        if refresh_rent is not None:
+            for rent in await self.store.active_rents():
+                if self.key(rent.key_id) is not None:
+                    tasks.append(refresh_rent(rent))
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for result in results:
             if isinstance(result, Exception):
@@ -147,7 +153,7 @@ class Webhooks:
         """Send every due delivery once (side by side); returns how many got a 200."""
         jobs = [
             j
-            for j in await self.engine.store.due_webhooks(self.engine.clock())
+            for j in await self.store.due_webhooks(self.clock())
             if j.id not in self._sending
         ]
         results = await asyncio.gather(*(self._send(j) for j in jobs))
@@ -155,7 +161,7 @@ class Webhooks:
 
     async def _send(self, job: WebhookJob) -> int:
         key = self.key(job.key_id)
-        store = self.engine.store
+        store = self.store
         if key is None or key.webhook is None or self.http is None:
             await store.webhook_done(job.id, GAVE_UP, "key has no webhook")
             return 0
@@ -180,7 +186,7 @@ class Webhooks:
             if ok:
                 await store.webhook_done(job.id, DELIVERED)
                 return 1
-            now = self.engine.clock()
+            now = self.clock()
             delay = BACKOFF[min(attempt, len(BACKOFF)) - 1]
             if attempt >= MAX_ATTEMPTS or now + delay > job.created_at + MAX_AGE:
                 log.warning(

@@ -79,7 +79,7 @@ async def test_budget_is_spent_refused_and_given_back(
     )
     # so does an expiry
     clock.advance(1201)
-    assert await engine_of(client).sweep() == 2
+    assert await engine_of(client).lifecycle.sweep() == 2
     assert await call(client, action="getBalance") == (
         200,
         TEXT,
@@ -87,7 +87,7 @@ async def test_budget_is_spent_refused_and_given_back(
     )
     # the key without a budget sees the upstream balance, as before (once the
     # expired numbers' cancels have reached the upstream)
-    assert await engine_of(client).run_outbox() == 2
+    assert await engine_of(client).outbox.step() == 2
     assert await call(client, api_key=OTHER_KEY, action="getBalance") == (
         200, TEXT, "ACCESS_BALANCE:1000.00",
     )  # fmt: skip
@@ -250,7 +250,7 @@ async def test_spend_in_memory_follows_every_transition(
     await call(client, action="getStatus", id=ids[2])
     await call(client, action="setStatus", id=ids[2], status=6)
     clock.advance(1200)
-    await engine.sweep()
+    await engine.lifecycle.sweep()
     expected = stored_spend(store_path, key.key_id)
     # tg and wa cancelled, go finished, fb, ig and tw expired: only go stays spent
     assert expected == "12.50"

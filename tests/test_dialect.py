@@ -306,7 +306,7 @@ async def test_lifetime_reads_cancel(shop: TestClient, clock: FakeClock) -> None
         "ACCESS_CANCEL",
     )
     assert await call(shop, action="getBalance") == (200, TEXT, "ACCESS_BALANCE:82.00")
-    assert await engine_of(shop).run_outbox() == 1  # the expiry's upstream cancel
+    assert await engine_of(shop).outbox.step() == 1  # the expiry's upstream cancel
     assert await call(shop, action="getBalance") == (200, TEXT, "ACCESS_BALANCE:100.00")
 
 

@@ -240,7 +240,7 @@ async def test_cancel_refused_early_waits_in_the_outbox(start_clone: Start) -> N
     pending = await clone.engine.store.pending_ops()
     assert [(p[0], p[1], p[2]) for p in pending] == [(ident, "cancel", 1)]
     clone.clock.advance(121)
-    assert await clone.engine.run_outbox() == 1
+    assert await clone.engine.outbox.step() == 1
     assert clone.fake.orders[upstream].calls == ["8", "8"]
     assert clone.fake.orders[upstream].state == "cancelled"
     assert clone.fake.balance == Decimal("17.154")  # refunded
@@ -256,7 +256,7 @@ async def test_refused_early_cancels_never_open_the_circuit(start_clone: Start) 
     await clone.get(action="setStatus", id=ident, status=8)
     for _ in range(59):  # the outbox tries again and again inside the clone's window
         clone.clock.advance(2)
-        await clone.engine.run_outbox()
+        await clone.engine.outbox.step()
     refused = clone.fake.orders[upstream].calls
     assert refused == ["8"] * len(refused) and len(refused) >= 6  # breaker opens at 5
     assert clone.fake.orders[upstream].state == "waiting"
@@ -287,19 +287,19 @@ async def test_lost_purchase_is_found_and_cancelled(
     assert fake.actions_called().count("getNumberV2") == 1  # never retried
     [lost] = [o for o in fake.orders.values() if o not in (older, other)]
     fake.fault = None
-    assert await engine.reconcile() == 1
+    assert await engine.reconciler.step() == 1
     [orphan] = await engine.store.for_key(engine.config.keys[0].key_id, open_only=False)
     assert (orphan.upstream_id, orphan.state, orphan.phone) == (
         lost.id,
         CANCELLED,
         lost.phone,
     )
-    assert await engine.run_outbox() == 0  # inside the clone's early-cancel window
+    assert await engine.outbox.step() == 0  # inside the clone's early-cancel window
     clone.clock.advance(121)
-    assert await engine.run_outbox() == 1
+    assert await engine.outbox.step() == 1
     assert lost.state == "cancelled"
     assert (older.state, other.state) == ("waiting", "waiting")  # spared
-    assert await engine.reconcile() == 0
+    assert await engine.reconciler.step() == 0
 
 
 # ---- what clones do differently ----------------------------------------------------
@@ -721,14 +721,14 @@ async def test_no_get_active_activations_is_logged_once_per_lost_purchase(
     )
     clone.fake.fault = None
     with caplog.at_level("ERROR", logger="providers"):
-        assert await clone.engine.reconcile() == 0
-        assert await clone.engine.reconcile() == 0
+        assert await clone.engine.reconciler.step() == 0
+        assert await clone.engine.reconciler.step() == 0
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
         f"{NAME}: the clone has no getActiveActivations: a tg/10 purchase whose"
         " answer was lost cannot be found, check the account by hand"
     ]
     clone.clock.advance(RECONCILE_WINDOW + 1)
-    await clone.engine.reconcile()
+    await clone.engine.reconciler.step()
     assert [a.state for a in await clone.engine.store.attempts([RECONCILED])] == [
         RECONCILED
     ]
@@ -975,8 +975,8 @@ async def test_chain_lost_purchase_found_through_active_activations(
     assert sorted(p.upstream_id for p in found) == sorted(
         [known.upstream_id, str(lost.id)]
     )
-    assert await front.reconcile() == 1
-    assert await front.run_outbox() == 1
+    assert await front.reconciler.step() == 1
+    assert await front.outbox.step() == 1
     assert (await upstream.store.get(lost.id)).state == CANCELLED  # type: ignore[union-attr]
     assert (await upstream.store.get(int(known.upstream_id))).state == WAIT_CODE  # type: ignore[union-attr]
 

@@ -108,7 +108,7 @@ async def test_metrics_show_circuits_outbox_and_reconciler(
     )
     await engine.store.end_purchase(attempt, UNCERTAIN, "read timeout", clock())
     clock.advance(901)
-    assert await engine.reconcile() == 0
+    assert await engine.reconciler.step() == 0
     # an outbox call the upstream does not take yet, and a circuit that opens
     activation = await engine.store.get(int(body.split(":")[1]))
     assert activation is not None

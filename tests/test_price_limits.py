@@ -302,6 +302,6 @@ async def test_a_charge_above_the_limit_is_cancelled_and_the_route_goes_on(
     assert [(a.price, a.cost, a.state) for a in over] == [
         (Decimal(20), Decimal("20.00"), CANCELLED)
     ]
-    assert await engine.run_outbox() == 1  # the upstream cancel: refunded
+    assert await engine.outbox.step() == 1  # the upstream cancel: refunded
     assert await engine.providers["drift"].balance() == Decimal(100)
     assert await engine.providers["ok"].balance() == Decimal(88)

@@ -294,7 +294,7 @@ async def test_cancel_while_upstream_down_is_delivered_later(stack: Stack) -> No
     assert stack.fake.orders[upstream].state != "cancelled"
     stack.fake.fault = None
     stack.clock.advance(60)
-    assert await stack.engine.run_outbox() == 1
+    assert await stack.engine.outbox.step() == 1
     assert stack.fake.orders[upstream].state == "cancelled"
     assert await stack.engine.store.pending_ops() == []
 

@@ -97,7 +97,7 @@ async def test_thuecodesim_lost_purchase_is_found_whatever_the_upstream_clock(
     client = await start_app(config_for(store_path, options))
     lost = await lose_a_purchase(client, fake, "/request/getv2")
     clock.advance(30)
-    assert await engine_of(client).reconcile() == 1
+    assert await engine_of(client).reconciler.step() == 1
     assert await orphans(client) == [(lost, CANCELLED)]
 
 
@@ -150,15 +150,15 @@ async def test_an_attempt_never_takes_a_number_bought_before_it_by_another_tool(
     clock.advance(300)
     lost = await lose_a_purchase(client, fake, "/activation/number/VN/opt29")
     clock.advance(30)
-    assert await engine.reconcile() == 1
+    assert await engine.reconciler.step() == 1
     assert await orphans(client) == [(lost, CANCELLED)]
-    assert await engine.run_outbox() == 1
+    assert await engine.outbox.step() == 1
     assert (fake.orders[lost].state, fake.orders[by_hand].state) == (
         "cancelled",
         "waiting",
     )
     clock.advance(900)  # the window closes: the other tool's number is still spared
-    assert await engine.reconcile() == 0
+    assert await engine.reconciler.step() == 0
     assert fake.orders[by_hand].state == "waiting"
 
 
@@ -178,11 +178,11 @@ async def test_an_attempt_never_takes_the_order_of_a_later_attempt(
         client, fake, "/activation/number/VN/opt29", api_key=OTHER_KEY
     )
     clock.advance(30)
-    assert await engine.reconcile() == 1
+    assert await engine.reconciler.step() == 1
     assert await orphans(client, OTHER_KEY) == [(lost, CANCELLED)]
     assert await orphans(client, KEY) == []
     clock.advance(900)
-    assert await engine.reconcile() == 0
+    assert await engine.reconciler.step() == 0
     reconciled = await engine.store.attempts([RECONCILED])
     assert sorted(a.id for a in reconciled) == sorted([empty, empty + 1])
 
@@ -204,10 +204,10 @@ async def test_an_attempt_never_takes_an_order_dearer_than_its_limit(
         )
     assert resp.json()["success"] is True
     clock.advance(30)
-    assert await engine.reconcile() == 0
+    assert await engine.reconciler.step() == 0
     assert await orphans(client) == []
     clock.advance(900)
-    assert await engine.reconcile() == 0
+    assert await engine.reconciler.step() == 0
     assert [a.id for a in await engine.store.attempts([RECONCILED])] == [attempt]
 
 
@@ -236,7 +236,7 @@ async def test_after_a_restart_our_open_orders_teach_the_upstream_clock(
     )
     await engine.store.end_purchase(attempt, UNCERTAIN, "read timeout", clock())
     clock.advance(30)
-    assert await engine.reconcile() == 0
+    assert await engine.reconciler.step() == 0
     assert engine.providers["up"].utc_offset == 0.0  # type: ignore[attr-defined]
     assert [(a.phone, a.state) for a in await engine.store.for_key(key_id(KEY))] == [
         (ours, "wait_code")
@@ -259,9 +259,9 @@ async def test_an_order_without_a_creation_time_is_never_claimed(
     engine = engine_of(client)
     lost = await lose_a_purchase(client, fake, "/activation/number/VN/opt29")
     with caplog.at_level(logging.WARNING, logger="compat_server"):
-        assert await engine.reconcile() == 0
+        assert await engine.reconciler.step() == 0
         clock.advance(30)
-        assert await engine.reconcile() == 0
+        assert await engine.reconciler.step() == 0
     assert [r.getMessage() for r in caplog.records if "creation" in r.getMessage()] == [
         f"reconcile provider=up upstream_id={lost} has no creation time: not claimed"
         " for attempt 1, check it by hand"

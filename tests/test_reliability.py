@@ -240,13 +240,13 @@ async def test_reconciler_cancels_a_purchase_whose_answer_was_lost(
     )
     [order_id] = list(fake.orders)
     fake.fault = None
-    assert await engine.reconcile() == 1
+    assert await engine.reconciler.step() == 1
     [orphan] = await engine.store.for_key(engine.config.keys[0].key_id, open_only=False)
     assert (orphan.upstream_id, orphan.state) == (order_id, CANCELLED)
-    assert await engine.run_outbox() == 1
+    assert await engine.outbox.step() == 1
     assert fake.orders[order_id].state == "cancelled"
     # found once: the next rounds find nothing new
-    assert await engine.reconcile() == 0
+    assert await engine.reconciler.step() == 0
     assert await engine.store.attempts([RECONCILED]) != []
 
 
@@ -268,7 +268,7 @@ async def test_reconciler_stores_thuecodesim_orphans(
     )
     [request_id] = list(fake.orders)
     fake.fault = None
-    assert await engine.reconcile() == 1
+    assert await engine.reconciler.step() == 1
     [orphan] = await engine.store.for_key(engine.config.keys[0].key_id, open_only=False)
     assert (orphan.upstream_id, orphan.state) == (request_id, CANCELLED)
 
@@ -286,10 +286,10 @@ async def test_reconciler_waits_for_buys_in_flight(
         "k", "sb", Order("tg", 10), engine.clock()
     )
     engine.router.in_flight[attempt] = "sb"
-    assert await engine.reconcile() == 0
+    assert await engine.reconciler.step() == 0
     assert [a.state for a in await engine.store.attempts(["pending"])] == ["pending"]
     del engine.router.in_flight[attempt]
-    await engine.reconcile()  # a stale pending attempt (a crash) becomes uncertain
+    await engine.reconciler.step()  # a stale pending attempt (a crash) becomes uncertain
     assert [a.id for a in await engine.store.attempts([UNCERTAIN])] == [attempt]
 
 
@@ -368,7 +368,7 @@ async def test_outbox_backs_off_and_resumes_after_restart(
     for _ in range(4):
         before = (await engine.store.pending_ops())[0][2]
         clock.advance(100)
-        await engine.run_outbox()
+        await engine.outbox.step()
         waits.append((await engine.store.pending_ops())[0][2] - before)
     assert waits == [1, 1, 1, 1]
     assert (await engine.store.due_ops(clock.now)) == []  # next try is in the future
@@ -377,7 +377,7 @@ async def test_outbox_backs_off_and_resumes_after_restart(
     fake.fault = None
     again = await start_app(config)
     clock.advance(8)
-    assert await engine_of(again).run_outbox() == 1
+    assert await engine_of(again).outbox.step() == 1
     assert fake.orders[upstream].state == "cancelled"
     assert await engine_of(again).store.pending_ops() == []
 
@@ -404,9 +404,9 @@ async def test_sweeper_cancels_upstream_what_got_no_code(
         "STATUS_OK:4455",
     )
     clock.advance(1200)
-    assert await engine.sweep() == 2
+    assert await engine.lifecycle.sweep() == 2
     assert (first.state, second.state) == (EXPIRED, FINISHED)
-    assert await engine.run_outbox() == 2
+    assert await engine.outbox.step() == 2
     assert (fake.orders[first.upstream_id].state, fake.orders[second.upstream_id].state) == (
         "cancelled", "finished",
     )  # fmt: skip
@@ -544,8 +544,8 @@ async def test_reconciler_claims_one_order_per_unknown_attempt(
         if "data" in resp.json()
         else resp.json()["orderId"]
     )
-    assert await engine.reconcile() == 1
-    assert await engine.run_outbox() == 1
+    assert await engine.reconciler.step() == 1
+    assert await engine.outbox.step() == 1
     states = {order_id: order.state for order_id, order in fake.orders.items()}
     assert states[by_hand] != "cancelled"
     assert sorted(states.values()).count("cancelled") == 1
@@ -567,8 +567,8 @@ async def test_sweeper_resumes_after_restart(
     await first.close()
     clock.advance(1300)  # the server was down when the lifetime ended
     again = await start_app(config)
-    assert await engine_of(again).sweep() == 1
-    assert await engine_of(again).run_outbox() == 1
+    assert await engine_of(again).lifecycle.sweep() == 1
+    assert await engine_of(again).outbox.step() == 1
     assert fake.orders[upstream].state == "cancelled"
 
 
@@ -643,8 +643,8 @@ async def test_sweeper_prunes_old_bookkeeping(
             "NO_NUMBERS",
         )
     assert len(await engine.store.attempts(["refused"])) == 3
-    await engine.sweep()  # first sweep prunes nothing younger than a week
+    await engine.lifecycle.sweep()  # first sweep prunes nothing younger than a week
     assert len(await engine.store.attempts(["refused"])) == 3
     clock.advance(8 * 86400)
-    await engine.sweep()
+    await engine.lifecycle.sweep()
     assert await engine.store.attempts(["refused"]) == []

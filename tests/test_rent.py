@@ -481,9 +481,9 @@ async def test_activation_reconciler_never_takes_a_rent(
     )
     fake.method_faults.clear()
     lost = next(o for o in fake.orders.values() if o.id != rent_order.id)
-    assert await engine.reconcile() == 1
+    assert await engine.reconciler.step() == 1
     [orphan] = await engine.store.for_key(engine.config.keys[0].key_id, open_only=False)
     assert orphan.upstream_id == lost.id
-    await engine.run_outbox()
+    await engine.outbox.step()
     assert "delete" not in rent_order.calls and lost.calls[-1] == "delete"
     assert (await rent_call(client, action="getRentList"))["status"] == "success"

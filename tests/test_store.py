@@ -505,7 +505,7 @@ async def test_a_store_locked_after_the_paid_call_keeps_the_number(
         "STATUS_WAIT_CODE",
     )
     # the reconciler must not take the held number for an orphan
-    assert await engine.reconcile() == 0
+    assert await engine.reconciler.step() == 0
     assert await engine.store.flush() == 1  # still locked: still held
     fake.release()
     assert await engine.store.flush() == 0
@@ -525,7 +525,7 @@ async def test_a_store_locked_after_the_paid_call_keeps_the_number(
         ("WARNING", f"store {store_path} is writable again"),
         ("WARNING", f"store {store_path}: id={ident} held in memory is now stored"),
     ]
-    assert await engine.reconcile() == 0
+    assert await engine.reconciler.step() == 0
     _, _, body = await call(client, action="getNumber", service="tg", country=10)
     assert body.startswith(f"ACCESS_NUMBER:{ident + 1}:")
 
@@ -563,7 +563,7 @@ async def test_a_number_held_at_shutdown_is_reconciled_under_its_id(
     fake.release()
     again = await start_app(parse_config(raw))
     engine = engine_of(again)
-    assert await engine.reconcile() == 1
+    assert await engine.reconciler.step() == 1
     # the client that holds the id learns the number is gone
     assert await call(again, action="getStatus", id=FIRST_ID) == (
         200,
