@@ -15,7 +15,8 @@ import hashlib
 import hmac
 import html
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -35,10 +36,16 @@ from compat_server.store import (
     WAIT_RETRY,
     Activation,
 )
+from providers.base import Provider
 from providers.vocabulary import CompatError
 
 if TYPE_CHECKING:
+    from compat_server.budget import Budgets
+    from compat_server.config import Config
     from compat_server.engine import Engine
+    from compat_server.lifecycle import Lifecycle
+    from compat_server.routing import Upstreams
+    from compat_server.store import Store
 
 COOKIE = "sms_compat_admin"
 SESSION_LIFETIME = 12 * 3600.0
@@ -67,9 +74,40 @@ async def _redirect_to_root(request: web.Request) -> web.StreamResponse:
 # ---- authentication --------------------------------------------------------------------
 
 
-def _engine(request: web.Request) -> Engine:
+@dataclass(frozen=True)
+class Dashboard:
+    """The rooms the dashboard reads and acts on, bound once per request (the config
+    in force when it arrived), not the engine that built them."""
 
-    return request.app[ENGINE]
+    config: Config
+    store: Store
+    lifecycle: Lifecycle
+    upstreams: Upstreams
+    budgets: Budgets
+
+    @classmethod
+    def of(cls, engine: Engine) -> Dashboard:
+        """The dashboard's rooms of a running server."""
+        return cls(
+            engine.config,
+            engine.store,
+            engine.lifecycle,
+            engine.upstreams,
+            engine.router.budgets,
+        )
+
+    @property
+    def providers(self) -> Mapping[str, Provider]:
+        """Configured providers by name."""
+        return self.upstreams.providers
+
+    def health(self) -> dict[str, str]:
+        """Circuit state per provider."""
+        return {name: b.state for name, b in self.upstreams.breakers.items()}
+
+
+def _rooms(request: web.Request) -> Dashboard:
+    return Dashboard.of(request.app[ENGINE])
 
 
 def _sign(token: str, text: str) -> str:
@@ -100,7 +138,7 @@ def csrf_token(token: str, session: str) -> str:
 
 def _guard(handler: Handler, csrf: bool = False) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
-        token = _engine(request).config.admin_token
+        token = _rooms(request).config.admin_token
         if not token:
             raise web.HTTPNotFound()
         header = request.headers.get("Authorization", "")
@@ -150,7 +188,7 @@ def _page_error(status: int, text: str) -> web.Response:
 
 
 def _csrf(request: web.Request) -> str:
-    token = _engine(request).config.admin_token or ""
+    token = _rooms(request).config.admin_token or ""
     return csrf_token(token, request.cookies.get(COOKIE, ""))
 
 
@@ -171,7 +209,7 @@ async def static(request: web.Request) -> web.StreamResponse:
 
 async def dashboard(request: web.Request) -> web.StreamResponse:
     """The whole page; the script refreshes its body from /admin/fragment."""
-    engine = _engine(request)
+    engine = _rooms(request)
     filters = _filters(request)
     notice = _notice(request)
     body = await _body(request, engine, filters)
@@ -200,7 +238,7 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
 
 async def fragment(request: web.Request) -> web.StreamResponse:
     """The live part of the page, for the script's refresh."""
-    engine = _engine(request)
+    engine = _rooms(request)
     body = await _body(request, engine, _filters(request))
     return web.Response(
         text=body, content_type="text/html", headers={"Cache-Control": "no-store"}
@@ -209,7 +247,7 @@ async def fragment(request: web.Request) -> web.StreamResponse:
 
 async def cancel(request: web.Request) -> web.StreamResponse:
     """POST id (+ csrf): cancel a waiting activation as its client could."""
-    engine = _engine(request)
+    engine = _rooms(request)
     form = await request.post()
     raw_id = str(form.get("id", ""))
     back = str(form.get("back", ""))
@@ -259,7 +297,7 @@ def _filters(request: web.Request) -> dict[str, str]:
     }
 
 
-def _filter_form(engine: Engine, filters: dict[str, str]) -> str:
+def _filter_form(engine: Dashboard, filters: dict[str, str]) -> str:
     def select(name: str, label: str, options: list[str]) -> str:
         items = ['<option value="">all</option>'] + [
             f'<option value="{html.escape(o)}"'
@@ -278,7 +316,9 @@ def _filter_form(engine: Engine, filters: dict[str, str]) -> str:
     )
 
 
-async def _body(request: web.Request, engine: Engine, filters: dict[str, str]) -> str:
+async def _body(
+    request: web.Request, engine: Dashboard, filters: dict[str, str]
+) -> str:
     parts = [
         await _activations(request, engine, filters),
         await _providers(request, engine),
@@ -319,7 +359,7 @@ def _e(value: Any) -> str:
 
 
 async def _activations(
-    request: web.Request, engine: Engine, filters: dict[str, str]
+    request: web.Request, engine: Dashboard, filters: dict[str, str]
 ) -> str:
     aliases = {k.key_id: k.alias for k in engine.config.keys}
     by_alias = {k.alias: k.key_id for k in engine.config.keys}
@@ -380,7 +420,7 @@ def _code(activation: Activation) -> str:
     return activation.messages[-1].code if activation.messages else ""
 
 
-async def _providers(request: web.Request, engine: Engine) -> str:
+async def _providers(request: web.Request, engine: Dashboard) -> str:
 
     stats = request.app[METRICS].provider_stats()
     rows = []
@@ -416,7 +456,7 @@ async def _providers(request: web.Request, engine: Engine) -> str:
     )
 
 
-async def _balance(request: web.Request, engine: Engine, name: str) -> str:
+async def _balance(request: web.Request, engine: Dashboard, name: str) -> str:
 
     provider = engine.providers[name]
     native = type(provider).native_currency(provider.options)
@@ -428,8 +468,8 @@ async def _balance(request: web.Request, engine: Engine, name: str) -> str:
     return "unavailable" if amount is None else f"{amount} {native}"
 
 
-async def _keys(engine: Engine) -> str:
-    budgets = engine.router.budgets
+async def _keys(engine: Dashboard) -> str:
+    budgets = engine.budgets
     rows = []
     for key in engine.config.keys:
         spent = await budgets.spent(key)
@@ -456,7 +496,7 @@ async def _keys(engine: Engine) -> str:
     )
 
 
-async def _outbox(engine: Engine) -> str:
+async def _outbox(engine: Dashboard) -> str:
     rows = [
         [str(activation_id), _e(op), str(attempts), _e(error or "-")]
         for activation_id, op, attempts, error in await engine.store.pending_ops()
@@ -470,7 +510,7 @@ async def _outbox(engine: Engine) -> str:
     )
 
 
-async def _reconciler(engine: Engine) -> str:
+async def _reconciler(engine: Dashboard) -> str:
     rows = [
         [
             str(a.id),
