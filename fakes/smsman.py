@@ -276,7 +276,11 @@ def _code_in(text: str) -> str:
 
 
 def provider_options(url: str) -> dict[str, Any]:
-    """Options for a provider pointed at a fake served at ``url`` (its root)."""
+    """Options for a provider pointed at a fake served at ``url`` (its root).
+
+    ``min_interval: 0``: for the tests that are about something else (money, faults,
+    parsing); real pacing is what tests/test_pacing.py runs under.
+    """
     return {
         "type": TYPE,
         "token": TOKEN,

@@ -109,7 +109,11 @@ FAILURES: dict[str, tuple[int, str]] = {
 
 
 def provider_options(url: str) -> dict[str, Any]:
-    """Options that point a ThuecodesimProvider at a fake served at ``url``."""
+    """Options that point a ThuecodesimProvider at a fake served at ``url``.
+
+    ``min_interval: 0``: for the tests that are about something else (money, faults,
+    parsing); real pacing is what tests/test_pacing.py runs under.
+    """
     return {"type": TYPE, "token": TOKEN, "base_url": url, "min_interval": 0}
 
 

@@ -417,6 +417,8 @@ def test_serve_runs_without_access_log_and_quiets_httpx(
 
 # ---- check-config ------------------------------------------------------------------------
 
+# min_interval: 0 below: these tests are about secrets in logs and output, not pacing
+# (real pacing is tests/test_pacing.py's condition)
 CONFIG_YAML = """
 store: {{path: {store}}}
 currency: {{display: RUB, rates: {{VND: 0.0036, USD: 92.5}}}}

@@ -546,6 +546,8 @@ async def test_lookup_finds_order_bought_under_after_500(
 
 
 async def test_min_interval_spaces_calls(make: Make, fake: FakeSmspva) -> None:
+    """The option reaches the Pacer (a short interval: this is about the option; smspva's
+    real 4.5 s spacing is tests/test_pacing.py's condition)."""
     provider = make(min_interval=0.05)
     started = time.monotonic()
     for _ in range(3):
