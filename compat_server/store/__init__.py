@@ -96,6 +96,15 @@ class Store(Protocol):
         """The lock that serialises state changes of one activation."""
         ...
 
+    async def lease(self, name: str, seconds: float, now: float) -> bool:
+        """Take the named lease for ``seconds`` unless another taker holds it.
+
+        True when taken. It coalesces upstream work (a poll of one activation, a batch
+        poll of one account) so it runs once per interval in total: in one process for
+        an embedded store, across every server sharing a database for a shared one.
+        """
+        ...
+
     async def begin_purchase(
         self, key_id: str, provider: str, order: Order, now: float
     ) -> int:

@@ -327,6 +327,7 @@ class SqliteStore:
         self._cache: dict[int, Activation] = {}
         self._write = asyncio.Lock()
         self._locks: dict[int, asyncio.Lock] = {}
+        self._leases: dict[str, float] = {}  # name -> held until
         self._spent: dict[str, Decimal] = {}  # key_id -> spend, once read (see spent)
         # providers whose cancels give no money back (thuecodesim): what their
         # cancelled and expired numbers cost stays spent (set by the app)
@@ -560,6 +561,15 @@ class SqliteStore:
         if lock is None:
             lock = self._locks[activation_id] = asyncio.Lock()
         return lock
+
+    async def lease(self, name: str, seconds: float, now: float) -> bool:
+        """One server per file: the leases live in memory."""
+        if self._leases.get(name, -1e18) > now:
+            return False
+        if len(self._leases) > 4 * len(self._cache) + 1024:  # forget expired ones
+            self._leases = {k: t for k, t in self._leases.items() if t > now}
+        self._leases[name] = now + seconds
+        return True
 
     # ---- purchases ----------------------------------------------------------------------
 
