@@ -33,6 +33,7 @@ from compat_server.store import (
     WAIT_RETRY,
     Activation,
     Store,
+    StoreError,
 )
 from compat_server.webhooks import Webhooks
 from providers.base import Provider
@@ -89,7 +90,6 @@ class Lifecycle:
         self.webhooks = webhooks
         self.clock = clock
         self._polls: dict[int, asyncio.Future[None]] = {}
-        self._last_poll: dict[int, float] = {}
         self._pruned_at = 0.0
         self.abandoned_count = 0  # purchases whose client left before the answer
 
@@ -106,8 +106,11 @@ class Lifecycle:
     async def refresh(self, activation: Activation) -> None:
         """Bring an open activation up to date: expiry, then at most one poll per interval.
 
-        Concurrent callers share one upstream request; an upstream failure leaves the
-        last known state in place.
+        The interval is the store's lease ``poll:<id>``: with a shared store it is
+        one poll per interval across every server, and a server that does not get
+        the lease answers from the store as it stands. Concurrent
+        callers here share one lease and one upstream request; an upstream failure
+        leaves the last known state in place.
         """
         if not activation.is_open:
             return
@@ -119,11 +122,7 @@ class Lifecycle:
             provider = self.providers.get(activation.provider)
             if provider is None:
                 return
-            now = self.clock()
-            if now - self._last_poll.get(activation.id, -1e18) < provider.poll_interval:
-                return
-            self._last_poll[activation.id] = now
-            future = asyncio.ensure_future(self._poll(activation, provider))
+            future = asyncio.ensure_future(self._leased_poll(activation, provider))
             self._polls[activation.id] = future
             future.add_done_callback(lambda _: self._polls.pop(activation.id, None))
         try:
@@ -132,6 +131,17 @@ class Lifecycle:
             await asyncio.wait_for(asyncio.shield(future), POLL_WAIT)
         except asyncio.TimeoutError:
             log.info("poll id=%d slow upstream: answered from the store", activation.id)
+
+    async def _leased_poll(self, activation: Activation, provider: Provider) -> None:
+        try:
+            taken = await self.store.lease(
+                f"poll:{activation.id}", provider.poll_interval, self.clock()
+            )
+        except StoreError as exc:  # nothing could be stored anyway
+            log.info("poll id=%d not made, store: %s", activation.id, exc)
+            return
+        if taken:
+            await self._poll(activation, provider)
 
     async def _poll(self, activation: Activation, provider: Provider) -> None:
         ref = activation.ref()
@@ -156,7 +166,6 @@ class Lifecycle:
             if result.closed and activation.state == WAIT_CODE:
                 # the upstream ended the order without a code: nothing to cancel there
                 await self.store.set_state(activation, EXPIRED, self.clock())
-                self._last_poll.pop(activation.id, None)
 
     async def expire(self, activation: Activation) -> None:
         """Close an activation past its lifetime; cancel upstream unless a code came."""
@@ -171,7 +180,6 @@ class Lifecycle:
                 await self.store.set_state(
                     activation, FINISHED, self.clock(), outbox="finish"
                 )
-        self._last_poll.pop(activation.id, None)
         self.outbox.wake.set()
 
     async def abandoned(self, activation: Activation) -> None:
@@ -199,7 +207,6 @@ class Lifecycle:
             await self.store.set_state(
                 activation, CANCELLED, self.clock(), outbox="cancel"
             )
-        self._last_poll.pop(activation.id, None)
         log.warning(
             "id=%d provider=%s client left before its number was delivered:"
             " cancel queued upstream (abandoned so far: %d)",
@@ -266,7 +273,8 @@ class Lifecycle:
                 )
             finally:
                 self.router.in_flight.pop(RETRY_FLIGHT - activation.id, None)
-            self._last_poll.pop(activation.id, None)
+            # a new wait for a code: the next getStatus (on any server) polls at once
+            await self.store.end_lease(f"poll:{activation.id}")
 
     async def _paid_retry(
         self, activation: Activation, provider: Provider
@@ -322,7 +330,7 @@ class Lifecycle:
             return purchase
         finally:
             if hold is not None:
-                self.router.budgets.release(hold)
+                await self.router.budgets.release(hold)
 
     async def finish(self, activation: Activation) -> None:
         """setStatus 6: after a code (or during a retry); repeated 6 is harmless."""
@@ -334,7 +342,6 @@ class Lifecycle:
             await self.store.set_state(
                 activation, FINISHED, self.clock(), outbox="finish"
             )
-        self._last_poll.pop(activation.id, None)
         await self.outbox.drain_now(activation.id)
 
     async def cancel(self, activation: Activation) -> None:
@@ -350,7 +357,6 @@ class Lifecycle:
             await self.store.set_state(
                 activation, CANCELLED, self.clock(), outbox="cancel"
             )
-        self._last_poll.pop(activation.id, None)
         await self.outbox.drain_now(activation.id)
 
     async def sweep(self) -> int:

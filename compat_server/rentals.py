@@ -29,6 +29,7 @@ from compat_server.store import (
     Rent,
     RentMessage,
     Store,
+    StoreError,
 )
 from compat_server.webhooks import Webhooks
 from providers.base import Provider
@@ -91,7 +92,6 @@ class Rentals:
         self.router = router
         self.clock = clock
         self.webhooks: Webhooks | None = None  # set by the Engine (they refresh rents)
-        self._last_poll: dict[int, float] = {}
         self._in_flight: set[int] = set()  # rent attempts whose call is running
 
     def renters(self, key: KeyConfig, country: int | None = None) -> list[str]:
@@ -170,7 +170,7 @@ class Rentals:
                     self.clock(),
                 )
             except BaseException:
-                self.router.budgets.release(hold)
+                await self.router.budgets.release(hold)
                 raise
             # in flight until stored: no reconciler may take this number for an orphan
             self.router.in_flight[-attempt] = name
@@ -211,7 +211,7 @@ class Rentals:
             finally:
                 self.router.in_flight.pop(-attempt, None)
                 self._in_flight.discard(attempt)
-                self.router.budgets.release(hold)
+                await self.router.budgets.release(hold)
         raise merge_refusals(refusals)
 
     async def _rent_price(
@@ -240,10 +240,16 @@ class Rentals:
         base = self.upstreams.providers.get(rent.provider)
         if base is None:
             return []
-        now = self.clock()
-        if now - self._last_poll.get(rent.id, -1e18) < base.poll_interval:
+        # one poll per interval across every server sharing the store
+        try:
+            taken = await self.store.lease(
+                f"rent-poll:{rent.id}", base.poll_interval, self.clock()
+            )
+        except StoreError as exc:  # nothing could be stored anyway
+            log.info("rent poll id=%d not made, store: %s", rent.id, exc)
             return []
-        self._last_poll[rent.id] = now
+        if not taken:
+            return []
         provider = _renter(base)
         ref = rent.ref()
         try:
@@ -321,7 +327,7 @@ class Rentals:
         try:
             await self._prolong(key, rent, hours, price)
         finally:
-            self.router.budgets.release(hold)
+            await self.router.budgets.release(hold)
 
     async def _prolong(
         self, key: KeyConfig, rent: Rent, hours: int, price: Decimal
