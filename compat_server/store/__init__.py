@@ -9,15 +9,17 @@ chosen where the app opens the store, without touching the rooms.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import Any, Protocol
 
 from compat_server.store.records import (
     CANCELLED,
+    CLAIM_SECONDS,
     CODE,
     CONFIRMED,
+    DEAD_AFTER,
     EXPIRED,
     FINISHED,
     OPEN_STATES,
@@ -57,7 +59,7 @@ from compat_server.store.sqlite import (
 from providers.vocabulary import Order, Purchase, RentPurchase, RentSms, Sms
 
 __all__ = [
-    "CANCELLED", "CODE", "CONFIRMED", "EXPIRED", "FINISHED", "FIRST_ID", "FIRST_RENT_ID",
+    "CANCELLED", "CLAIM_SECONDS", "CODE", "CONFIRMED", "DEAD_AFTER", "EXPIRED", "FINISHED", "FIRST_ID", "FIRST_RENT_ID",
     "MAX_ID", "MIGRATIONS", "OPEN_STATES", "PENDING", "RECONCILED", "REFUSED",
     "RENT_ACTIVE", "RENT_CANCELLED", "RENT_EXPIRED", "RENT_FINISHED", "SCHEMA_VERSION",
     "UNCERTAIN", "WAIT_CODE", "WAIT_RETRY", "Activation", "Attempt", "Message",
@@ -69,8 +71,9 @@ __all__ = [
 class Store(Protocol):
     """Durable state of the server: every method the rooms call, and nothing else."""
 
-    path: str  # where it lives, for messages
+    path: str  # where it lives, for messages (credentials masked)
     problem: str | None  # why writes fail now (None: they work)
+    server_id: str  # this process's identity among the servers sharing the store
 
     async def close(self) -> None:
         """Write held numbers if the store takes them, close the database, unlock it."""
@@ -92,8 +95,14 @@ class Store(Protocol):
         """The schema version recorded in the database."""
         ...
 
-    def lock(self, activation_id: int) -> asyncio.Lock:
-        """The lock that serialises state changes of one activation."""
+    async def heartbeat(self, now: float) -> None:
+        """Record that this server is alive (a shared store: its attempts are its own)."""
+        ...
+
+    def lock(self, activation_id: int) -> contextlib.AbstractAsyncContextManager[None]:
+        """The lock that serialises state changes of one activation (across every
+        server sharing the store); on entry the activation this store handed out is
+        up to date."""
         ...
 
     async def lease(self, name: str, seconds: float, now: float) -> bool:

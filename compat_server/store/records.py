@@ -35,6 +35,14 @@ RENT_ACTIVE, RENT_FINISHED, RENT_CANCELLED, RENT_EXPIRED = (
 )
 
 
+# Several servers on one store (PostgreSQL): a server whose heartbeat is older than
+# DEAD_AFTER seconds is dead, and its PENDING purchase attempts are another's to
+# reconcile; a queued call or webhook claimed by a server is nobody else's for
+# CLAIM_SECONDS (until done or failed), then free again (its claimer was killed).
+DEAD_AFTER = 30.0
+CLAIM_SECONDS = 120.0
+
+
 class StoreError(Exception):
     """The store cannot be used (or written) now; the message names the store and why."""
 

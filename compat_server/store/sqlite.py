@@ -336,6 +336,7 @@ class SqliteStore:
         # bought, answered, not yet written: activation id -> (activation, attempt id)
         self._held: dict[int, tuple[Activation, int | None]] = {}
         self.problem: str | None = None  # why writes fail now (None: they work)
+        self.server_id = f"sqlite-{os.getpid()}"  # one server per file
 
     @classmethod
     async def open(
@@ -555,12 +556,16 @@ class SqliteStore:
             result.append(activation)
         return result
 
-    def lock(self, activation_id: int) -> asyncio.Lock:
-        """The lock that serialises state changes of one activation."""
+    def lock(self, activation_id: int) -> contextlib.AbstractAsyncContextManager[None]:
+        """The lock that serialises state changes of one activation (one server per
+        file: an asyncio.Lock, and the objects in memory are the only copies)."""
         lock = self._locks.get(activation_id)
         if lock is None:
             lock = self._locks[activation_id] = asyncio.Lock()
         return lock
+
+    async def heartbeat(self, now: float) -> None:
+        """One server per file: nobody else needs to know it is alive."""
 
     async def lease(self, name: str, seconds: float, now: float) -> bool:
         """One server per file: the leases live in memory."""
