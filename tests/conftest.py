@@ -4,7 +4,7 @@ provider tests' kit (one upstream client, a fake served on a loopback port, refs
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from compat_server.config import Config, parse_config
 from compat_server.engine import Engine
 from fakes.common import FakeUpstream
 from providers.vocabulary import ActivationRef, Order, Purchase
+from tests.pg_server import WHY_MISSING, PgServer, find_bin
 
 API = "/stubs/handler_api.php"
 KEY = "test-key-0123456789abcdef01234567"
@@ -141,3 +142,26 @@ async def call(client: TestClient, **params: Any) -> tuple[int, str, str]:
     params.setdefault("api_key", KEY)
     resp = await client.get(API, params={k: str(v) for k, v in params.items()})
     return resp.status, resp.content_type, await resp.text()
+
+
+# ---- a real PostgreSQL (several servers on one database) -------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PgServer]:
+    """One PostgreSQL cluster for the session (skipped, saying why, without one)."""
+    bindir = find_bin()
+    if bindir is None:
+        pytest.skip(WHY_MISSING)
+    server = PgServer(bindir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def pg_url(postgres_server: PgServer) -> str:
+    """A fresh empty database on the session's PostgreSQL."""
+    return postgres_server.database()

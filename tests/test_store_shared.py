@@ -1,7 +1,7 @@
-"""The several-servers contract of the Store, as the embedded store keeps it.
+"""The several-servers contract of the Store, on both stores.
 
 One SQLite file has one server, so its claims, holds and leases live in memory; the
-semantics are the shared store's all the same: what ``due_ops``/``due_webhooks`` hand
+PostgreSQL store keeps them in the database. The semantics are one: what ``due_ops``/``due_webhooks`` hand
 out is claimed until done, failed or CLAIM_SECONDS; ``reserve`` checks and holds in one
 step; a lease can be given up; nobody else is ever buying.
 """
@@ -27,9 +27,16 @@ from providers.vocabulary import Order, Purchase, Sms
 T = 1_800_000_000.0
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await SqliteStore.open(str(tmp_path / "s.db"), clock=lambda: T)
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    opened: Store
+    if request.param == "sqlite":
+        opened = await SqliteStore.open(str(tmp_path / "s.db"), clock=lambda: T)
+    else:
+        from compat_server.store.postgres import PostgresStore
+
+        url = request.getfixturevalue("pg_url")
+        opened = await PostgresStore.open(url, clock=lambda: T)
     try:
         yield opened
     finally:

@@ -80,7 +80,7 @@ __all__ = [
 class Store(Protocol):
     """Durable state of the server: every method the rooms call, and nothing else."""
 
-    path: str  # where it lives, for messages
+    path: str  # where it lives, for messages (credentials masked)
     problem: str | None  # why writes fail now (None: they work)
     server_id: str  # this process's identity among the servers sharing the store
 
