@@ -12,6 +12,7 @@ was reserved.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,11 +20,13 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from compat_server.config import KeyConfig
-from compat_server.store import Store
+from compat_server.store import Reservation, Store, StoreError
 from providers.vocabulary import Clock, NoBalance, NoNumbers, Order
 
 if TYPE_CHECKING:
     from compat_server.routing import Prices
+
+log = logging.getLogger("compat_server")
 
 PriceOf = Callable[[str, Order], Awaitable[Decimal | None]]
 
@@ -54,6 +57,7 @@ class Budgets:
         self.store = store
         self.prices = prices
         self.clock = clock
+        self._unreleased: set[int] = set()  # holds the store failed to give back
 
     async def spent(self, key: KeyConfig) -> Decimal:
         """Money the key's activations hold now (cancelled and expired ones are free)."""
@@ -93,13 +97,12 @@ class Budgets:
                 amount = self.prices.display(provider, native)
                 if order.max_price is not None and native > order.max_price:
                     amount = min(amount, self.prices.display(provider, order.max_price))
-        got = await self.store.reserve(
+        got = await self._reserve(
             key.key_id,
             amount,
             budget=key.budget,
             max_open=key.max_active,
             at_most=at_most,
-            now=self.clock(),
         )
         if got.refused == "max_active":
             raise NoNumbers("budget", f"max_active {key.max_active} reached")
@@ -123,13 +126,51 @@ class Budgets:
         budget for a paid call other than getNumber (a rent, a prolongation, an extra
         activation). NoBalance when it does not fit; a key without a budget holds 0.
         """
-        got = await self.store.reserve(
-            key.key_id, amount, budget=key.budget, max_open=None, now=self.clock()
-        )
+        got = await self._reserve(key.key_id, amount, budget=key.budget, max_open=None)
         if got.refused:
             raise NoBalance("budget", f"key {key.alias}: {got.left} left")
         return Hold(got.id, key.key_id, got.amount, None)
 
+    async def _reserve(
+        self,
+        key_id: str,
+        amount: Decimal | None,
+        *,
+        budget: Decimal | None,
+        max_open: int | None,
+        at_most: Decimal | None = None,
+    ) -> Reservation:
+        """Store.reserve; a store that cannot hold money buys nothing (NoNumbers)."""
+        await self._release_left_over()
+        try:
+            return await self.store.reserve(
+                key_id,
+                amount,
+                budget=budget,
+                max_open=max_open,
+                at_most=at_most,
+                now=self.clock(),
+            )
+        except StoreError as exc:
+            raise NoNumbers("store", str(exc)) from exc
+
     async def release(self, hold: Hold) -> None:
-        """Give a hold back (the purchase is stored, refused, or failed)."""
-        await self.store.unreserve(hold.id)
+        """Give a hold back (the purchase is stored, refused, or failed).
+
+        Never raises: it runs after the purchase, whose answer a store failure must
+        not turn into an error. A hold the store could not drop is dropped by the
+        next reserve or release that can.
+        """
+        self._unreleased.add(hold.id)
+        await self._release_left_over()
+
+    async def _release_left_over(self) -> None:
+        for hold_id in sorted(self._unreleased):
+            try:
+                await self.store.unreserve(hold_id)
+            except StoreError as exc:
+                log.warning(
+                    "budget hold %d not given back yet (store: %s)", hold_id, exc
+                )
+                return
+            self._unreleased.discard(hold_id)
