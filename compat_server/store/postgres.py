@@ -13,8 +13,10 @@ database:
   the activation objects this store handed out;
 * :meth:`due_ops` and :meth:`due_webhooks` claim what they return (``FOR UPDATE SKIP
   LOCKED``, then ``next_at`` moves CLAIM_SECONDS ahead in the same transaction);
-* ``servers`` holds each server's heartbeat: a PENDING attempt of a server silent
-  for DEAD_AFTER seconds is returned by :meth:`attempts` for reconciliation;
+* ``servers`` holds each server's heartbeat, and each server holds an advisory lock
+  of its own for as long as its session lives: a PENDING attempt of a server silent
+  for DEAD_AFTER seconds, or whose session ended while the database stayed up (the
+  process was killed), is returned by :meth:`attempts` for reconciliation;
 * ``open_activations()`` is an in-memory set, updated at once by this server's writes
   and by :meth:`watch` from rows other servers changed (each write stamps
   ``activations.changed`` from a sequence);
@@ -86,6 +88,7 @@ PG_SCHEMA_VERSION = 1
 COMMAND_TIMEOUT = 30.0  # s a statement may take before the store counts as failing
 MIGRATION_LOCK = 0x534D5300  # pg_advisory_lock key around migrations ("SMS\0")
 ACTIVATION_LOCKS = 0x534D5301  # advisory lock namespace of activation ids
+SERVER_LOCKS = 0x534D5302  # ... of the servers' liveness locks
 LOCK_POLL = (0.005, 0.05)  # s between tries of a lock another server holds: first, most
 LEASE_KEEP = 3600.0  # s an expired lease row is kept before the heartbeat drops it
 
@@ -104,6 +107,12 @@ DOWN: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
     asyncpg.exceptions.TransactionRollbackError,  # class 40: serialization, deadlock
 )
+
+
+class CannotConnect(ConnectionError):
+    """The database refused the login (it does not exist, or the role is gone)."""
+
+
 UNUSABLE: tuple[type[BaseException], ...] = (*DOWN, asyncpg.PostgresError)
 
 MIGRATIONS: dict[int, str] = {
@@ -240,7 +249,9 @@ MIGRATIONS: dict[int, str] = {
     CREATE TABLE servers (
         id TEXT PRIMARY KEY,
         started_at DOUBLE PRECISION NOT NULL,
-        seen_at DOUBLE PRECISION NOT NULL
+        seen_at DOUBLE PRECISION NOT NULL,
+        lock_key BIGINT NOT NULL,  -- its liveness lock: (SERVER_LOCKS, lock_key)
+        pg_started TEXT NOT NULL  -- the database's start when it took that lock
     );
     """,
 }
@@ -365,6 +376,7 @@ class PostgresStore:
         self._busy_timeout = busy_timeout
         self.path = target.shown
         self.server_id = secrets.token_hex(8)
+        self._lock_key = secrets.randbelow(2**31 - 1) + 1  # its liveness lock
         self.problem: str | None = None
         self.unrefunded: frozenset[str] = frozenset()
         # every Activation handed out, one object per id, refreshed in place
@@ -470,7 +482,10 @@ class PostgresStore:
             self.problem = None
 
     async def _connection(self) -> Conn:
-        return await self._pool.acquire(timeout=max(self._busy_timeout, 0.1))
+        try:
+            return await self._pool.acquire(timeout=max(self._busy_timeout, 0.1))
+        except asyncpg.PostgresError as exc:  # refused at login: no database, no role
+            raise CannotConnect(str(exc)) from exc
 
     async def _begin(self) -> tuple[Conn, Any]:
         """A pooled connection in a transaction; a connection found dead at BEGIN is
@@ -531,10 +546,12 @@ class PostgresStore:
         """Run a read; a dead connection is replaced and the read tried once more."""
         for last in (False, True):
             try:
-                async with self._pool.acquire(
-                    timeout=max(self._busy_timeout, 0.1)
-                ) as conn:
+                conn = await self._connection()
+                try:
                     return await work(conn)
+                finally:
+                    with contextlib.suppress(*DOWN):
+                        await self._pool.release(conn)
             except DOWN as exc:
                 await self._pool.expire_connections()
                 if last:
@@ -568,13 +585,29 @@ class PostgresStore:
             await asyncio.sleep(interval)
 
     async def heartbeat(self, now: float) -> None:
-        """Record that this server is alive (and drop leases long expired)."""
+        """Record that this server is alive (and drop leases long expired).
+
+        Its liveness lock is (re)taken first, on the connection that holds the
+        activation locks: the database itself then knows when this process is gone.
+        """
+        try:
+            async with self._locker_busy:
+                locker = await self._locker_connection()
+                pg_started = await locker.fetchval(
+                    "SELECT pg_postmaster_start_time()::text"
+                )
+        except DOWN as exc:
+            await self._drop_locker()
+            raise await self._failing(exc) from exc
         async with self._writing() as conn:
             await conn.execute(
-                "INSERT INTO servers (id, started_at, seen_at) VALUES ($1, $2, $2)"
-                " ON CONFLICT (id) DO UPDATE SET seen_at=EXCLUDED.seen_at",
+                "INSERT INTO servers (id, started_at, seen_at, lock_key, pg_started)"
+                " VALUES ($1, $2, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET"
+                " seen_at=EXCLUDED.seen_at, pg_started=EXCLUDED.pg_started",
                 self.server_id,
                 now,
+                self._lock_key,
+                pg_started,
             )
             await conn.execute("DELETE FROM leases WHERE until < $1", now - LEASE_KEEP)
 
@@ -680,7 +713,9 @@ class PostgresStore:
     async def _load_open(self) -> None:
         self._next_watermark = self._watermark = int(
             await self._read(
-                lambda conn: conn.fetchval("SELECT last_value FROM changes")
+                lambda conn: conn.fetchval(
+                    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM changes"
+                )
             )
         )
         await self._select(
@@ -736,14 +771,29 @@ class PostgresStore:
                 await self._advisory_unlock(locker, activation_id)
 
     async def _locker_connection(self) -> asyncpg.Connection:
+        """The connection of the advisory locks (under ``_locker_busy``); a new one
+        takes this server's liveness lock before anything else."""
         if self._locker is None or self._locker.is_closed():
-            self._locker = await asyncpg.connect(
-                **self._target.connect_args(),
-                timeout=max(self._busy_timeout, 1.0),
-                command_timeout=COMMAND_TIMEOUT,
-                server_settings={"application_name": "sms-compat locks"},
+            try:
+                locker = await asyncpg.connect(
+                    **self._target.connect_args(),
+                    timeout=max(self._busy_timeout, 1.0),
+                    command_timeout=COMMAND_TIMEOUT,
+                    server_settings={"application_name": "sms-compat locks"},
+                )
+            except asyncpg.PostgresError as exc:
+                raise CannotConnect(str(exc)) from exc
+            await locker.execute(
+                f"SELECT pg_try_advisory_lock({SERVER_LOCKS}, {self._lock_key})"
             )
+            self._locker = locker
         return self._locker
+
+    async def _drop_locker(self) -> None:
+        """Forget a failed lock connection (its session's locks are gone with it)."""
+        if self._locker is not None and not self._locker.is_closed():
+            self._locker.terminate()
+        self._locker = None
 
     async def _advisory_lock(self, activation_id: int) -> asyncpg.Connection:
         """Take the activation's advisory lock; the connection holding it."""
@@ -758,9 +808,7 @@ class PostgresStore:
                         activation_id,
                     )
             except DOWN as exc:
-                if self._locker is not None and not self._locker.is_closed():
-                    self._locker.terminate()
-                self._locker = None
+                await self._drop_locker()
                 raise StoreError(
                     f"store {self.path}: {exc or type(exc).__name__}"
                 ) from exc
@@ -1005,17 +1053,27 @@ class PostgresStore:
         """Purchase attempts in the given states, oldest first.
 
         A PENDING attempt of another server is left to it while it is alive (its
-        heartbeat is younger than DEAD_AFTER): its paid call may be in flight.
+        paid call may be in flight): while its heartbeat is younger than DEAD_AFTER
+        and its liveness lock is held (or the database restarted since its last
+        heartbeat, and it has not taken the lock again yet).
         """
         rows = await self._fetch(
             "SELECT p.id, p.key_id, p.provider, p.order_json, p.state, p.created_at"
             " FROM purchases p LEFT JOIN servers s ON s.id = p.server_id"
             " WHERE p.state = ANY($1::text[]) AND (p.state <> $2 OR p.server_id = $3"
-            " OR s.seen_at IS NULL OR s.seen_at < $4) ORDER BY p.id",
+            " OR s.id IS NULL OR s.seen_at < $4"
+            " OR (s.pg_started = pg_postmaster_start_time()::text AND NOT EXISTS ("
+            "  SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
+            "  AND l.database = (SELECT oid FROM pg_database"
+            "   WHERE datname = current_database())"
+            "  AND l.classid::bigint = $5 AND l.objid::bigint = s.lock_key"
+            "  AND l.objsubid = 2)))"
+            " ORDER BY p.id",
             list(states),
             PENDING,
             self.server_id,
             self._clock() - DEAD_AFTER,
+            SERVER_LOCKS,
         )
         held = {attempt_id for _, attempt_id in self._held.values()}
         return [
