@@ -520,10 +520,11 @@ class PostgresStore:
         try:
             try:
                 for activation, attempt_id in held.values():
-                    changed = await self._insert(
-                        conn, activation, attempt_id, again=True
-                    )
-                    self._versions[activation.id] = changed
+                    await self._insert(conn, activation, attempt_id, again=True)
+                    # another server may have stored it first (its reconciler found
+                    # the number while this one was cut off): the next read adopts
+                    # the database's row
+                    self._versions[activation.id] = -1
                 yield conn
             except BaseException:
                 with contextlib.suppress(*UNUSABLE):
@@ -1053,27 +1054,32 @@ class PostgresStore:
         """Purchase attempts in the given states, oldest first.
 
         A PENDING attempt of another server is left to it while it is alive (its
-        paid call may be in flight): while its heartbeat is younger than DEAD_AFTER
-        and its liveness lock is held (or the database restarted since its last
-        heartbeat, and it has not taken the lock again yet).
+        paid call may be in flight). It is dead when, the database having run since
+        its last heartbeat, its liveness lock is gone (its sessions ended: killed)
+        or its heartbeat is older than DEAD_AFTER (hung, cut off); or when the
+        database restarted since, and it has not come back within DEAD_AFTER.
         """
         rows = await self._fetch(
             "SELECT p.id, p.key_id, p.provider, p.order_json, p.state, p.created_at"
             " FROM purchases p LEFT JOIN servers s ON s.id = p.server_id"
             " WHERE p.state = ANY($1::text[]) AND (p.state <> $2 OR p.server_id = $3"
-            " OR s.id IS NULL OR s.seen_at < $4"
-            " OR (s.pg_started = pg_postmaster_start_time()::text AND NOT EXISTS ("
-            "  SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
-            "  AND l.database = (SELECT oid FROM pg_database"
-            "   WHERE datname = current_database())"
-            "  AND l.classid::bigint = $5 AND l.objid::bigint = s.lock_key"
-            "  AND l.objsubid = 2)))"
+            " OR s.id IS NULL"
+            " OR (s.pg_started = pg_postmaster_start_time()::text AND (s.seen_at < $4"
+            "  OR NOT EXISTS (SELECT 1 FROM pg_locks l"
+            "   WHERE l.locktype = 'advisory' AND l.granted"
+            "   AND l.database = (SELECT oid FROM pg_database"
+            "    WHERE datname = current_database())"
+            "   AND l.classid::bigint = $5 AND l.objid::bigint = s.lock_key"
+            "   AND l.objsubid = 2)))"
+            " OR (s.pg_started <> pg_postmaster_start_time()::text"
+            "  AND now() - pg_postmaster_start_time() > make_interval(secs => $6)))"
             " ORDER BY p.id",
             list(states),
             PENDING,
             self.server_id,
             self._clock() - DEAD_AFTER,
             SERVER_LOCKS,
+            DEAD_AFTER,
         )
         held = {attempt_id for _, attempt_id in self._held.values()}
         return [
