@@ -270,6 +270,7 @@ async def test_an_outage_refuses_purchases_holds_bought_numbers_and_recovers(
         with pytest.raises(StoreError):  # before a paid call: nothing may be bought
             await store.begin_purchase("k1", "sandbox", ORDER, T0)
         assert await store.writable() is False
+        assert await store.lease("poll:1", 3.0, T0) is False  # never raises
         # after the paid call: the number is the client's, held in memory
         held = await store.complete_purchase(attempt, bought(1), hold=True)
         assert held.id == FIRST
@@ -454,3 +455,30 @@ async def test_an_unreachable_database_is_one_line_without_the_password(
     message = str(caught.value)
     assert message.startswith(f"store postgresql://****@127.0.0.1:{url.split(':')[3]}")
     assert "hunter22" not in message and "\n" not in message
+
+
+async def test_check_config_ping_reads_circuits_without_showing_the_password(
+    servers: Open, pg_url: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from compat_server.cli import main
+
+    store = await servers()
+    await store.save_health("sb", "open", 5, T0)
+    parts = urlsplit(pg_url)  # the test server trusts any password: give one
+    url = parts._replace(netloc=f"postgres:sekret-pw@{parts.hostname}:{parts.port}")
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"store: {{url: '{url.geturl()}', pool: {{min: 1, max: 4}}}}\n"
+        "providers: {sb: {type: sandbox, balance: 50}}\n"
+        "keys: [{key: k, providers: [sb]}]\n"
+    )
+    assert await asyncio.to_thread(main, ["check-config", "--config", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert f"store: {masked_url(url.geturl())} pool=1..4\n" in shown
+    ping = ["check-config", "--config", str(path), "--ping"]
+    assert await asyncio.to_thread(main, ping) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith(
+        "sb: reachable, token accepted, balance 50.0 RUB = 50.00 RUB, circuit open since"
+    )
+    assert "sekret-pw" not in shown + out

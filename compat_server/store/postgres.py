@@ -472,8 +472,9 @@ class PostgresStore:
         if self.problem is None:
             log.error("store %s cannot be written: %s", self.path, reason)
         self.problem = self.problem or reason
-        # a restarted server left every pooled connection dead: replace them all
-        await self._pool.expire_connections()
+        if not isinstance(exc, asyncio.TimeoutError):  # (busy, not broken: keep them)
+            # a restarted server left every pooled connection dead: replace them all
+            await self._pool.expire_connections()
         return StoreError(f"store {self.path}: {reason}")
 
     def _recovered(self) -> None:
@@ -699,6 +700,20 @@ class PostgresStore:
 
         return [self._adopt(a, changed) for a, changed in await self._read(run)]
 
+    async def _fresh(self, activation_id: int) -> Activation | None:
+        """The activation as the database has it; one round trip when the object in
+        memory is current (its row is read, with its messages, only when newer)."""
+        known = self._live.get(activation_id)
+        version = -1 if known is None else self._versions.get(activation_id, -1)
+        found = await self._select(
+            "SELECT * FROM activations WHERE id=$1 AND changed > $2",
+            activation_id,
+            version,
+        )
+        if found:
+            return found[0]
+        return known  # rows are never deleted: unchanged (or there is none)
+
     def _wrote(self, activation: Activation, changed: int) -> None:
         """This server wrote ``activation`` (stamped ``changed``): memory follows."""
         self._live[activation.id] = activation
@@ -764,9 +779,7 @@ class PostgresStore:
             try:
                 if activation_id in self._live and activation_id not in self._held:
                     with contextlib.suppress(StoreError):
-                        await self._select(
-                            "SELECT * FROM activations WHERE id=$1", activation_id
-                        )
+                        await self._fresh(activation_id)
                 yield
             finally:
                 await self._advisory_unlock(locker, activation_id)
@@ -830,17 +843,24 @@ class PostgresStore:
                 )
 
     async def lease(self, name: str, seconds: float, now: float) -> bool:
-        """Take the named lease for ``seconds`` unless another server holds it."""
-        async with self._writing() as conn:
-            taken = await conn.fetchval(
-                "INSERT INTO leases (name, until, holder) VALUES ($1, $2, $3)"
-                " ON CONFLICT (name) DO UPDATE SET until=EXCLUDED.until,"
-                " holder=EXCLUDED.holder WHERE leases.until <= $4 RETURNING name",
-                name,
-                now + seconds,
-                self.server_id,
-                now,
-            )
+        """Take the named lease for ``seconds`` unless another server holds it.
+
+        Not taken while the database cannot be written (what the leased work finds
+        could not be stored either); never raises, like the in-memory leases.
+        """
+        try:
+            async with self._writing() as conn:
+                taken = await conn.fetchval(
+                    "INSERT INTO leases (name, until, holder) VALUES ($1, $2, $3)"
+                    " ON CONFLICT (name) DO UPDATE SET until=EXCLUDED.until,"
+                    " holder=EXCLUDED.holder WHERE leases.until <= $4 RETURNING name",
+                    name,
+                    now + seconds,
+                    self.server_id,
+                    now,
+                )
+        except StoreError:
+            return False
         return taken is not None
 
     # ---- purchases ----------------------------------------------------------------------
@@ -1119,15 +1139,12 @@ class PostgresStore:
         if not 0 < activation_id < MAX_ID:
             return None
         try:
-            found = await self._select(
-                "SELECT * FROM activations WHERE id=$1", activation_id
-            )
+            return await self._fresh(activation_id)
         except StoreError:
             known = self._live.get(activation_id)
             if known is None:
                 raise
             return known
-        return found[0] if found else None
 
     def open_activations(self) -> list[Activation]:
         """Every activation whose upstream order is alive (at most a watch interval
