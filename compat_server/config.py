@@ -517,13 +517,12 @@ def store_text(config: Config) -> str:
 
 
 def store_secrets(config: Config) -> set[str]:
-    """The credentials in ``store.url`` (for the log redactor)."""
+    """The password in ``store.url``, as written and decoded (for the log redactor);
+    the user name is not a secret (and "postgres" would mask every such word)."""
     if config.store_url is None:
         return set()
-    parts = urlsplit(config.store_url)
-    return {unquote(p) for p in (parts.username, parts.password) if p} | {
-        p for p in (parts.username, parts.password) if p
-    }
+    password = urlsplit(config.store_url).password
+    return {password, unquote(password)} if password else set()
 
 
 def _store_url(store: Mapping[str, Any]) -> tuple[str | None, int, int]:

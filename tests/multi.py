@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 from aiohttp import web
 
 from fakes.common import HTML_500
@@ -160,6 +161,20 @@ def servers(
     with concurrent.futures.ThreadPoolExecutor(count) as pool:
         list(pool.map(lambda s: s.start(), made))
     return made
+
+
+def sql(url: str, query: str) -> list[tuple[Any, ...]]:
+    """Rows of ``query`` on the database at ``url``, through a connection of its own."""
+
+    async def run() -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [tuple(r) for r in await conn.fetch(query)]
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the test's loop may run
+        return pool.submit(asyncio.run, run()).result(30)
 
 
 def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:

@@ -16,7 +16,6 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -25,9 +24,10 @@ from tests.multi import (
     STATUS_ACTIONS,
     Upstream,
     servers,
+    sql,
     wait_for,
 )
-from tests.pg_server import PgServer
+from tests.pg import PgServer
 from tests.serving import ServeProcess
 
 TG_VN = "action=getNumber&service=tg&country=10"
@@ -81,15 +81,11 @@ def upstream_id(upstream: Upstream, phone: str) -> str:
     return found[0]
 
 
-def database(url: str) -> str:
-    return urlsplit(url).path.lstrip("/")
-
-
 # ---- one server, seen from both ---------------------------------------------------------
 
 
 def test_two_servers_starting_together_migrate_once(
-    tmp_path: Path, pg_url: str, upstream: Upstream, postgres_server: PgServer
+    tmp_path: Path, pg_url: str, upstream: Upstream, pg_server: PgServer
 ) -> None:
     first, second = servers(tmp_path, pg_url, upstream)
     outputs = [first.stop(), second.stop()]
@@ -100,13 +96,10 @@ def test_two_servers_starting_together_migrate_once(
         if " applied" in line and "schema" in line
     ]
     assert sorted(applied) == ["schema 1 applied", "schema 2 applied"]
-    assert (
-        postgres_server.psql(
-            "SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_version",
-            database(pg_url),
-        )
-        == "1,2"
-    )
+    assert sql(pg_url, "SELECT version FROM schema_version ORDER BY version") == [
+        (1,),
+        (2,),
+    ]
 
 
 def test_ids_are_unique_and_either_server_serves_any_number(
@@ -189,7 +182,7 @@ def test_a_cancel_sent_to_both_reaches_the_upstream_once(
 def test_a_server_killed_in_the_middle_of_purchases_loses_nothing(
     pair: tuple[ServeProcess, ServeProcess],
     upstream: Upstream,
-    postgres_server: PgServer,
+    pg_server: PgServer,
     pg_url: str,
 ) -> None:
     """A has sold two numbers, cancelled one while the upstream refuses setStatus
@@ -225,30 +218,18 @@ def test_a_server_killed_in_the_middle_of_purchases_loses_nothing(
 
     # B finishes A's outbox (its claim, if any, ended with A's transaction)
     wait_for(lambda: upstream.orders()[gone_order] == "cancelled", 20, "A's cancel")
-    # A's purchases are its own while its heartbeat is fresh: instead of waiting
-    # DEAD_AFTER (30 s), its last heartbeat is moved a minute back
-    db = database(pg_url)
-    pending = postgres_server.psql(
-        "SELECT count(*) FROM purchases WHERE state='pending'", db
-    )
-    assert pending == "3"
-    postgres_server.psql(
-        "UPDATE servers SET seen_at = seen_at - 60 WHERE id IN"
-        " (SELECT server_id FROM purchases WHERE state='pending')",
-        db,
-    )
+    # A's pending purchases are B's once A is dead: killed, its liveness lock is
+    # gone with its sessions, so at once (no DEAD_AFTER to wait)
     wait_for(
         lambda: all(upstream.orders()[o] == "cancelled" for o in held),
         30,
         "A's three held purchases reconciled and cancelled upstream",
     )
     assert [upstream.status_calls(o, "8") for o in held] == [1, 1, 1]
-    assert (
-        postgres_server.psql(
-            "SELECT count(*) FROM purchases WHERE state IN ('pending', 'uncertain')", db
-        )
-        == "0"
+    unresolved = (
+        "SELECT count(*) FROM purchases WHERE state IN ('pending', 'uncertain')"
     )
+    assert sql(pg_url, unresolved) == [(0,)]
     # nothing sold is lost: the one kept is served by B, every other is cancelled
     states = upstream.orders()
     kept_order = upstream_id(upstream, kept_phone)
@@ -265,12 +246,12 @@ def test_a_server_killed_in_the_middle_of_purchases_loses_nothing(
 def test_a_database_outage_answers_dialect_tokens_and_recovers(
     pair: tuple[ServeProcess, ServeProcess],
     upstream: Upstream,
-    postgres_server: PgServer,
+    pg_server: PgServer,
 ) -> None:
     a, b = pair
     ident, _ = buy(a)
     sold = len(upstream.orders())
-    postgres_server.stop()
+    pg_server.stop()
     try:
         for server in (a, b):
             status, kind, body = answer(server, TG_VN, timeout=30)
@@ -284,7 +265,7 @@ def test_a_database_outage_answers_dialect_tokens_and_recovers(
             assert body in ("STATUS_WAIT_CODE", "ERROR_SQL"), body
         assert len(upstream.orders()) == sold  # nothing bought that was not recorded
     finally:
-        postgres_server.start()
+        pg_server.start()
 
     def both_sell() -> bool:
         return all(answer(s, TG_VN)[2].startswith("ACCESS_NUMBER:") for s in (a, b))

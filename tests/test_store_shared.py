@@ -3,44 +3,23 @@
 One SQLite file has one server, so its claims, holds and leases live in memory; the
 PostgreSQL store keeps them in the database. The semantics are one: what ``due_ops``/``due_webhooks`` hand
 out is claimed until done, failed or CLAIM_SECONDS; ``reserve`` checks and holds in one
-step; a lease can be given up; nobody else is ever buying.
+step; a lease can be given up. The ``store`` fixture (conftest) is each of them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from decimal import Decimal
-from pathlib import Path
-
-import pytest
 
 from compat_server.store import (
     CLAIM_SECONDS,
     NewActivation,
     OutboxOp,
-    SqliteStore,
     Store,
 )
 from providers.vocabulary import Order, Purchase, Sms
 
 T = 1_800_000_000.0
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened: Store
-    if request.param == "sqlite":
-        opened = await SqliteStore.open(str(tmp_path / "s.db"), clock=lambda: T)
-    else:
-        from compat_server.store.postgres import PostgresStore
-
-        url = request.getfixturevalue("pg_url")
-        opened = await PostgresStore.open(url, clock=lambda: T)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 async def sell(store: Store, key_id: str = "k1", cost: str = "0") -> int:

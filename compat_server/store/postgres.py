@@ -13,8 +13,10 @@ database:
   the activation objects this store handed out;
 * :meth:`due_ops` and :meth:`due_webhooks` claim what they return (``FOR UPDATE SKIP
   LOCKED``, then ``next_at`` moves CLAIM_SECONDS ahead in the same transaction);
-* ``servers`` holds each server's heartbeat: a PENDING attempt of a server silent
-  for DEAD_AFTER seconds is returned by :meth:`attempts` for reconciliation;
+* ``servers`` holds each server's heartbeat, and each server holds an advisory lock
+  of its own for as long as its session lives: a PENDING attempt of a server silent
+  for DEAD_AFTER seconds, or whose session ended while the database stayed up (the
+  process was killed), is returned by :meth:`attempts` for reconciliation;
 * ``open_activations()`` is an in-memory set, updated at once by this server's writes
   and by :meth:`watch` from rows other servers changed (each write stamps
   ``activations.changed`` from a sequence);
@@ -87,7 +89,8 @@ PG_SCHEMA_VERSION = 2
 COMMAND_TIMEOUT = 30.0  # s a statement may take before the store counts as failing
 MIGRATION_LOCK = 0x534D5300  # pg_advisory_lock key around migrations ("SMS\0")
 ACTIVATION_LOCKS = 0x534D5301  # advisory lock namespace of activation ids
-HOLD_LOCKS = 0x534D5302  # advisory (transaction) lock namespace of keys' budget holds
+SERVER_LOCKS = 0x534D5302  # ... of the servers' liveness locks
+HOLD_LOCKS = 0x534D5303  # advisory (transaction) lock namespace of keys' budget holds
 LOCK_POLL = (0.005, 0.05)  # s between tries of a lock another server holds: first, most
 LEASE_KEEP = 3600.0  # s an expired lease row is kept before the heartbeat drops it
 
@@ -106,6 +109,12 @@ DOWN: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
     asyncpg.exceptions.TransactionRollbackError,  # class 40: serialization, deadlock
 )
+
+
+class CannotConnect(ConnectionError):
+    """The database refused the login (it does not exist, or the role is gone)."""
+
+
 UNUSABLE: tuple[type[BaseException], ...] = (*DOWN, asyncpg.PostgresError)
 
 MIGRATIONS: dict[int, str] = {
@@ -242,7 +251,9 @@ MIGRATIONS: dict[int, str] = {
     CREATE TABLE servers (
         id TEXT PRIMARY KEY,
         started_at DOUBLE PRECISION NOT NULL,
-        seen_at DOUBLE PRECISION NOT NULL
+        seen_at DOUBLE PRECISION NOT NULL,
+        lock_key BIGINT NOT NULL,  -- its liveness lock: (SERVER_LOCKS, lock_key)
+        pg_started TEXT NOT NULL  -- the database's start when it took that lock
     );
     """,
     # budget holds of purchases in flight, per server (Store.reserve)
@@ -356,6 +367,24 @@ def _activation(row: asyncpg.Record, messages: list[Message]) -> Activation:
     )
 
 
+def _dead(seen: str, locks: str, window: str) -> str:
+    """SQL that is true when the LEFT JOINed ``servers`` row ``s`` is a dead server,
+    as :meth:`PostgresStore.attempts` decides it; the arguments name the parameters
+    holding now - DEAD_AFTER, SERVER_LOCKS and DEAD_AFTER."""
+    return (
+        "(s.id IS NULL"
+        f" OR (s.pg_started = pg_postmaster_start_time()::text AND (s.seen_at < {seen}"
+        "  OR NOT EXISTS (SELECT 1 FROM pg_locks l"
+        "   WHERE l.locktype = 'advisory' AND l.granted"
+        "   AND l.database = (SELECT oid FROM pg_database"
+        "    WHERE datname = current_database())"
+        f"   AND l.classid::bigint = {locks} AND l.objid::bigint = s.lock_key"
+        "   AND l.objsubid = 2)))"
+        " OR (s.pg_started <> pg_postmaster_start_time()::text"
+        f"  AND now() - pg_postmaster_start_time() > make_interval(secs => {window})))"
+    )
+
+
 ACTIVATION_FIELDS = [f.name for f in dataclasses.fields(Activation) if f.name != "id"]
 
 
@@ -378,6 +407,7 @@ class PostgresStore:
         self._busy_timeout = busy_timeout
         self.path = target.shown
         self.server_id = secrets.token_hex(8)
+        self._lock_key = secrets.randbelow(2**31 - 1) + 1  # its liveness lock
         self.problem: str | None = None
         self.unrefunded: frozenset[str] = frozenset()
         # every Activation handed out, one object per id, refreshed in place
@@ -473,8 +503,9 @@ class PostgresStore:
         if self.problem is None:
             log.error("store %s cannot be written: %s", self.path, reason)
         self.problem = self.problem or reason
-        # a restarted server left every pooled connection dead: replace them all
-        await self._pool.expire_connections()
+        if not isinstance(exc, asyncio.TimeoutError):  # (busy, not broken: keep them)
+            # a restarted server left every pooled connection dead: replace them all
+            await self._pool.expire_connections()
         return StoreError(f"store {self.path}: {reason}")
 
     def _recovered(self) -> None:
@@ -483,7 +514,10 @@ class PostgresStore:
             self.problem = None
 
     async def _connection(self) -> Conn:
-        return await self._pool.acquire(timeout=max(self._busy_timeout, 0.1))
+        try:
+            return await self._pool.acquire(timeout=max(self._busy_timeout, 0.1))
+        except asyncpg.PostgresError as exc:  # refused at login: no database, no role
+            raise CannotConnect(str(exc)) from exc
 
     async def _begin(self) -> tuple[Conn, Any]:
         """A pooled connection in a transaction; a connection found dead at BEGIN is
@@ -518,10 +552,11 @@ class PostgresStore:
         try:
             try:
                 for activation, attempt_id in held.values():
-                    changed = await self._insert(
-                        conn, activation, attempt_id, again=True
-                    )
-                    self._versions[activation.id] = changed
+                    await self._insert(conn, activation, attempt_id, again=True)
+                    # another server may have stored it first (its reconciler found
+                    # the number while this one was cut off): the next read adopts
+                    # the database's row
+                    self._versions[activation.id] = -1
                 yield conn
             except BaseException:
                 with contextlib.suppress(*UNUSABLE):
@@ -544,10 +579,12 @@ class PostgresStore:
         """Run a read; a dead connection is replaced and the read tried once more."""
         for last in (False, True):
             try:
-                async with self._pool.acquire(
-                    timeout=max(self._busy_timeout, 0.1)
-                ) as conn:
+                conn = await self._connection()
+                try:
                     return await work(conn)
+                finally:
+                    with contextlib.suppress(*DOWN):
+                        await self._pool.release(conn)
             except DOWN as exc:
                 await self._pool.expire_connections()
                 if last:
@@ -581,13 +618,29 @@ class PostgresStore:
             await asyncio.sleep(interval)
 
     async def heartbeat(self, now: float) -> None:
-        """Record that this server is alive (and drop leases long expired)."""
+        """Record that this server is alive (and drop leases long expired).
+
+        Its liveness lock is (re)taken first, on the connection that holds the
+        activation locks: the database itself then knows when this process is gone.
+        """
+        try:
+            async with self._locker_busy:
+                locker = await self._locker_connection()
+                pg_started = await locker.fetchval(
+                    "SELECT pg_postmaster_start_time()::text"
+                )
+        except DOWN as exc:
+            await self._drop_locker()
+            raise await self._failing(exc) from exc
         async with self._writing() as conn:
             await conn.execute(
-                "INSERT INTO servers (id, started_at, seen_at) VALUES ($1, $2, $2)"
-                " ON CONFLICT (id) DO UPDATE SET seen_at=EXCLUDED.seen_at",
+                "INSERT INTO servers (id, started_at, seen_at, lock_key, pg_started)"
+                " VALUES ($1, $2, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET"
+                " seen_at=EXCLUDED.seen_at, pg_started=EXCLUDED.pg_started",
                 self.server_id,
                 now,
+                self._lock_key,
+                pg_started,
             )
             await conn.execute("DELETE FROM leases WHERE until < $1", now - LEASE_KEEP)
 
@@ -678,6 +731,20 @@ class PostgresStore:
 
         return [self._adopt(a, changed) for a, changed in await self._read(run)]
 
+    async def _fresh(self, activation_id: int) -> Activation | None:
+        """The activation as the database has it; one round trip when the object in
+        memory is current (its row is read, with its messages, only when newer)."""
+        known = self._live.get(activation_id)
+        version = -1 if known is None else self._versions.get(activation_id, -1)
+        found = await self._select(
+            "SELECT * FROM activations WHERE id=$1 AND changed > $2",
+            activation_id,
+            version,
+        )
+        if found:
+            return found[0]
+        return known  # rows are never deleted: unchanged (or there is none)
+
     def _wrote(self, activation: Activation, changed: int) -> None:
         """This server wrote ``activation`` (stamped ``changed``): memory follows."""
         self._live[activation.id] = activation
@@ -693,7 +760,9 @@ class PostgresStore:
     async def _load_open(self) -> None:
         self._next_watermark = self._watermark = int(
             await self._read(
-                lambda conn: conn.fetchval("SELECT last_value FROM changes")
+                lambda conn: conn.fetchval(
+                    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM changes"
+                )
             )
         )
         await self._select(
@@ -741,22 +810,35 @@ class PostgresStore:
             try:
                 if activation_id in self._live and activation_id not in self._held:
                     with contextlib.suppress(StoreError):
-                        await self._select(
-                            "SELECT * FROM activations WHERE id=$1", activation_id
-                        )
+                        await self._fresh(activation_id)
                 yield
             finally:
                 await self._advisory_unlock(locker, activation_id)
 
     async def _locker_connection(self) -> asyncpg.Connection:
+        """The connection of the advisory locks (under ``_locker_busy``); a new one
+        takes this server's liveness lock before anything else."""
         if self._locker is None or self._locker.is_closed():
-            self._locker = await asyncpg.connect(
-                **self._target.connect_args(),
-                timeout=max(self._busy_timeout, 1.0),
-                command_timeout=COMMAND_TIMEOUT,
-                server_settings={"application_name": "sms-compat locks"},
+            try:
+                locker = await asyncpg.connect(
+                    **self._target.connect_args(),
+                    timeout=max(self._busy_timeout, 1.0),
+                    command_timeout=COMMAND_TIMEOUT,
+                    server_settings={"application_name": "sms-compat locks"},
+                )
+            except asyncpg.PostgresError as exc:
+                raise CannotConnect(str(exc)) from exc
+            await locker.execute(
+                f"SELECT pg_try_advisory_lock({SERVER_LOCKS}, {self._lock_key})"
             )
+            self._locker = locker
         return self._locker
+
+    async def _drop_locker(self) -> None:
+        """Forget a failed lock connection (its session's locks are gone with it)."""
+        if self._locker is not None and not self._locker.is_closed():
+            self._locker.terminate()
+        self._locker = None
 
     async def _advisory_lock(self, activation_id: int) -> asyncpg.Connection:
         """Take the activation's advisory lock; the connection holding it."""
@@ -771,9 +853,7 @@ class PostgresStore:
                         activation_id,
                     )
             except DOWN as exc:
-                if self._locker is not None and not self._locker.is_closed():
-                    self._locker.terminate()
-                self._locker = None
+                await self._drop_locker()
                 raise StoreError(
                     f"store {self.path}: {exc or type(exc).__name__}"
                 ) from exc
@@ -794,17 +874,24 @@ class PostgresStore:
                 )
 
     async def lease(self, name: str, seconds: float, now: float) -> bool:
-        """Take the named lease for ``seconds`` unless another server holds it."""
-        async with self._writing() as conn:
-            taken = await conn.fetchval(
-                "INSERT INTO leases (name, until, holder) VALUES ($1, $2, $3)"
-                " ON CONFLICT (name) DO UPDATE SET until=EXCLUDED.until,"
-                " holder=EXCLUDED.holder WHERE leases.until <= $4 RETURNING name",
-                name,
-                now + seconds,
-                self.server_id,
-                now,
-            )
+        """Take the named lease for ``seconds`` unless another server holds it.
+
+        Not taken while the database cannot be written (what the leased work finds
+        could not be stored either); never raises, like the in-memory leases.
+        """
+        try:
+            async with self._writing() as conn:
+                taken = await conn.fetchval(
+                    "INSERT INTO leases (name, until, holder) VALUES ($1, $2, $3)"
+                    " ON CONFLICT (name) DO UPDATE SET until=EXCLUDED.until,"
+                    " holder=EXCLUDED.holder WHERE leases.until <= $4 RETURNING name",
+                    name,
+                    now + seconds,
+                    self.server_id,
+                    now,
+                )
+        except StoreError:
+            return False
         return taken is not None
 
     async def end_lease(self, name: str) -> None:
@@ -828,20 +915,22 @@ class PostgresStore:
 
         One transaction under the key's advisory transaction lock: every server's
         reserve of this key runs one at a time, and each sees the holds and spend the
-        one before it committed. Holds of dead servers (silent DEAD_AFTER, or gone)
-        are dropped first: their purchases ended with them.
+        one before it committed. Holds of dead servers (killed, silent DEAD_AFTER,
+        gone; as :meth:`attempts` tells) are dropped first: their purchases ended.
         """
         async with self._writing() as conn:
             await conn.execute(
                 "SELECT pg_advisory_xact_lock($1, hashtext($2))", HOLD_LOCKS, key_id
             )
             await conn.execute(
-                "DELETE FROM holds h WHERE h.key_id=$1 AND h.server_id <> $2 AND NOT"
-                " EXISTS (SELECT 1 FROM servers s WHERE s.id = h.server_id"
-                " AND s.seen_at >= $3)",
+                "DELETE FROM holds WHERE id IN (SELECT h.id FROM holds h"
+                " LEFT JOIN servers s ON s.id = h.server_id WHERE h.key_id=$1"
+                f" AND h.server_id <> $2 AND {_dead('$3', '$4', '$5')})",
                 key_id,
                 self.server_id,
                 now - DEAD_AFTER,
+                SERVER_LOCKS,
+                DEAD_AFTER,
             )
             row = await conn.fetchrow(
                 "SELECT count(*), COALESCE(SUM(amount), 0) FROM holds WHERE key_id=$1",
@@ -889,10 +978,12 @@ class PostgresStore:
             row = await conn.fetchrow(
                 "SELECT count(*), COALESCE(SUM(h.amount), 0) FROM holds h"
                 " LEFT JOIN servers s ON s.id = h.server_id WHERE h.key_id=$1"
-                " AND (h.server_id = $2 OR s.seen_at >= $3)",
+                f" AND (h.server_id = $2 OR NOT {_dead('$3', '$4', '$5')})",
                 key_id,
                 self.server_id,
                 self._clock() - DEAD_AFTER,
+                SERVER_LOCKS,
+                DEAD_AFTER,
             )
             assert row is not None
             return int(row[0]), Decimal(row[1])
@@ -905,13 +996,15 @@ class PostgresStore:
         async def run(conn: Conn) -> bool:
             return bool(
                 await conn.fetchval(
-                    "SELECT EXISTS (SELECT 1 FROM purchases p JOIN servers s"
+                    "SELECT EXISTS (SELECT 1 FROM purchases p LEFT JOIN servers s"
                     " ON s.id = p.server_id WHERE p.provider=$1 AND p.state=$2"
-                    " AND p.server_id <> $3 AND s.seen_at >= $4)",
+                    f" AND p.server_id <> $3 AND NOT {_dead('$4', '$5', '$6')})",
                     provider,
                     PENDING,
                     self.server_id,
                     now - DEAD_AFTER,
+                    SERVER_LOCKS,
+                    DEAD_AFTER,
                 )
             )
 
@@ -1128,17 +1221,32 @@ class PostgresStore:
         """Purchase attempts in the given states, oldest first.
 
         A PENDING attempt of another server is left to it while it is alive (its
-        heartbeat is younger than DEAD_AFTER): its paid call may be in flight.
+        paid call may be in flight). It is dead when, the database having run since
+        its last heartbeat, its liveness lock is gone (its sessions ended: killed)
+        or its heartbeat is older than DEAD_AFTER (hung, cut off); or when the
+        database restarted since, and it has not come back within DEAD_AFTER.
         """
         rows = await self._fetch(
             "SELECT p.id, p.key_id, p.provider, p.order_json, p.state, p.created_at"
             " FROM purchases p LEFT JOIN servers s ON s.id = p.server_id"
             " WHERE p.state = ANY($1::text[]) AND (p.state <> $2 OR p.server_id = $3"
-            " OR s.seen_at IS NULL OR s.seen_at < $4) ORDER BY p.id",
+            " OR s.id IS NULL"
+            " OR (s.pg_started = pg_postmaster_start_time()::text AND (s.seen_at < $4"
+            "  OR NOT EXISTS (SELECT 1 FROM pg_locks l"
+            "   WHERE l.locktype = 'advisory' AND l.granted"
+            "   AND l.database = (SELECT oid FROM pg_database"
+            "    WHERE datname = current_database())"
+            "   AND l.classid::bigint = $5 AND l.objid::bigint = s.lock_key"
+            "   AND l.objsubid = 2)))"
+            " OR (s.pg_started <> pg_postmaster_start_time()::text"
+            "  AND now() - pg_postmaster_start_time() > make_interval(secs => $6)))"
+            " ORDER BY p.id",
             list(states),
             PENDING,
             self.server_id,
             self._clock() - DEAD_AFTER,
+            SERVER_LOCKS,
+            DEAD_AFTER,
         )
         held = {attempt_id for _, attempt_id in self._held.values()}
         return [
@@ -1178,15 +1286,12 @@ class PostgresStore:
         if not 0 < activation_id < MAX_ID:
             return None
         try:
-            found = await self._select(
-                "SELECT * FROM activations WHERE id=$1", activation_id
-            )
+            return await self._fresh(activation_id)
         except StoreError:
             known = self._live.get(activation_id)
             if known is None:
                 raise
             return known
-        return found[0] if found else None
 
     def open_activations(self) -> list[Activation]:
         """Every activation whose upstream order is alive (at most a watch interval
