@@ -90,6 +90,10 @@ class Lifecycle:
         self.webhooks = webhooks
         self.clock = clock
         self._polls: dict[int, asyncio.Future[None]] = {}
+        # activation id -> when to ask the store for its poll lease again: this
+        # process took it (until it runs out) or was refused it (another server
+        # polls: asked again half an interval later). No store call in between.
+        self._quiet_until: dict[int, float] = {}
         self._pruned_at = 0.0
         self.abandoned_count = 0  # purchases whose client left before the answer
 
@@ -108,9 +112,10 @@ class Lifecycle:
 
         The interval is the store's lease ``poll:<id>``: with a shared store it is
         one poll per interval across every server, and a server that does not get
-        the lease answers from the store as it stands. Concurrent
-        callers here share one lease and one upstream request; an upstream failure
-        leaves the last known state in place.
+        the lease answers from the store as it stands. Concurrent callers here
+        share one lease and one upstream request, and the store is not asked again
+        while the lease is known to be taken; an upstream failure leaves the last
+        known state in place.
         """
         if not activation.is_open:
             return
@@ -122,7 +127,11 @@ class Lifecycle:
             provider = self.providers.get(activation.provider)
             if provider is None:
                 return
-            future = asyncio.ensure_future(self._leased_poll(activation, provider))
+            now = self.clock()
+            if now < self._quiet_until.get(activation.id, -1e18):
+                return
+            self._quiet_until[activation.id] = now + provider.poll_interval
+            future = asyncio.ensure_future(self._leased_poll(activation, provider, now))
             self._polls[activation.id] = future
             future.add_done_callback(lambda _: self._polls.pop(activation.id, None))
         try:
@@ -132,16 +141,20 @@ class Lifecycle:
         except asyncio.TimeoutError:
             log.info("poll id=%d slow upstream: answered from the store", activation.id)
 
-    async def _leased_poll(self, activation: Activation, provider: Provider) -> None:
+    async def _leased_poll(
+        self, activation: Activation, provider: Provider, now: float
+    ) -> None:
         try:
             taken = await self.store.lease(
-                f"poll:{activation.id}", provider.poll_interval, self.clock()
+                f"poll:{activation.id}", provider.poll_interval, now
             )
         except StoreError as exc:  # nothing could be stored anyway
             log.info("poll id=%d not made, store: %s", activation.id, exc)
+            taken = False
+        if not taken:  # another server holds it (or the store is down)
+            self._quiet_until[activation.id] = now + provider.poll_interval / 2
             return
-        if taken:
-            await self._poll(activation, provider)
+        await self._poll(activation, provider)
 
     async def _poll(self, activation: Activation, provider: Provider) -> None:
         ref = activation.ref()
@@ -166,6 +179,7 @@ class Lifecycle:
             if result.closed and activation.state == WAIT_CODE:
                 # the upstream ended the order without a code: nothing to cancel there
                 await self.store.set_state(activation, EXPIRED, self.clock())
+                self._quiet_until.pop(activation.id, None)
 
     async def expire(self, activation: Activation) -> None:
         """Close an activation past its lifetime; cancel upstream unless a code came."""
@@ -180,6 +194,7 @@ class Lifecycle:
                 await self.store.set_state(
                     activation, FINISHED, self.clock(), outbox="finish"
                 )
+        self._quiet_until.pop(activation.id, None)
         self.outbox.wake.set()
 
     async def abandoned(self, activation: Activation) -> None:
@@ -207,6 +222,7 @@ class Lifecycle:
             await self.store.set_state(
                 activation, CANCELLED, self.clock(), outbox="cancel"
             )
+        self._quiet_until.pop(activation.id, None)
         log.warning(
             "id=%d provider=%s client left before its number was delivered:"
             " cancel queued upstream (abandoned so far: %d)",
@@ -274,6 +290,7 @@ class Lifecycle:
             finally:
                 self.router.in_flight.pop(RETRY_FLIGHT - activation.id, None)
             # a new wait for a code: the next getStatus (on any server) polls at once
+            self._quiet_until.pop(activation.id, None)
             await self.store.end_lease(f"poll:{activation.id}")
 
     async def _paid_retry(
@@ -342,6 +359,7 @@ class Lifecycle:
             await self.store.set_state(
                 activation, FINISHED, self.clock(), outbox="finish"
             )
+        self._quiet_until.pop(activation.id, None)
         await self.outbox.drain_now(activation.id)
 
     async def cancel(self, activation: Activation) -> None:
@@ -357,6 +375,7 @@ class Lifecycle:
             await self.store.set_state(
                 activation, CANCELLED, self.clock(), outbox="cancel"
             )
+        self._quiet_until.pop(activation.id, None)
         await self.outbox.drain_now(activation.id)
 
     async def sweep(self) -> int:

@@ -229,7 +229,7 @@ async def test_migrations_run_once_when_servers_start_together(
         *(PostgresStore.open(pg_url, clock) for _ in range(4))
     )
     try:
-        assert [await s.schema_version() for s in stores] == [1, 1, 1, 1]
+        assert [await s.schema_version() for s in stores] == [PG_SCHEMA_VERSION] * 4
         assert await rows(pg_url, "SELECT version FROM schema_version") == [(1,)]
         ids = await asyncio.gather(*(buy(s, n) for n, s in enumerate(stores)))
         assert sorted(a.id for a in ids) == list(range(FIRST, FIRST + 4))
