@@ -35,7 +35,7 @@ PriceOf = Callable[[str, Order], Awaitable[Decimal | None]]
 class Hold:
     """Money set aside for one paid call of a key."""
 
-    id: int
+    id: int  # the store's reservation; 0 when nothing needed holding
     key_id: str
     amount: Decimal  # display currency (0 for a key without a budget)
     native_cap: Decimal | None  # most the upstream may charge, native; None: no cap
@@ -84,6 +84,8 @@ class Budgets:
         left is held (the key's purchases then run one at a time). Release the hold
         only after the activation is stored, so its money is never counted as free.
         """
+        if key.budget is None and key.max_active is None:
+            return Hold(0, key.key_id, Decimal(0), None)  # nothing to hold or count
         amount: Decimal | None = Decimal(0)
         native: Decimal | None = None
         at_most: Decimal | None = None
@@ -126,6 +128,8 @@ class Budgets:
         budget for a paid call other than getNumber (a rent, a prolongation, an extra
         activation). NoBalance when it does not fit; a key without a budget holds 0.
         """
+        if key.budget is None:
+            return Hold(0, key.key_id, Decimal(0), None)  # nothing to hold
         got = await self._reserve(key.key_id, amount, budget=key.budget, max_open=None)
         if got.refused:
             raise NoBalance("budget", f"key {key.alias}: {got.left} left")
@@ -161,7 +165,8 @@ class Budgets:
         not turn into an error. A hold the store could not drop is dropped by the
         next reserve or release that can.
         """
-        self._unreleased.add(hold.id)
+        if hold.id:  # 0: nothing was held in the store
+            self._unreleased.add(hold.id)
         await self._release_left_over()
 
     async def _release_left_over(self) -> None:

@@ -11,6 +11,7 @@ then view" every getStatus-like action starts from.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Mapping
@@ -291,7 +292,8 @@ class Lifecycle:
                 self.router.in_flight.pop(RETRY_FLIGHT - activation.id, None)
             # a new wait for a code: the next getStatus (on any server) polls at once
             self._quiet_until.pop(activation.id, None)
-            await self.store.end_lease(f"poll:{activation.id}")
+            with contextlib.suppress(StoreError):  # the lease then simply runs out
+                await self.store.end_lease(f"poll:{activation.id}")
 
     async def _paid_retry(
         self, activation: Activation, provider: Provider

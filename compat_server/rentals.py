@@ -51,6 +51,8 @@ log = logging.getLogger("compat_server")
 
 CANCEL_WINDOW = 1200.0  # seconds after the start in which a rent may be cancelled
 RECONCILE_WINDOW = 900.0  # seconds an uncertain rent is looked for upstream
+RENT_RECONCILE_LEASE = 300.0  # s a round may hold the rent reconciler's lease (a dead
+# server's round blocks the others at most this long; a finished one gives it up)
 RECONCILE_WINDOW = 900.0  # seconds an uncertain rent is looked for upstream
 REFUSALS = (NoNumbers, NoBalance, UnknownService, UpstreamUnreachable, UpstreamAuth)
 
@@ -367,7 +369,19 @@ async def reconcile(rentals: Rentals) -> int:
 
     An unowned upstream rent is stored (cancelled) under the attempt's key and given
     back; one rent per attempt, so rents bought elsewhere on the account are spared.
+    One server at a time runs a round (the store's ``rent-reconcile`` lease): two
+    must never both take one upstream rent.
     """
+    store = rentals.store
+    if not await store.lease("rent-reconcile", RENT_RECONCILE_LEASE, rentals.clock()):
+        return 0
+    try:
+        return await _reconcile_rents(rentals)
+    finally:
+        await store.end_lease("rent-reconcile")
+
+
+async def _reconcile_rents(rentals: Rentals) -> int:
     store = rentals.store
     now = rentals.clock()
     orphans = 0
