@@ -2,10 +2,9 @@
 
 :class:`Store` is the contract (a ``typing.Protocol``); the rooms (routing, lifecycle,
 outbox, reconciler, rents, webhooks) are written against it and its records
-(:mod:`compat_server.store.records`). Two implementations: :class:`SqliteStore`
-(``sqlite.py``, one server per file, the default) and ``PostgresStore``
-(``postgres.py``, several servers on one database: ``store.url``), chosen where the
-app opens the store (``compat_server.app.open_store``) without touching the rooms.
+(:mod:`compat_server.store.records`). :class:`SqliteStore` (``sqlite.py``) is the one
+implementation today; a second one (PostgreSQL, say) implements the same methods and is
+chosen where the app opens the store, without touching the rooms.
 """
 
 from __future__ import annotations

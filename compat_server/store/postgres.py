@@ -417,8 +417,10 @@ class PostgresStore:
         )
         self._versions: dict[int, int] = {}  # id -> ``changed`` of the live object
         self._cache: dict[int, Activation] = {}  # the open ones (strong references)
-        # ``changed`` read up to, a round behind (see _refresh_open)
-        self._watermark = self._next_watermark = 0
+        self._watermark = (
+            0  # ``changed`` read up to, a round behind (see _refresh_open)
+        )
+        self._next_watermark = 0
         self._locks: dict[int, asyncio.Lock] = {}
         self._money_locks: dict[str, asyncio.Lock] = {}
         self._released: set[int] = set()  # holds released, not yet deleted
