@@ -7,26 +7,19 @@ per-key lock, before the paid call; concurrent purchases see each other's reserv
 so together they cannot overshoot the budget. The reservation is also sent upstream as
 the purchase's price cap, so a provider honouring ``maxPrice`` cannot charge more than
 was reserved.
-
-Several servers on one store (PostgreSQL) share a key's budget: the check runs under
-the store's ``money_lock`` of the key as well (one server at a time, across servers),
-the reservation is recorded in the store (``hold_money``) before the lock is let go,
-and what the other servers hold in flight (``held_elsewhere``) counts as taken.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from compat_server.config import KeyConfig
-from compat_server.store import Store, StoreError
+from compat_server.store import Store
 from providers.vocabulary import NoBalance, NoNumbers, Order
 
 if TYPE_CHECKING:
@@ -43,7 +36,6 @@ class Hold:
     key_id: str
     amount: Decimal  # display currency (0 for a key without a budget)
     native_cap: Decimal | None  # most the upstream may charge, native; None: no cap
-    stored: int = 0  # the store's record of it (0: none, a key without a budget)
 
     def cap(self, max_price: Decimal | None) -> Decimal | None:
         """The order's native max_price, lowered to what the hold covers."""
@@ -73,12 +65,10 @@ class Budgets:
         return sum(self._held.get(key.key_id, {}).values(), Decimal(0))
 
     async def left(self, key: KeyConfig) -> Decimal | None:
-        """Budget minus spend minus holds, this server's and the others' (never below
-        0); None without a budget."""
+        """Budget minus spend minus holds (never below 0); None without a budget."""
         if key.budget is None:
             return None
-        elsewhere = await self.store.held_elsewhere(key.key_id)
-        left = key.budget - await self.spent(key) - self.reserved(key) - elsewhere
+        left = key.budget - await self.spent(key) - self.reserved(key)
         return max(left, Decimal(0))
 
     def open_count(self, key: KeyConfig) -> int:
@@ -96,16 +86,8 @@ class Budgets:
         left is held (the key's purchases then run one at a time). Release the hold
         only after the activation is stored, so its money is never counted as free.
         """
-        try:
-            return await self._reserve(key, provider, order, price_of)
-        except StoreError as exc:  # spend unknown: nothing may be bought
-            raise NoNumbers("store", str(exc)) from exc
-
-    async def _reserve(
-        self, key: KeyConfig, provider: str, order: Order, price_of: PriceOf
-    ) -> Hold:
         lock = self._locks.setdefault(key.key_id, asyncio.Lock())
-        async with lock, self._across_servers(key):
+        async with lock:
             if key.max_active is not None and self.open_count(key) >= key.max_active:
                 raise NoNumbers("budget", f"max_active {key.max_active} reached")
             amount, cap = Decimal(0), None
@@ -126,9 +108,7 @@ class Budgets:
                     amount = min(amount, self.prices.display(provider, order.max_price))
                 if left <= 0 or amount > left:
                     raise NoBalance("budget", f"key {key.alias}: {left} left")
-            hold = await self._record(
-                Hold(next(self._ids), key.key_id, amount, cap), key
-            )
+            hold = Hold(next(self._ids), key.key_id, amount, cap)
             self._held.setdefault(key.key_id, {})[hold.id] = amount
         return hold
 
@@ -138,7 +118,7 @@ class Budgets:
         activation). NoBalance when it does not fit; a key without a budget holds 0.
         """
         lock = self._locks.setdefault(key.key_id, asyncio.Lock())
-        async with lock, self._across_servers(key):
+        async with lock:
             held = Decimal(0)
             if key.budget is not None:
                 left = await self.left(key)
@@ -146,29 +126,12 @@ class Budgets:
                 held = left if amount is None else amount
                 if left <= 0 or held > left:
                     raise NoBalance("budget", f"key {key.alias}: {left} left")
-            hold = await self._record(
-                Hold(next(self._ids), key.key_id, held, None), key
-            )
+            hold = Hold(next(self._ids), key.key_id, held, None)
             self._held.setdefault(key.key_id, {})[hold.id] = held
         return hold
 
-    def _across_servers(self, key: KeyConfig) -> AbstractAsyncContextManager[None]:
-        """The store's money lock of a key with a budget (others need none)."""
-        if key.budget is None:
-            return contextlib.nullcontext()
-        return self.store.money_lock(key.key_id)
-
-    async def _record(self, hold: Hold, key: KeyConfig) -> Hold:
-        """The hold, recorded in the store for the other servers (budgeted keys)."""
-        if key.budget is None:
-            return hold
-        stored = await self.store.hold_money(key.key_id, hold.amount)
-        return replace(hold, stored=stored)
-
     def release(self, hold: Hold) -> None:
         """Give a hold back (the purchase is stored, refused, or failed)."""
-        if hold.stored:
-            self.store.release_money(hold.stored)
         held = self._held.get(hold.key_id, {})
         held.pop(hold.id, None)
         if not held:

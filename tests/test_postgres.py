@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-from aiohttp import web
 
 from compat_server.config import describe, parse_config
 from compat_server.logs import secrets_of
@@ -28,7 +27,6 @@ from compat_server.store import (
     StoreError,
 )
 from compat_server.store.postgres import PostgresStore, masked_url
-from fakes import thuecodesim
 from providers.vocabulary import ConfigError, Sms
 from tests.conftest import (
     KEY,
@@ -499,101 +497,3 @@ async def test_check_config_ping_reads_circuits_without_showing_the_password(
         "sb: reachable, token accepted, balance 50.0 RUB = 50.00 RUB, circuit open since"
     )
     assert "sekret-pw" not in shown + out
-
-
-class SlowThuecodesim(thuecodesim.FakeThuecodesim):
-    """Sells numbers, but takes a while to answer: purchases overlap in flight."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.app.middlewares.append(self._slow_sale)
-
-    @web.middleware
-    async def _slow_sale(self, request: web.Request, handler: Any) -> Any:
-        if request.path == "/request/getv2":
-            await asyncio.sleep(0.2)
-        return await handler(request)
-
-
-async def test_a_budget_is_shared_by_two_servers_buying_at_once(
-    pg_url: str, start_app: StartApp, aiohttp_server: Any, clock: FakeClock
-) -> None:
-    fake = SlowThuecodesim()
-    server = await aiohttp_server(fake.app)
-    # about money, not pacing: the fake's options say min_interval 0
-    options = thuecodesim.provider_options(str(server.make_url("")).rstrip("/"))
-    raw = {
-        "store": {"url": pg_url},
-        "currency": {"display": "RUB", "rates": {"VND": "0.004"}},
-        "keys": [{"key": KEY, "alias": "t", "providers": ["tcs"], "budget": 10}],
-        "providers": {"tcs": options},
-    }
-    clock.now = fake.clock()  # type: ignore[attr-defined]
-    first = await start_app(parse_config(raw))  # (their heartbeats: now)
-    second = await start_app(parse_config(raw))
-    bodies = await asyncio.gather(
-        *(
-            call(client, action="getNumber", service="tg", country=10)
-            for client in (first, second) * 3
-        )
-    )
-    # 4.80 each (1200 VND): two fit in 10.00, whichever server sells them
-    assert sorted(body.split(":")[0] for _, _, body in bodies) == [
-        "ACCESS_NUMBER", "ACCESS_NUMBER",
-        "NO_BALANCE", "NO_BALANCE", "NO_BALANCE", "NO_BALANCE",
-    ]  # fmt: skip
-    assert len(fake.orders) == 2
-    for client in (first, second):  # their holds, released, leave the database
-        releasing = engine_of(client).store._releasing  # type: ignore[attr-defined]
-        await asyncio.gather(*[releasing] if releasing else [])
-    for client in (first, second):
-        assert await call(client, action="getBalance") == (
-            200,
-            TEXT,
-            "ACCESS_BALANCE:0.40",
-        )
-    assert await rows(pg_url, "SELECT count(*) FROM holds") == [(0,)]
-
-
-async def test_money_held_by_a_server_counts_on_the_others_while_it_lives(
-    servers: Open,
-) -> None:
-    a, b = await servers(), await servers()
-    async with a.money_lock("k1"):
-        hold = await a.hold_money("k1", Decimal("18.00"))
-    assert await b.held_elsewhere("k1") == Decimal("18.00")
-    assert await a.held_elsewhere("k1") == Decimal("0")  # its own: in its memory
-    assert await b.held_elsewhere("k2") == Decimal("0")
-    a.release_money(hold)
-    assert a._releasing is not None
-    await a._releasing
-    assert await b.held_elsewhere("k1") == Decimal("0")
-    await a.hold_money("k1", Decimal("5.00"))
-    assert a._locker is not None
-    a._locker.terminate()  # killed: what it held is free again
-    for _ in range(100):
-        if not await b.held_elsewhere("k1"):
-            break
-        await asyncio.sleep(0.01)
-    assert await b.held_elsewhere("k1") == Decimal("0")
-
-
-async def test_the_money_lock_serialises_across_servers(servers: Open) -> None:
-    a, b = await servers(), await servers()
-    events: list[str] = []
-    entered = asyncio.Event()
-
-    async def on_a() -> None:
-        async with a.money_lock("k1"):
-            events.append("a in")
-            entered.set()
-            await asyncio.sleep(0.1)
-            events.append("a out")
-
-    async def on_b() -> None:
-        await entered.wait()
-        async with b.money_lock("k1"):
-            events.append("b in")
-
-    await asyncio.gather(on_a(), on_b())
-    assert events == ["a in", "a out", "b in"]

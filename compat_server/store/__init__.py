@@ -212,24 +212,6 @@ class Store(Protocol):
         """Sum of ``cost`` of the key's activations not cancelled or expired."""
         ...
 
-    def money_lock(self, key_id: str) -> contextlib.AbstractAsyncContextManager[None]:
-        """Serialises budget checks of one key across the servers sharing the store
-        (one server per file: no lock needed beyond the caller's own)."""
-        ...
-
-    async def hold_money(self, key_id: str, amount: Decimal) -> int:
-        """Record money held by a purchase of this server in flight (under
-        money_lock); its id for release_money (0: not recorded, one server)."""
-        ...
-
-    def release_money(self, hold_id: int) -> None:
-        """Forget a recorded hold (the purchase is stored, refused, or failed)."""
-        ...
-
-    async def held_elsewhere(self, key_id: str) -> Decimal:
-        """Money the other live servers hold in flight for the key."""
-        ...
-
     async def figures(self) -> dict[str, list[tuple[Any, ...]]]:
         """Aggregates for /metrics and the dashboard (one read, no secrets)."""
         ...

@@ -38,7 +38,6 @@ import logging
 import secrets
 import time
 import weakref
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Any, TypeAlias, TypeVar
@@ -90,7 +89,6 @@ COMMAND_TIMEOUT = 30.0  # s a statement may take before the store counts as fail
 MIGRATION_LOCK = 0x534D5300  # pg_advisory_lock key around migrations ("SMS\0")
 ACTIVATION_LOCKS = 0x534D5301  # advisory lock namespace of activation ids
 SERVER_LOCKS = 0x534D5302  # ... of the servers' liveness locks
-MONEY_LOCKS = 0x534D5303  # ... of the keys' budget checks
 LOCK_POLL = (0.005, 0.05)  # s between tries of a lock another server holds: first, most
 LEASE_KEEP = 3600.0  # s an expired lease row is kept before the heartbeat drops it
 
@@ -248,14 +246,6 @@ MIGRATIONS: dict[int, str] = {
         until DOUBLE PRECISION NOT NULL,
         holder TEXT NOT NULL
     );
-    CREATE TABLE holds (
-        id BIGSERIAL PRIMARY KEY,
-        key_id TEXT NOT NULL,
-        amount NUMERIC NOT NULL,
-        server_id TEXT NOT NULL,
-        created_at DOUBLE PRECISION NOT NULL
-    );
-    CREATE INDEX holds_key ON holds(key_id);
     CREATE TABLE servers (
         id TEXT PRIMARY KEY,
         started_at DOUBLE PRECISION NOT NULL,
@@ -267,28 +257,6 @@ MIGRATIONS: dict[int, str] = {
 }
 
 T = TypeVar("T")
-
-
-def dead(cut: int, namespace: int, after: int) -> str:
-    """SQL true when server row ``s`` is dead; the numbers are the placeholders of
-    the heartbeat cut-off (seen_at before it), SERVER_LOCKS and DEAD_AFTER.
-
-    Dead: the database ran since its last heartbeat and its liveness lock is gone
-    (its sessions ended: killed) or that heartbeat is older than DEAD_AFTER (hung,
-    cut off); or the database restarted since, and it did not come back within
-    DEAD_AFTER.
-    """
-    return (
-        f"((s.pg_started = pg_postmaster_start_time()::text AND (s.seen_at < ${cut}"
-        "  OR NOT EXISTS (SELECT 1 FROM pg_locks l"
-        "   WHERE l.locktype = 'advisory' AND l.granted"
-        "   AND l.database = (SELECT oid FROM pg_database"
-        "    WHERE datname = current_database())"
-        f"   AND l.classid::bigint = ${namespace} AND l.objid::bigint = s.lock_key"
-        "   AND l.objsubid = 2)))"
-        " OR (s.pg_started <> pg_postmaster_start_time()::text"
-        f"  AND now() - pg_postmaster_start_time() > make_interval(secs => ${after})))"
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,9 +390,6 @@ class PostgresStore:
         )
         self._next_watermark = 0
         self._locks: dict[int, asyncio.Lock] = {}
-        self._money_locks: dict[str, asyncio.Lock] = {}
-        self._released: set[int] = set()  # holds released, not yet deleted
-        self._releasing: asyncio.Task[None] | None = None
         self._locker: asyncpg.Connection | None = None  # holds the advisory locks
         self._locker_busy = asyncio.Lock()  # one statement at a time on it
         self._reserved: dict[int, int] = {}  # attempt id -> activation id set aside
@@ -487,16 +452,10 @@ class PostgresStore:
                     activation.provider,
                     activation.upstream_id,
                 )
-        if self._releasing is not None:
-            await asyncio.gather(self._releasing, return_exceptions=True)
-        # gone: its PENDING attempts are the other servers' to reconcile at once, the
-        # money it held is nobody's
+        # gone: its PENDING attempts are the other servers' to reconcile at once
         with contextlib.suppress(StoreError):
             async with self._writing() as conn:
                 await conn.execute("DELETE FROM servers WHERE id=$1", self.server_id)
-                await conn.execute(
-                    "DELETE FROM holds WHERE server_id=$1", self.server_id
-                )
         if self._locker is not None:
             with contextlib.suppress(*DOWN):
                 await self._locker.close(timeout=1.0)
@@ -625,7 +584,6 @@ class PostgresStore:
             with contextlib.suppress(StoreError):
                 await self._refresh_open()
             await self.flush()
-            await self._drop_released()
             self._forget_dead()
             await asyncio.sleep(interval)
 
@@ -655,11 +613,6 @@ class PostgresStore:
                 pg_started,
             )
             await conn.execute("DELETE FROM leases WHERE until < $1", now - LEASE_KEEP)
-            await conn.execute(  # left by servers long dead (killed, never back)
-                "DELETE FROM holds h WHERE NOT EXISTS (SELECT 1 FROM servers s"
-                " WHERE s.id = h.server_id AND s.seen_at >= $1)",
-                now - LEASE_KEEP,
-            )
 
     async def _migrate(self, now: float) -> None:
         async with self._pool.acquire() as conn:
@@ -823,82 +776,14 @@ class PostgresStore:
         if local is None:
             local = self._locks[activation_id] = asyncio.Lock()
         async with local:
-            locker = await self._advisory_lock(ACTIVATION_LOCKS, activation_id)
+            locker = await self._advisory_lock(activation_id)
             try:
                 if activation_id in self._live and activation_id not in self._held:
                     with contextlib.suppress(StoreError):
                         await self._fresh(activation_id)
                 yield
             finally:
-                await self._advisory_unlock(locker, ACTIVATION_LOCKS, activation_id)
-
-    def money_lock(self, key_id: str) -> contextlib.AbstractAsyncContextManager[None]:
-        """Serialises budget checks of one key across every server on the database
-        (with the holds recorded under it, two servers' checks cannot both pass)."""
-        return self._money_locked(key_id)
-
-    @contextlib.asynccontextmanager
-    async def _money_locked(self, key_id: str) -> AsyncIterator[None]:
-        number = zlib.crc32(key_id.encode()) & 0x7FFFFFFF
-        local = self._money_locks.setdefault(key_id, asyncio.Lock())
-        async with local:  # the advisory lock is per session: one taker per process
-            locker = await self._advisory_lock(MONEY_LOCKS, number)
-            try:
-                yield
-            finally:
-                await self._advisory_unlock(locker, MONEY_LOCKS, number)
-
-    async def hold_money(self, key_id: str, amount: Decimal) -> int:
-        """Record money held by a purchase of this server in flight; its id."""
-        async with self._writing() as conn:
-            hold_id = await conn.fetchval(
-                "INSERT INTO holds (key_id, amount, server_id, created_at)"
-                " VALUES ($1, $2, $3, $4) RETURNING id",
-                key_id,
-                amount,
-                self.server_id,
-                self._clock(),
-            )
-        return int(hold_id)
-
-    def release_money(self, hold_id: int) -> None:
-        """Forget a recorded hold: deleted at once in the background (by the watch
-        loop while the database is down; other servers count it meanwhile)."""
-        self._released.add(hold_id)
-        if self._releasing is None or self._releasing.done():
-            self._releasing = asyncio.get_running_loop().create_task(
-                self._drop_released()
-            )
-
-    async def _drop_released(self) -> None:
-        while self._released:
-            ids = sorted(self._released)
-            try:
-                async with self._writing() as conn:
-                    await conn.execute(
-                        "DELETE FROM holds WHERE id = ANY($1::bigint[])", ids
-                    )
-            except StoreError:
-                return  # the watch loop tries again
-            self._released.difference_update(ids)
-
-    async def held_elsewhere(self, key_id: str) -> Decimal:
-        """Money the other live servers hold in flight for the key."""
-
-        async def run(conn: Conn) -> Decimal:
-            total = await conn.fetchval(
-                "SELECT COALESCE(SUM(h.amount), 0) FROM holds h"
-                " JOIN servers s ON s.id = h.server_id"
-                f" WHERE h.key_id = $1 AND h.server_id <> $2 AND NOT {dead(3, 4, 5)}",
-                key_id,
-                self.server_id,
-                self._clock() - DEAD_AFTER,
-                SERVER_LOCKS,
-                DEAD_AFTER,
-            )
-            return Decimal(total)
-
-        return await self._read(run)
+                await self._advisory_unlock(locker, activation_id)
 
     async def _locker_connection(self) -> asyncpg.Connection:
         """The connection of the advisory locks (under ``_locker_busy``); a new one
@@ -925,15 +810,17 @@ class PostgresStore:
             self._locker.terminate()
         self._locker = None
 
-    async def _advisory_lock(self, namespace: int, number: int) -> asyncpg.Connection:
-        """Take the advisory lock (namespace, number); the connection holding it."""
+    async def _advisory_lock(self, activation_id: int) -> asyncpg.Connection:
+        """Take the activation's advisory lock; the connection holding it."""
         pause = LOCK_POLL[0]
         while True:
             try:
                 async with self._locker_busy:
                     locker = await self._locker_connection()
                     taken = await locker.fetchval(
-                        "SELECT pg_try_advisory_lock($1, $2)", namespace, number
+                        "SELECT pg_try_advisory_lock($1, $2)",
+                        ACTIVATION_LOCKS,
+                        activation_id,
                     )
             except DOWN as exc:
                 await self._drop_locker()
@@ -946,14 +833,14 @@ class PostgresStore:
             pause = min(pause * 2, LOCK_POLL[1])
 
     async def _advisory_unlock(
-        self, locker: asyncpg.Connection, namespace: int, number: int
+        self, locker: asyncpg.Connection, activation_id: int
     ) -> None:
         if locker is not self._locker or locker.is_closed():
             return  # that session is gone, and its locks with it
         with contextlib.suppress(*DOWN):
             async with self._locker_busy:
                 await locker.fetchval(
-                    "SELECT pg_advisory_unlock($1, $2)", namespace, number
+                    "SELECT pg_advisory_unlock($1, $2)", ACTIVATION_LOCKS, activation_id
                 )
 
     async def lease(self, name: str, seconds: float, now: float) -> bool:
@@ -1188,13 +1075,26 @@ class PostgresStore:
         """Purchase attempts in the given states, oldest first.
 
         A PENDING attempt of another server is left to it while it is alive (its
-        paid call may be in flight); see :func:`dead`.
+        paid call may be in flight). It is dead when, the database having run since
+        its last heartbeat, its liveness lock is gone (its sessions ended: killed)
+        or its heartbeat is older than DEAD_AFTER (hung, cut off); or when the
+        database restarted since, and it has not come back within DEAD_AFTER.
         """
         rows = await self._fetch(
             "SELECT p.id, p.key_id, p.provider, p.order_json, p.state, p.created_at"
             " FROM purchases p LEFT JOIN servers s ON s.id = p.server_id"
             " WHERE p.state = ANY($1::text[]) AND (p.state <> $2 OR p.server_id = $3"
-            f" OR s.id IS NULL OR {dead(4, 5, 6)}) ORDER BY p.id",
+            " OR s.id IS NULL"
+            " OR (s.pg_started = pg_postmaster_start_time()::text AND (s.seen_at < $4"
+            "  OR NOT EXISTS (SELECT 1 FROM pg_locks l"
+            "   WHERE l.locktype = 'advisory' AND l.granted"
+            "   AND l.database = (SELECT oid FROM pg_database"
+            "    WHERE datname = current_database())"
+            "   AND l.classid::bigint = $5 AND l.objid::bigint = s.lock_key"
+            "   AND l.objsubid = 2)))"
+            " OR (s.pg_started <> pg_postmaster_start_time()::text"
+            "  AND now() - pg_postmaster_start_time() > make_interval(secs => $6)))"
+            " ORDER BY p.id",
             list(states),
             PENDING,
             self.server_id,

@@ -1048,21 +1048,6 @@ class SqliteStore:
             self._spent[key_id] = total
         return total
 
-    def money_lock(self, key_id: str) -> contextlib.AbstractAsyncContextManager[None]:
-        """One server per file: the caller's own lock serialises budget checks."""
-        return contextlib.nullcontext()
-
-    async def hold_money(self, key_id: str, amount: Decimal) -> int:
-        """One server per file: holds live in the caller's memory only."""
-        return 0
-
-    def release_money(self, hold_id: int) -> None:
-        """One server per file: nothing recorded, nothing to forget."""
-
-    async def held_elsewhere(self, key_id: str) -> Decimal:
-        """One server per file: nobody else holds money."""
-        return Decimal(0)
-
     def _count_spend(self, key_id: str, amount: Decimal) -> None:
         """Keep a loaded spend total in step with a write (no-op until first read)."""
         if key_id in self._spent:
