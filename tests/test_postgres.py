@@ -309,11 +309,22 @@ async def test_an_outage_refuses_purchases_holds_bought_numbers_and_recovers(
     ]
 
 
+def with_password(url: str, password: str) -> str:
+    """``url`` with a password (the test server trusts any)."""
+    parts = urlsplit(url)
+    netloc = f"{parts.username}:{password}@{parts.hostname}:{parts.port}"
+    return parts._replace(netloc=netloc).geturl()
+
+
 async def test_the_app_answers_dialect_tokens_through_an_outage(
-    owned: PgServer, pg_url: str, start_app: StartApp
+    owned: PgServer,
+    pg_url: str,
+    start_app: StartApp,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     raw = sandbox_raw("")
-    raw["store"] = {"url": pg_url, "busy_timeout": 1.0}
+    raw["store"] = {"url": with_password(pg_url, "pw-Secret-77"), "busy_timeout": 1.0}
     client = await start_app(parse_config(raw))
     _, _, body = await call(client, action="getNumber", service="tg", country=10)
     assert body.startswith(f"ACCESS_NUMBER:{FIRST}:")
@@ -326,12 +337,16 @@ async def test_the_app_answers_dialect_tokens_through_an_outage(
         )
         resp = await client.get("/readyz")
         assert (resp.status, (await resp.json())["store"]) == (503, "not writable")
+        metrics = await (await client.get("/metrics")).text()
     finally:
         owned.start()
     resp = await client.get("/readyz")
     assert (resp.status, (await resp.json())["store"]) == (200, "writable")
     _, _, body = await call(client, action="getNumber", service="tg", country=10)
     assert body.startswith(f"ACCESS_NUMBER:{FIRST + 1}:")
+    metrics += await (await client.get("/metrics")).text()
+    assert "pw-Secret-77" not in caplog.text + metrics
+    assert f"store {masked_url(pg_url)} cannot be written" in caplog.text
 
 
 # ---- two apps on one database ---------------------------------------------------------

@@ -425,6 +425,7 @@ class PostgresStore:
         self._locker_busy = asyncio.Lock()  # one statement at a time on it
         self._reserved: dict[int, int] = {}  # attempt id -> activation id set aside
         self._held: dict[int, tuple[Activation, int | None]] = {}
+        self._figures: dict[str, list[tuple[Any, ...]]] = {"attempts": [], "outbox": []}
 
     @classmethod
     async def open(
@@ -1540,7 +1541,15 @@ class PostgresStore:
         return Decimal(activations + rents).quantize(Decimal("0.01"))
 
     async def figures(self) -> dict[str, list[tuple[Any, ...]]]:
-        """Aggregates for /metrics and the dashboard (one read, no secrets)."""
+        """Aggregates for /metrics and the dashboard (one read, no secrets); while
+        the database cannot be read, the last ones read (/metrics goes on)."""
+        try:
+            self._figures = await self._read_figures()
+        except StoreError:
+            pass
+        return self._figures
+
+    async def _read_figures(self) -> dict[str, list[tuple[Any, ...]]]:
 
         async def run(conn: Conn) -> dict[str, list[tuple[Any, ...]]]:
             attempts = await conn.fetch(
