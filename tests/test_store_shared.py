@@ -142,3 +142,29 @@ async def test_one_server_per_file_nobody_else_buys_and_heartbeats_are_free(
     assert await store.buying("sandbox", T) is False
     assert [a.state for a in await store.attempts(["pending"])] == ["pending"]
     assert len(store.server_id) == 16 and store.server_id != ""
+
+
+async def test_a_lease_or_a_hold_of_a_server_gone_is_nobody_s(pg_url: str) -> None:
+    """PostgreSQL: a server that leaves (or dies) leaves its leases free at once (a
+    reconcile round it held must not block the others for RECONCILE_LEASE), and its
+    budget holds stop counting."""
+    from compat_server.store.postgres import PostgresStore
+
+    a = await PostgresStore.open(pg_url, clock=lambda: T)
+    b = await PostgresStore.open(pg_url, clock=lambda: T)
+    try:
+        assert await a.lease("reconcile:x", 300.0, T) is True
+        assert await b.lease("reconcile:x", 300.0, T + 1) is False
+        held = await a.reserve("k1", Decimal(7), budget=Decimal(10), max_open=1, now=T)
+        assert held.id and await b.reserved("k1") == (1, Decimal(7))
+        refused = await b.reserve(
+            "k1", Decimal(7), budget=Decimal(10), max_open=None, now=T
+        )
+        assert (refused.refused, refused.left) == ("budget", Decimal(3))
+        await a.close()
+        assert await b.lease("reconcile:x", 300.0, T + 2) is True
+        assert await b.reserved("k1") == (0, Decimal(0))
+        again = await b.reserve("k1", Decimal(7), budget=Decimal(10), max_open=1, now=T)
+        assert (again.id != 0, again.left) == (True, Decimal(10))
+    finally:
+        await b.close()

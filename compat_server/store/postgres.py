@@ -875,21 +875,30 @@ class PostgresStore:
                 )
 
     async def lease(self, name: str, seconds: float, now: float) -> bool:
-        """Take the named lease for ``seconds`` unless another server holds it.
+        """Take the named lease for ``seconds`` unless another live server holds it.
 
-        Not taken while the database cannot be written (what the leased work finds
-        could not be stored either); never raises, like the in-memory leases.
+        A lease held by a dead server (as :meth:`attempts` tells: killed, silent,
+        gone) is free: a reconcile round it held must not wait for the lease to run
+        out. Not taken while the database cannot be written (what the leased work
+        finds could not be stored either); never raises, like the in-memory leases.
         """
         try:
             async with self._writing() as conn:
                 taken = await conn.fetchval(
                     "INSERT INTO leases (name, until, holder) VALUES ($1, $2, $3)"
                     " ON CONFLICT (name) DO UPDATE SET until=EXCLUDED.until,"
-                    " holder=EXCLUDED.holder WHERE leases.until <= $4 RETURNING name",
+                    " holder=EXCLUDED.holder WHERE leases.until <= $4"
+                    " OR (leases.holder <> $3 AND EXISTS (SELECT 1 FROM"
+                    " (SELECT leases.holder AS holder) h LEFT JOIN servers s"
+                    f" ON s.id = h.holder WHERE {_dead('$5', '$6', '$7')}))"
+                    " RETURNING name",
                     name,
                     now + seconds,
                     self.server_id,
                     now,
+                    self._clock() - DEAD_AFTER,
+                    SERVER_LOCKS,
+                    DEAD_AFTER,
                 )
         except StoreError:
             return False
