@@ -1390,6 +1390,8 @@ async def measure_l(run: Run) -> Json:
                     f"{s.url}{API}?api_key={KEY}&action=getNumber&service=tg&country=10"
                 )
                 before = await _stored(store)
+                await run.quiet()
+                window = run.window(f"l-buy-{name}")
                 started = time.monotonic()
                 share = L_BUYERS
                 if shutil.which("wrk"):
@@ -1399,6 +1401,7 @@ async def measure_l(run: Run) -> Json:
                     async with run.child("loadgen", spec, load=True, pin=False) as g:
                         await g.message("RESULT", seconds + 60)
                 wall = time.monotonic() - started
+                result[f"{name}_foreign_cores"] = window.close()
                 result[f"{name}_purchases_per_s"] = (
                     await _stored(store) - before
                 ) / wall
