@@ -40,6 +40,12 @@ class HoldingClone(FakeSmsActivate):
         self.balance = self.balance * 1000
         self.holding = False  # getNumber sells, then never answers
         self.status_down = False  # setStatus answers HTTP 500 (nothing changes)
+        self.hooks: list[dict[str, Any]] = []  # webhook bodies received at /hook
+        self.app.router.add_post("/hook", self._hook)
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        self.hooks.append(await request.json())
+        return web.Response(text="ok")
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         params = dict(request.query)
@@ -129,15 +135,21 @@ class Upstream:
         self._thread.join(10)
 
 
-def config(store_url: str, upstream: Upstream, **sections: Any) -> dict[str, Any]:
-    """One server's config: the shared database, the fake as provider ``clone``."""
+def config(
+    store_url: str,
+    upstream: Upstream,
+    key: dict[str, Any] | None = None,
+    **sections: Any,
+) -> dict[str, Any]:
+    """One server's config: the shared database, the fake as provider ``clone``;
+    ``key`` adds options to the one key (a budget, a webhook)."""
     raw: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0},
         "store": {"url": store_url, "pool": {"min": 1, "max": 8}},
         "activation": {"lifetime": 1200, "early_cancel": 0},
         "upstream": {"read_timeout": 60},
         "workers": {"outbox_interval": 1, "reconcile_interval": 1},
-        "keys": [{"key": KEY, "alias": "multi", "providers": ["clone"]}],
+        "keys": [{"key": KEY, "alias": "multi", "providers": ["clone"], **(key or {})}],
         "providers": {
             "clone": {
                 **sms_activate_options(upstream.url),
@@ -150,14 +162,21 @@ def config(store_url: str, upstream: Upstream, **sections: Any) -> dict[str, Any
 
 
 def servers(
-    tmp_path: Path, store_url: str, upstream: Upstream, count: int = 2, **sections: Any
+    tmp_path: Path,
+    store_url: str,
+    upstream: Upstream,
+    count: int = 2,
+    key: dict[str, Any] | None = None,
+    **sections: Any,
 ) -> list[ServeProcess]:
     """``count`` servers on one database, started side by side."""
     made = []
     for index in range(count):
         folder = tmp_path / f"server{index}"
         folder.mkdir(exist_ok=True)
-        made.append(ServeProcess(folder, config(store_url, upstream, **sections), KEY))
+        made.append(
+            ServeProcess(folder, config(store_url, upstream, key, **sections), KEY)
+        )
     with concurrent.futures.ThreadPoolExecutor(count) as pool:
         list(pool.map(lambda s: s.start(), made))
     return made

@@ -176,6 +176,45 @@ def test_a_cancel_sent_to_both_reaches_the_upstream_once(
     assert upstream.orders()[order] == "cancelled"
 
 
+def test_a_budget_is_never_overspent_by_two_servers_buying_at_once(
+    tmp_path: Path, pg_url: str, upstream: Upstream
+) -> None:
+    """A key with 50.00 of budget and numbers at 12.50: ten concurrent getNumber on
+    each server buy exactly four numbers in total (the holds are in the database)."""
+    a, b = servers(tmp_path, pg_url, upstream, key={"budget": 50})
+    try:
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            bodies = list(pool.map(lambda s: answer(s, TG_VN)[2], [a, b] * 10))
+        assert sorted(b.split(":")[0] for b in bodies) == (
+            ["ACCESS_NUMBER"] * 4 + ["NO_BALANCE"] * 16
+        )
+        assert len(upstream.orders()) == 4
+        assert answer(b, "action=getBalance")[2] == "ACCESS_BALANCE:0.00"
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_webhook_is_posted_once_by_two_servers(
+    tmp_path: Path, pg_url: str, upstream: Upstream
+) -> None:
+    """Both servers poll a webhook key's numbers (coalesced) and deliver what is due
+    (claimed): the SMS is posted once."""
+    hook = {"webhook": f"{upstream.url}/hook"}
+    a, b = servers(tmp_path, pg_url, upstream, key=hook)
+    try:
+        ident, phone = buy(a)
+        order = upstream_id(upstream, phone)
+        upstream.read(lambda f: f.deliver(order, "Your code 7788", "7788"))
+        wait_for(lambda: upstream.read(lambda f: len(f.hooks)) >= 1, 15, "the webhook")
+        time.sleep(3 * POLL_INTERVAL)  # both servers' loops run every second
+        hooks = upstream.read(lambda f: list(f.hooks))
+        assert [(h["activationId"], h["code"]) for h in hooks] == [(ident, "7788")]
+    finally:
+        a.stop()
+        b.stop()
+
+
 # ---- a server killed, the database gone ---------------------------------------------
 
 
