@@ -318,20 +318,29 @@ async def test_the_app_answers_dialect_tokens_through_an_outage(
     owned: PgServer,
     pg_url: str,
     start_app: StartApp,
+    clock: FakeClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     raw = sandbox_raw("")
     raw["store"] = {"url": with_password(pg_url, "pw-Secret-77"), "busy_timeout": 1.0}
+    raw["providers"]["sandbox"]["sms_delay"] = 100  # no SMS during the outage
     client = await start_app(parse_config(raw))
     _, _, body = await call(client, action="getNumber", service="tg", country=10)
     assert body.startswith(f"ACCESS_NUMBER:{FIRST}:")
+    clock.advance(6)  # polls go on during the outage (no SMS is due yet)
     owned.stop()
     try:
         assert await call(client, action="getNumber", service="tg", country=10) == (
             200,
             TEXT,
             "NO_NUMBERS",
+        )
+        # what was sold is served from memory meanwhile
+        assert await call(client, action="getStatus", id=FIRST) == (
+            200,
+            TEXT,
+            "STATUS_WAIT_CODE",
         )
         resp = await client.get("/readyz")
         assert (resp.status, (await resp.json())["store"]) == (503, "not writable")

@@ -776,7 +776,13 @@ class PostgresStore:
         if local is None:
             local = self._locks[activation_id] = asyncio.Lock()
         async with local:
-            locker = await self._advisory_lock(activation_id)
+            try:
+                locker = await self._advisory_lock(activation_id)
+            except StoreError:
+                # this server cannot reach the database: no write of the body can
+                # land either, so the in-process lock is enough to serve from memory
+                yield
+                return
             try:
                 if activation_id in self._live and activation_id not in self._held:
                     with contextlib.suppress(StoreError):
