@@ -506,3 +506,42 @@ async def test_check_config_ping_reads_circuits_without_showing_the_password(
         "sb: reachable, token accepted, balance 50.0 RUB = 50.00 RUB, circuit open since"
     )
     assert "sekret-pw" not in shown + out
+
+
+async def test_the_pool_is_sized_by_the_config(
+    pg_url: str, start_app: StartApp
+) -> None:
+    raw = sandbox_raw("")
+    raw["store"] = {"url": pg_url, "pool": {"min": 2, "max": 3}}
+    client = await start_app(parse_config(raw))
+    store = engine_of(client).store
+    assert isinstance(store, PostgresStore)
+    pool = store._pool
+    assert (pool.get_min_size(), pool.get_max_size()) == (2, 3)
+    bodies = await asyncio.gather(
+        *(call(client, action="getBalance") for _ in range(20))
+    )  # more requests than connections: they wait for one, none fails
+    assert {body for _, _, body in bodies} == {"ACCESS_BALANCE:1000.00"}
+
+
+def test_without_postgresql_the_tests_skip_or_fail_as_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests import pg
+
+    monkeypatch.setattr(pg, "binaries", lambda: None)
+    monkeypatch.delenv("SMS_COMPAT_TEST_PG_URL", raising=False)
+    monkeypatch.delenv("SMS_COMPAT_REQUIRE_POSTGRES", raising=False)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        pg.start_server()
+    assert str(skipped.value) == "PostgreSQL not installed: apt-get install postgresql"
+    monkeypatch.setenv("SMS_COMPAT_REQUIRE_POSTGRES", "1")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        pg.start_server()
+    assert str(failed.value) == (
+        "PostgreSQL not installed: apt-get install postgresql"
+        " (SMS_COMPAT_REQUIRE_POSTGRES=1)"
+    )
+    monkeypatch.setenv("SMS_COMPAT_TEST_PG_URL", "postgresql://u@db.example/x")
+    given = pg.start_server()
+    assert (given.admin_url, given.owned) == ("postgresql://u@db.example/x", False)
