@@ -437,6 +437,10 @@ def test_store_url_config_masks_the_password_everywhere(
             "store.pool: only with store.url (a PostgreSQL store)",
         ),
         (
+            {"url": "postgresql://u:pw@h/db?sslmode=require&timeout=3"},
+            "store.url: unknown parameter timeout (known: host, sslmode)",
+        ),
+        (
             {"uri": "postgresql://h/db"},
             "store.uri: unknown option (known: busy_timeout, path, pool, url)",
         ),
@@ -545,3 +549,55 @@ def test_without_postgresql_the_tests_skip_or_fail_as_told(
     monkeypatch.setenv("SMS_COMPAT_TEST_PG_URL", "postgresql://u@db.example/x")
     given = pg.start_server()
     assert (given.admin_url, given.owned) == ("postgresql://u@db.example/x", False)
+
+
+def test_serve_on_an_unreachable_database_exits_with_one_line(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.pg import free_port
+
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"server: {{host: 127.0.0.1, port: {free_port()}}}\n"
+        f"store: {{url: 'postgresql://sms:pw-Nowhere-9@127.0.0.1:{port}/sms',"
+        " busy_timeout: 1}\n"
+        f"keys: [{{key: {KEY}, providers: [sandbox]}}]\n"
+        "providers: {sandbox: {type: sandbox}}\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "compat_server", "serve", "--config", str(config)],
+        cwd=root, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (
+        f"sms-compat: store postgresql://****@127.0.0.1:{port}/sms cannot be used:"
+        f" [Errno 111] Connect call failed ('127.0.0.1', {port})\n"
+    )
+
+
+def test_a_store_url_may_name_a_socket_directory_and_tls() -> None:
+    from compat_server.store.postgres import Target
+
+    target = Target.parse(
+        "postgresql://sms:pw@/sms?host=/run/postgresql&sslmode=require"
+    )
+    assert target.connect_args() == {
+        "host": "/run/postgresql",
+        "port": 5432,
+        "user": "sms",
+        "password": "pw",
+        "database": "sms",
+        "ssl": "require",
+    }
+    assert target.shown == "postgresql://****@/sms?host=/run/postgresql&sslmode=require"
+    assert "pw" not in repr(target)
+    with pytest.raises(StoreError) as caught:
+        Target.parse("postgresql://h/db?password=pw-in-query&sslmode=disable")
+    assert str(caught.value) == (
+        "store postgresql://h/db?sslmode=disable: unknown URL parameter password"
+        " (known: host, sslmode)"
+    )

@@ -41,7 +41,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Any, TypeAlias, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import asyncpg
 
@@ -269,6 +269,7 @@ class Target:
     password: str | None = dataclasses.field(repr=False)
     database: str | None
     shown: str
+    ssl: str | None = None  # ?sslmode=disable|prefer|require|verify-ca|verify-full
 
     @classmethod
     def parse(cls, url: str) -> Target:
@@ -281,21 +282,36 @@ class Target:
             port = parts.port or 5432
         except ValueError:
             raise StoreError(f"store {shown}: the port is not a number") from None
-        host = unquote(parts.hostname or "") or "localhost"
+        query = dict(parse_qsl(parts.query))
+        unknown = sorted(set(query) - set(URL_PARAMETERS))
+        if unknown:
+            raise StoreError(
+                f"store {shown}: unknown URL parameter {unknown[0]}"
+                f" (known: {', '.join(URL_PARAMETERS)})"
+            )
+        # ?host=/run/postgresql: a unix socket directory (the URL names no host)
+        host = query.get("host") or unquote(parts.hostname or "") or "localhost"
         user = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password else None
         database = unquote(parts.path.lstrip("/")) or None
-        return cls(host, port, user, password, database, shown)
+        ssl = query.get("sslmode")
+        return cls(host, port, user, password, database, shown, ssl)
 
     def connect_args(self) -> dict[str, Any]:
         """Keyword arguments of asyncpg.connect / create_pool."""
-        return {
+        args: dict[str, Any] = {
             "host": self.host,
             "port": self.port,
             "user": self.user,
             "password": self.password,
             "database": self.database,
         }
+        if self.ssl is not None:
+            args["ssl"] = self.ssl
+        return args
+
+
+URL_PARAMETERS = ("host", "sslmode")  # what a store URL's query may say
 
 
 def masked_url(url: str) -> str:
@@ -304,7 +320,11 @@ def masked_url(url: str) -> str:
     netloc = parts.netloc
     if "@" in netloc:
         netloc = f"{MASK}@{netloc.rpartition('@')[2]}"
-    return parts._replace(netloc=netloc, query="", fragment="").geturl()
+    # the query as far as it is known (anything else could be a secret: dropped)
+    query = "&".join(
+        f"{k}={v}" for k, v in parse_qsl(parts.query) if k in URL_PARAMETERS
+    )
+    return parts._replace(netloc=netloc, query=query, fragment="").geturl()
 
 
 def _order_json(order: Order) -> str:
