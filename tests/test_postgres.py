@@ -601,3 +601,32 @@ def test_a_store_url_may_name_a_socket_directory_and_tls() -> None:
         "store postgresql://h/db?sslmode=disable: unknown URL parameter password"
         " (known: host, sslmode)"
     )
+
+
+async def test_a_write_that_commits_late_still_reaches_the_open_set(
+    servers: Open, pg_url: str
+) -> None:
+    """A stamp is drawn when a write starts and seen when it commits: a slow
+    transaction may commit a lower stamp after a higher one was read."""
+    a, b = await servers(), await servers()
+    early, late = await buy(a, 1), await buy(a, 2)
+    await b._refresh_open()
+    await b._refresh_open()
+    assert sorted(x.id for x in b.open_activations()) == [early.id, late.id]
+    slow = await asyncpg.connect(pg_url)
+    try:
+        transaction = slow.transaction()
+        await transaction.start()
+        await slow.execute(  # another server's write, stamped first, committed last
+            "UPDATE activations SET state='cancelled', changed=nextval('changes')"
+            " WHERE id=$1",
+            early.id,
+        )
+        await a.set_state(late, CANCELLED, T0 + 1)  # stamped after, committed first
+        await b._refresh_open()
+        assert [x.id for x in b.open_activations()] == [early.id]
+        await transaction.commit()
+    finally:
+        await slow.close()
+    await b._refresh_open()  # the round behind reads it
+    assert b.open_activations() == []

@@ -31,6 +31,7 @@ when the database is back. The pool reconnects by itself.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -91,6 +92,9 @@ ACTIVATION_LOCKS = 0x534D5301  # advisory lock namespace of activation ids
 SERVER_LOCKS = 0x534D5302  # ... of the servers' liveness locks
 LOCK_POLL = (0.005, 0.05)  # s between tries of a lock another server holds: first, most
 LEASE_KEEP = 3600.0  # s an expired lease row is kept before the heartbeat drops it
+# refreshes the open set stays behind the newest stamp it read: at WATCH_INTERVAL,
+# 15 s for a write between its stamp and its commit (busy_timeout is 5 s)
+REFRESH_LAG = 3
 
 # a pooled connection, as the pool hands it out
 Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
@@ -405,10 +409,8 @@ class PostgresStore:
         )
         self._versions: dict[int, int] = {}  # id -> ``changed`` of the live object
         self._cache: dict[int, Activation] = {}  # the open ones (strong references)
-        self._watermark = (
-            0  # ``changed`` read up to, a round behind (see _refresh_open)
-        )
-        self._next_watermark = 0
+        # ``changed`` maxima of the last REFRESH_LAG refreshes (see _refresh_open)
+        self._marks: collections.deque[int] = collections.deque([0], maxlen=REFRESH_LAG)
         self._locks: dict[int, asyncio.Lock] = {}
         self._locker: asyncpg.Connection | None = None  # holds the advisory locks
         self._locker_busy = asyncio.Lock()  # one statement at a time on it
@@ -682,16 +684,27 @@ class PostgresStore:
     ) -> list[tuple[Activation, int]]:
         """(activation, changed) of each row, with its messages (fresh objects)."""
         rows = list(await conn.fetch(query, *args))
-        if not rows:
-            return []
-        messages: dict[int, list[Message]] = {r["id"]: [] for r in rows}
-        for m in await conn.fetch(
-            "SELECT activation_id, uid, text, code, received_at FROM messages"
-            " WHERE activation_id = ANY($1::bigint[]) ORDER BY id",
-            list(messages),
-        ):
-            messages[m[0]].append(Message(m[1], m[2], m[3], m[4]))
-        return [(_activation(r, messages[r["id"]]), r["changed"]) for r in rows]
+        # rows no newer than the object in memory: that object (held here, so it
+        # stays alive until adopted), their messages not read
+        current: dict[int, Activation] = {}
+        for r in rows:
+            known = self._live.get(r["id"])
+            if known is not None and r["changed"] <= self._versions.get(r["id"], -1):
+                current[r["id"]] = known
+        messages: dict[int, list[Message]] = {
+            r["id"]: [] for r in rows if r["id"] not in current
+        }
+        if messages:
+            for m in await conn.fetch(
+                "SELECT activation_id, uid, text, code, received_at FROM messages"
+                " WHERE activation_id = ANY($1::bigint[]) ORDER BY id",
+                list(messages),
+            ):
+                messages[m[0]].append(Message(m[1], m[2], m[3], m[4]))
+        return [
+            (current.get(r["id"]) or _activation(r, messages[r["id"]]), r["changed"])
+            for r in rows
+        ]
 
     def _adopt(self, fresh: Activation, changed: int) -> Activation:
         """The one object of this id, brought up to ``fresh`` unless it is newer."""
@@ -748,33 +761,32 @@ class PostgresStore:
             self._locks.pop(activation.id, None)
 
     async def _load_open(self) -> None:
-        self._next_watermark = self._watermark = int(
+        top = int(
             await self._read(
                 lambda conn: conn.fetchval(
                     "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM changes"
                 )
             )
         )
+        self._marks.extend([top] * REFRESH_LAG)
         await self._select(
             "SELECT * FROM activations WHERE state = ANY($1::text[])",
             sorted(OPEN_STATES),
         )
 
     async def _refresh_open(self) -> None:
-        """Rows other servers changed since the round before last: the open set follows.
+        """Rows changed since REFRESH_LAG refreshes ago: the open set follows.
 
-        A round behind, because a ``changed`` stamp is drawn when a write starts and
-        seen when it commits: a slower transaction may commit a lower stamp later.
+        Behind, because a ``changed`` stamp is drawn when a write starts and seen
+        when it commits: a slower transaction may commit a lower stamp later (rows
+        read again cost a row each: their messages are read only when newer).
         """
-        since = self._watermark
+        since = self._marks[0]
         found = await self._select(
             "SELECT * FROM activations WHERE changed > $1 ORDER BY changed", since
         )
         top = max((self._versions.get(a.id, 0) for a in found), default=since)
-        self._watermark, self._next_watermark = (
-            self._next_watermark,
-            max(top, self._next_watermark),
-        )
+        self._marks.append(max(top, self._marks[-1]))
 
     def _forget_dead(self) -> None:
         """Drop version stamps of objects nobody holds any more."""
