@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httpx
 import yaml
@@ -540,11 +540,18 @@ def _store_url(store: Mapping[str, Any]) -> tuple[str | None, int, int]:
     if not isinstance(url, str) or not re.match(
         r"(?i)postgres(ql)?://[^/\s]+", url.strip()
     ):
-        shown = mask_userinfo(url) if isinstance(url, str) else repr(url)
+        # credentials masked, the query left out (it might carry one)
+        shown = mask_userinfo(url.split("?")[0]) if isinstance(url, str) else repr(url)
         raise ConfigError(
             f"store.url: must be postgresql://user:password@host:port/database,"
             f" got {shown}"
         )
+    known = ("host", "sslmode")  # the URL's query (store.postgres.URL_PARAMETERS)
+    for name in sorted({k for k, _ in parse_qsl(urlsplit(url.strip()).query)}):
+        if name not in known:
+            raise ConfigError(
+                f"store.url: unknown parameter {name} (known: {', '.join(known)})"
+            )
     if pool is None:
         pool = {}
     if not isinstance(pool, dict):

@@ -320,20 +320,29 @@ async def test_the_app_answers_dialect_tokens_through_an_outage(
     owned: PgServer,
     pg_url: str,
     start_app: StartApp,
+    clock: FakeClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     raw = sandbox_raw("")
     raw["store"] = {"url": with_password(pg_url, "pw-Secret-77"), "busy_timeout": 1.0}
+    raw["providers"]["sandbox"]["sms_delay"] = 100  # no SMS during the outage
     client = await start_app(parse_config(raw))
     _, _, body = await call(client, action="getNumber", service="tg", country=10)
     assert body.startswith(f"ACCESS_NUMBER:{FIRST}:")
+    clock.advance(6)  # polls go on during the outage (no SMS is due yet)
     owned.stop()
     try:
         assert await call(client, action="getNumber", service="tg", country=10) == (
             200,
             TEXT,
             "NO_NUMBERS",
+        )
+        # what was sold is served from memory meanwhile
+        assert await call(client, action="getStatus", id=FIRST) == (
+            200,
+            TEXT,
+            "STATUS_WAIT_CODE",
         )
         resp = await client.get("/readyz")
         assert (resp.status, (await resp.json())["store"]) == (503, "not writable")
@@ -430,6 +439,10 @@ def test_store_url_config_masks_the_password_everywhere(
             "store.pool: only with store.url (a PostgreSQL store)",
         ),
         (
+            {"url": "postgresql://u:pw@h/db?sslmode=require&timeout=3"},
+            "store.url: unknown parameter timeout (known: host, sslmode)",
+        ),
+        (
             {"uri": "postgresql://h/db"},
             "store.uri: unknown option (known: busy_timeout, path, pool, url)",
         ),
@@ -499,3 +512,123 @@ async def test_check_config_ping_reads_circuits_without_showing_the_password(
         "sb: reachable, token accepted, balance 50.0 RUB = 50.00 RUB, circuit open since"
     )
     assert "sekret-pw" not in shown + out
+
+
+async def test_the_pool_is_sized_by_the_config(
+    pg_url: str, start_app: StartApp
+) -> None:
+    raw = sandbox_raw("")
+    raw["store"] = {"url": pg_url, "pool": {"min": 2, "max": 3}}
+    client = await start_app(parse_config(raw))
+    store = engine_of(client).store
+    assert isinstance(store, PostgresStore)
+    pool = store._pool
+    assert (pool.get_min_size(), pool.get_max_size()) == (2, 3)
+    bodies = await asyncio.gather(
+        *(call(client, action="getBalance") for _ in range(20))
+    )  # more requests than connections: they wait for one, none fails
+    assert {body for _, _, body in bodies} == {"ACCESS_BALANCE:1000.00"}
+
+
+def test_without_postgresql_the_tests_skip_or_fail_as_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests import pg
+
+    monkeypatch.setattr(pg, "binaries", lambda: None)
+    monkeypatch.delenv("SMS_COMPAT_TEST_PG_URL", raising=False)
+    monkeypatch.delenv("SMS_COMPAT_REQUIRE_POSTGRES", raising=False)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        pg.start_server()
+    assert str(skipped.value) == "PostgreSQL not installed: apt-get install postgresql"
+    monkeypatch.setenv("SMS_COMPAT_REQUIRE_POSTGRES", "1")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        pg.start_server()
+    assert str(failed.value) == (
+        "PostgreSQL not installed: apt-get install postgresql"
+        " (SMS_COMPAT_REQUIRE_POSTGRES=1)"
+    )
+    monkeypatch.setenv("SMS_COMPAT_TEST_PG_URL", "postgresql://u@db.example/x")
+    given = pg.start_server()
+    assert (given.admin_url, given.owned) == ("postgresql://u@db.example/x", False)
+
+
+def test_serve_on_an_unreachable_database_exits_with_one_line(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.pg import free_port
+
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"server: {{host: 127.0.0.1, port: {free_port()}}}\n"
+        f"store: {{url: 'postgresql://sms:pw-Nowhere-9@127.0.0.1:{port}/sms',"
+        " busy_timeout: 1}\n"
+        f"keys: [{{key: {KEY}, providers: [sandbox]}}]\n"
+        "providers: {sandbox: {type: sandbox}}\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "compat_server", "serve", "--config", str(config)],
+        cwd=root, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (
+        f"sms-compat: store postgresql://****@127.0.0.1:{port}/sms cannot be used:"
+        f" [Errno 111] Connect call failed ('127.0.0.1', {port})\n"
+    )
+
+
+def test_a_store_url_may_name_a_socket_directory_and_tls() -> None:
+    from compat_server.store.postgres import Target
+
+    target = Target.parse(
+        "postgresql://sms:pw@/sms?host=/run/postgresql&sslmode=require"
+    )
+    assert target.connect_args() == {
+        "host": "/run/postgresql",
+        "port": 5432,
+        "user": "sms",
+        "password": "pw",
+        "database": "sms",
+        "ssl": "require",
+    }
+    assert target.shown == "postgresql://****@/sms?host=/run/postgresql&sslmode=require"
+    assert "pw" not in repr(target)
+    with pytest.raises(StoreError) as caught:
+        Target.parse("postgresql://h/db?password=pw-in-query&sslmode=disable")
+    assert str(caught.value) == (
+        "store postgresql://h/db?sslmode=disable: unknown URL parameter password"
+        " (known: host, sslmode)"
+    )
+
+
+async def test_a_write_that_commits_late_still_reaches_the_open_set(
+    servers: Open, pg_url: str
+) -> None:
+    """A stamp is drawn when a write starts and seen when it commits: a slow
+    transaction may commit a lower stamp after a higher one was read."""
+    a, b = await servers(), await servers()
+    early, late = await buy(a, 1), await buy(a, 2)
+    await b._refresh_open()
+    await b._refresh_open()
+    assert sorted(x.id for x in b.open_activations()) == [early.id, late.id]
+    slow = await asyncpg.connect(pg_url)
+    try:
+        transaction = slow.transaction()
+        await transaction.start()
+        await slow.execute(  # another server's write, stamped first, committed last
+            "UPDATE activations SET state='cancelled', changed=nextval('changes')"
+            " WHERE id=$1",
+            early.id,
+        )
+        await a.set_state(late, CANCELLED, T0 + 1)  # stamped after, committed first
+        await b._refresh_open()
+        assert [x.id for x in b.open_activations()] == [early.id]
+        await transaction.commit()
+    finally:
+        await slow.close()
+    await b._refresh_open()  # the round behind reads it
+    assert b.open_activations() == []

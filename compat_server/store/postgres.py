@@ -31,6 +31,7 @@ when the database is back. The pool reconnects by itself.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -41,7 +42,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Any, TypeAlias, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import asyncpg
 
@@ -93,6 +94,9 @@ SERVER_LOCKS = 0x534D5302  # ... of the servers' liveness locks
 HOLD_LOCKS = 0x534D5303  # advisory (transaction) lock namespace of keys' budget holds
 LOCK_POLL = (0.005, 0.05)  # s between tries of a lock another server holds: first, most
 LEASE_KEEP = 3600.0  # s an expired lease row is kept before the heartbeat drops it
+# refreshes the open set stays behind the newest stamp it read: at WATCH_INTERVAL,
+# 15 s for a write between its stamp and its commit (busy_timeout is 5 s)
+REFRESH_LAG = 3
 
 # a pooled connection, as the pool hands it out
 Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
@@ -282,6 +286,7 @@ class Target:
     password: str | None = dataclasses.field(repr=False)
     database: str | None
     shown: str
+    ssl: str | None = None  # ?sslmode=disable|prefer|require|verify-ca|verify-full
 
     @classmethod
     def parse(cls, url: str) -> Target:
@@ -294,21 +299,36 @@ class Target:
             port = parts.port or 5432
         except ValueError:
             raise StoreError(f"store {shown}: the port is not a number") from None
-        host = unquote(parts.hostname or "") or "localhost"
+        query = dict(parse_qsl(parts.query))
+        unknown = sorted(set(query) - set(URL_PARAMETERS))
+        if unknown:
+            raise StoreError(
+                f"store {shown}: unknown URL parameter {unknown[0]}"
+                f" (known: {', '.join(URL_PARAMETERS)})"
+            )
+        # ?host=/run/postgresql: a unix socket directory (the URL names no host)
+        host = query.get("host") or unquote(parts.hostname or "") or "localhost"
         user = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password else None
         database = unquote(parts.path.lstrip("/")) or None
-        return cls(host, port, user, password, database, shown)
+        ssl = query.get("sslmode")
+        return cls(host, port, user, password, database, shown, ssl)
 
     def connect_args(self) -> dict[str, Any]:
         """Keyword arguments of asyncpg.connect / create_pool."""
-        return {
+        args: dict[str, Any] = {
             "host": self.host,
             "port": self.port,
             "user": self.user,
             "password": self.password,
             "database": self.database,
         }
+        if self.ssl is not None:
+            args["ssl"] = self.ssl
+        return args
+
+
+URL_PARAMETERS = ("host", "sslmode")  # what a store URL's query may say
 
 
 def masked_url(url: str) -> str:
@@ -317,7 +337,11 @@ def masked_url(url: str) -> str:
     netloc = parts.netloc
     if "@" in netloc:
         netloc = f"{MASK}@{netloc.rpartition('@')[2]}"
-    return parts._replace(netloc=netloc, query="", fragment="").geturl()
+    # the query as far as it is known (anything else could be a secret: dropped)
+    query = "&".join(
+        f"{k}={v}" for k, v in parse_qsl(parts.query) if k in URL_PARAMETERS
+    )
+    return parts._replace(netloc=netloc, query=query, fragment="").geturl()
 
 
 def _order_json(order: Order) -> str:
@@ -416,10 +440,8 @@ class PostgresStore:
         )
         self._versions: dict[int, int] = {}  # id -> ``changed`` of the live object
         self._cache: dict[int, Activation] = {}  # the open ones (strong references)
-        self._watermark = (
-            0  # ``changed`` read up to, a round behind (see _refresh_open)
-        )
-        self._next_watermark = 0
+        # ``changed`` maxima of the last REFRESH_LAG refreshes (see _refresh_open)
+        self._marks: collections.deque[int] = collections.deque([0], maxlen=REFRESH_LAG)
         self._locks: dict[int, asyncio.Lock] = {}
         self._locker: asyncpg.Connection | None = None  # holds the advisory locks
         self._locker_busy = asyncio.Lock()  # one statement at a time on it
@@ -693,16 +715,27 @@ class PostgresStore:
     ) -> list[tuple[Activation, int]]:
         """(activation, changed) of each row, with its messages (fresh objects)."""
         rows = list(await conn.fetch(query, *args))
-        if not rows:
-            return []
-        messages: dict[int, list[Message]] = {r["id"]: [] for r in rows}
-        for m in await conn.fetch(
-            "SELECT activation_id, uid, text, code, received_at FROM messages"
-            " WHERE activation_id = ANY($1::bigint[]) ORDER BY id",
-            list(messages),
-        ):
-            messages[m[0]].append(Message(m[1], m[2], m[3], m[4]))
-        return [(_activation(r, messages[r["id"]]), r["changed"]) for r in rows]
+        # rows no newer than the object in memory: that object (held here, so it
+        # stays alive until adopted), their messages not read
+        current: dict[int, Activation] = {}
+        for r in rows:
+            known = self._live.get(r["id"])
+            if known is not None and r["changed"] <= self._versions.get(r["id"], -1):
+                current[r["id"]] = known
+        messages: dict[int, list[Message]] = {
+            r["id"]: [] for r in rows if r["id"] not in current
+        }
+        if messages:
+            for m in await conn.fetch(
+                "SELECT activation_id, uid, text, code, received_at FROM messages"
+                " WHERE activation_id = ANY($1::bigint[]) ORDER BY id",
+                list(messages),
+            ):
+                messages[m[0]].append(Message(m[1], m[2], m[3], m[4]))
+        return [
+            (current.get(r["id"]) or _activation(r, messages[r["id"]]), r["changed"])
+            for r in rows
+        ]
 
     def _adopt(self, fresh: Activation, changed: int) -> Activation:
         """The one object of this id, brought up to ``fresh`` unless it is newer."""
@@ -759,33 +792,32 @@ class PostgresStore:
             self._locks.pop(activation.id, None)
 
     async def _load_open(self) -> None:
-        self._next_watermark = self._watermark = int(
+        top = int(
             await self._read(
                 lambda conn: conn.fetchval(
                     "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM changes"
                 )
             )
         )
+        self._marks.extend([top] * REFRESH_LAG)
         await self._select(
             "SELECT * FROM activations WHERE state = ANY($1::text[])",
             sorted(OPEN_STATES),
         )
 
     async def _refresh_open(self) -> None:
-        """Rows other servers changed since the round before last: the open set follows.
+        """Rows changed since REFRESH_LAG refreshes ago: the open set follows.
 
-        A round behind, because a ``changed`` stamp is drawn when a write starts and
-        seen when it commits: a slower transaction may commit a lower stamp later.
+        Behind, because a ``changed`` stamp is drawn when a write starts and seen
+        when it commits: a slower transaction may commit a lower stamp later (rows
+        read again cost a row each: their messages are read only when newer).
         """
-        since = self._watermark
+        since = self._marks[0]
         found = await self._select(
             "SELECT * FROM activations WHERE changed > $1 ORDER BY changed", since
         )
         top = max((self._versions.get(a.id, 0) for a in found), default=since)
-        self._watermark, self._next_watermark = (
-            self._next_watermark,
-            max(top, self._next_watermark),
-        )
+        self._marks.append(max(top, self._marks[-1]))
 
     def _forget_dead(self) -> None:
         """Drop version stamps of objects nobody holds any more."""
@@ -807,7 +839,13 @@ class PostgresStore:
         if local is None:
             local = self._locks[activation_id] = asyncio.Lock()
         async with local:
-            locker = await self._advisory_lock(activation_id)
+            try:
+                locker = await self._advisory_lock(activation_id)
+            except StoreError:
+                # this server cannot reach the database: no write of the body can
+                # land either, so the in-process lock is enough to serve from memory
+                yield
+                return
             try:
                 if activation_id in self._live and activation_id not in self._held:
                     with contextlib.suppress(StoreError):
