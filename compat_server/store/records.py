@@ -39,7 +39,7 @@ class StoreError(Exception):
     """The store cannot be used (or written) now; the message names the store and why."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
     """One stored SMS."""
 
@@ -49,9 +49,13 @@ class Message:
     received_at: float
 
 
-@dataclass
+@dataclass(slots=True)
 class Activation:
-    """One number sold to a client, as stored."""
+    """One number sold to a client, as stored.
+
+    Slotted (no per-object ``__dict__``): a server keeps every open one in memory, and
+    100,000 of them must fit in a small process (bench/run.py figure j).
+    """
 
     id: int
     key_id: str

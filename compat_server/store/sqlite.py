@@ -83,6 +83,48 @@ ID_CEILING = MAX_ID - 100_000_000  # the highest first id: room for 10**8 activa
 BUSY_TIMEOUT = 5.0  # s a write waits for another process's lock before failing
 WATCH_INTERVAL = 5.0  # s between checks of the file (and retries of held numbers)
 FILE_MODE = 0o600
+FETCH_CHUNK = 2_000  # rows per fetch when loading activations (bounds the peak)
+# the columns of an Activation, in its field order (extra before created_at: see _fetch)
+ACTIVATION_COLUMNS = (
+    "id, key_id, provider, upstream_id, phone, service, country, operator, price,"
+    " currency, cost, state, extra, created_at, updated_at, expires_at, retry_mark,"
+    " previous_ids"
+)
+SHARED_MAX = 100_000  # distinct strings or amounts shared at most (see Shared)
+
+
+class Shared:
+    """One object per repeated value of the activations in memory.
+
+    Key ids, provider names, service codes, currencies, states and amounts repeat
+    across thousands of activations; each is kept once (equal values, one object).
+    Past SHARED_MAX distinct values new ones are simply not shared.
+    """
+
+    def __init__(self) -> None:
+        self._texts: dict[str, str] = {}
+        self._amounts: dict[str, Decimal] = {}
+
+    def text(self, value: str) -> str:
+        """``value``, or the equal string already kept."""
+        found = self._texts.get(value)
+        if found is not None:
+            return found
+        if len(self._texts) < SHARED_MAX:
+            self._texts[value] = value
+        return value
+
+    def amount(self, value: str) -> Decimal:
+        """``Decimal(value)``, the one already made from the same text if any.
+
+        Keyed by the text: "18.5" and "18.50" stay distinct (equal, not the same)."""
+        found = self._amounts.get(value)
+        if found is not None:
+            return found
+        amount = Decimal(value)
+        if len(self._amounts) < SHARED_MAX:
+            self._amounts[value] = amount
+        return amount
 
 
 MIGRATIONS: dict[int, str] = {
@@ -325,6 +367,7 @@ class SqliteStore:
         self._lock_fd = lock_fd
         self._identity = _identity(path) if path else None
         self._cache: dict[int, Activation] = {}
+        self._shared = Shared()
         self._write = asyncio.Lock()
         self._locks: dict[int, asyncio.Lock] = {}
         self._leases: dict[str, float] = {}  # name -> held until
@@ -516,43 +559,55 @@ class SqliteStore:
         return int(row[0]) if row else 0
 
     async def _load_open(self) -> None:
+        """Every open activation into memory: one query for them, one for all their
+        messages (never one per activation: 100,000 of them must load in seconds)."""
         placeholders = ",".join("?" * len(OPEN_STATES))
-        query = f"SELECT * FROM activations WHERE state IN ({placeholders})"
-        for activation in await self._fetch(query, tuple(OPEN_STATES)):
+        found = await self._fetch(
+            f"FROM activations WHERE state IN ({placeholders}) ORDER BY id",
+            tuple(sorted(OPEN_STATES)),
+        )
+        for activation in found:
             self._cache[activation.id] = activation
 
-    async def _fetch(self, query: str, args: Iterable[Any]) -> list[Activation]:
-        async with self._db.execute(query, tuple(args)) as cur:
-            rows = list(await cur.fetchall())
-        result = []
-        for row in rows:
-            activation = Activation(
-                id=row["id"],
-                key_id=row["key_id"],
-                provider=row["provider"],
-                upstream_id=row["upstream_id"],
-                phone=row["phone"],
-                service=row["service"],
-                country=row["country"],
-                operator=row["operator"],
-                price=Decimal(row["price"]),
-                currency=row["currency"],
-                cost=Decimal(row["cost"]),
-                state=row["state"],
-                created_at=row["created_at"],
-                updated_at=row["updated_at"],
-                expires_at=row["expires_at"],
-                extra=json.loads(row["extra"]),
-                retry_mark=row["retry_mark"],
-                previous_ids=tuple(i for i in row["previous_ids"].split(",") if i),
-            )
-            async with self._db.execute(
-                "SELECT uid, text, code, received_at FROM messages"
-                " WHERE activation_id=? ORDER BY id",
-                (activation.id,),
-            ) as cur:
-                activation.messages = [Message(*m) for m in await cur.fetchall()]
-            result.append(activation)
+    async def _fetch(self, tail: str, args: Iterable[Any]) -> list[Activation]:
+        """Activations ``SELECT ... {tail}`` (a FROM activations clause, in order), with
+        their messages read in one more query over the same rows."""
+        args = tuple(args)
+        messages: dict[int, list[Message]] = {}
+        async with self._db.execute(
+            "SELECT activation_id, uid, text, code, received_at FROM messages"
+            f" WHERE activation_id IN (SELECT id {tail}) ORDER BY activation_id, id",
+            args,
+        ) as cur:
+            while rows := await cur.fetchmany(FETCH_CHUNK):
+                for aid, uid, text, code, received_at in rows:
+                    found = messages.get(aid)
+                    if found is None:
+                        found = messages[aid] = []
+                    found.append(Message(uid, text, code, received_at))
+        result: list[Activation] = []
+        shared = self._shared
+        async with self._db.execute(f"SELECT {ACTIVATION_COLUMNS} {tail}", args) as cur:
+            while rows := await cur.fetchmany(FETCH_CHUNK):
+                for row in rows:
+                    aid, extra, created, updated, previous = (
+                        row[0], row[12], row[13], row[14], row[17],
+                    )  # fmt: skip
+                    result.append(
+                        Activation(
+                            aid, shared.text(row[1]), shared.text(row[2]), row[3],
+                            row[4], shared.text(row[5]), row[6], shared.text(row[7]),
+                            shared.amount(row[8]), shared.text(row[9]),
+                            shared.amount(row[10]), shared.text(row[11]), created,
+                            created if updated == created else updated, row[15],
+                            {} if extra == "{}" else json.loads(extra),
+                            messages.pop(aid, None) or [],
+                            row[16],
+                            tuple(i for i in previous.split(",") if i)
+                            if previous
+                            else (),
+                        )
+                    )  # fmt: skip
         return result
 
     def lock(self, activation_id: int) -> asyncio.Lock:
@@ -726,18 +781,19 @@ class SqliteStore:
             bought.key_id, bought.provider, bought.order, bought.purchase,
         )  # fmt: skip
         cost, now, state = bought.cost, bought.now, bought.state
+        shared = self._shared  # as a restart would load it: repeated values shared
         activation = Activation(
             id=0 if attempt_id is None else (await self._reserved_id(attempt_id) or 0),
-            key_id=key_id,
-            provider=provider,
+            key_id=shared.text(key_id),
+            provider=shared.text(provider),
             upstream_id=purchase.upstream_id,
             phone=purchase.phone,
-            service=order.service,
+            service=shared.text(order.service),
             country=order.country,
-            operator=purchase.operator,
-            price=purchase.price,
-            currency=bought.currency,
-            cost=cost,
+            operator=shared.text(purchase.operator),
+            price=shared.amount(str(purchase.price)),
+            currency=shared.text(bought.currency),
+            cost=shared.amount(str(cost)),
             state=state,
             created_at=now,
             updated_at=now,
@@ -819,9 +875,7 @@ class SqliteStore:
         cached = self._cache.get(activation_id)
         if cached is not None:
             return cached
-        found = await self._fetch(
-            "SELECT * FROM activations WHERE id=?", (activation_id,)
-        )
+        found = await self._fetch("FROM activations WHERE id=?", (activation_id,))
         return found[0] if found else None
 
     def open_activations(self) -> list[Activation]:
@@ -836,7 +890,7 @@ class SqliteStore:
                 key=lambda a: a.id,
             )
         return await self._fetch(
-            "SELECT * FROM activations WHERE key_id=? ORDER BY id", (key_id,)
+            "FROM activations WHERE key_id=? ORDER BY id", (key_id,)
         )
 
     async def count(self) -> int:
@@ -877,6 +931,7 @@ class SqliteStore:
             Message(m.uid, m.text, m.code, m.received_at) for m in new
         )
         activation.state = state
+        activation.updated_at = new[-1].received_at  # as written above
         return True
 
     async def set_state(
@@ -1071,7 +1126,7 @@ class SqliteStore:
             if value:
                 clauses.append(f"{column}=?")
                 args.append(value)
-        query = "SELECT * FROM activations"
+        query = "FROM activations"
         if clauses:
             query += " WHERE " + " AND ".join(clauses)
         query += " ORDER BY id DESC LIMIT ?"
