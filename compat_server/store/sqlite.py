@@ -601,7 +601,7 @@ class SqliteStore:
                             shared.amount(row[10]), shared.text(row[11]), created,
                             created if updated == created else updated, row[15],
                             {} if extra == "{}" else json.loads(extra),
-                            messages.pop(aid, None) or [],
+                            messages.pop(aid, []),
                             row[16],
                             tuple(i for i in previous.split(",") if i)
                             if previous
