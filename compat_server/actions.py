@@ -299,12 +299,30 @@ async def set_status(call: Call) -> Reply:
     raise BadStatus(status[:8])
 
 
+# getActiveActivations pages (protocol.md 3.16): Hero and Tiger take ``start`` and
+# ``limit`` (at most 100, default 50). A classic client sends neither and cannot page:
+# it gets the oldest ACTIVE_PAGE_MAX, the numbers nearest their expiry (README).
+ACTIVE_PAGE_MAX = 100
+ACTIVE_PAGE_DEFAULT = 50
+
+
+def active_window(params: Mapping[str, str]) -> tuple[int, int]:
+    """(start, limit) of the getActiveActivations page asked for, oldest first."""
+    start = dialect.count_param(params, "start")
+    limit = dialect.count_param(params, "limit")
+    if start is None and limit is None:
+        return 0, ACTIVE_PAGE_MAX
+    return start or 0, min(limit or ACTIVE_PAGE_DEFAULT, ACTIVE_PAGE_MAX)
+
+
 async def get_active_activations(call: Call) -> Reply:
-    """Open activations of the key, under both ``activeActivations`` and ``data``."""
+    """One page of the key's open activations (oldest first), under both
+    ``activeActivations`` and ``data``; NO_ACTIVATIONS past the last."""
     rows = []
-    activations = await call.store.for_key(call.key.key_id)
-    # side by side: each waits at most POLL_WAIT for a slow upstream, so the whole
-    # list is answered within that too, however many numbers are open
+    start, limit = active_window(call.params)
+    activations = (await call.store.for_key(call.key.key_id))[start : start + limit]
+    # only the page is brought up to date, side by side: each waits at most POLL_WAIT
+    # for a slow upstream, so the page is answered within that too
     views = await asyncio.gather(*(call.lifecycle.look(a) for a in activations))
     for activation, view in zip(activations, views, strict=True):
         if not activation.is_open:

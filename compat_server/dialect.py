@@ -239,6 +239,16 @@ def country_param(params: Mapping[str, str]) -> int | None:
     return int(raw)
 
 
+def count_param(params: Mapping[str, str], name: str) -> int | None:
+    """A non-negative integer parameter (``start``, ``limit``); None when absent."""
+    raw = param(params, name)
+    if not raw:
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        raise errors.BadParameter(name)
+    return int(raw)
+
+
 def money_param(params: Mapping[str, str], *names: str) -> Decimal | None:
     """A dot (or comma) decimal such as maxPrice; None when absent."""
     raw = param(params, *names).replace(",", ".")

@@ -6,11 +6,20 @@ Correctness only; how fast and how small is bench/run.py's (j) and (k).
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import json
 import sqlite3
+import time
 from decimal import Decimal
+from typing import Any
 
-from compat_server.config import key_id
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from compat_server.app import ENGINE, create_app
+from compat_server.config import key_id, parse_config
 from compat_server.store import (
     CANCELLED,
     CODE,
@@ -21,8 +30,19 @@ from compat_server.store import (
     NewActivation,
     SqliteStore,
 )
+from fakes import thuecodesim
 from providers.vocabulary import Order, Purchase, Sms
-from tests.conftest import T0, FakeClock
+from tests.conftest import (
+    API,
+    KEY,
+    OTHER_KEY,
+    T0,
+    FakeClock,
+    StartApp,
+    call,
+    engine_of,
+    sandbox_raw,
+)
 
 KEY_A = key_id("scale-key-a-0123456789abcdef012345")
 KEY_B = key_id("scale-key-b-0123456789abcdef012345")
@@ -179,3 +199,192 @@ async def test_a_held_number_written_at_shutdown_is_back_after_the_restart(
         assert await again.get(before.id) == before
     finally:
         await again.close()
+
+
+# ---- getActiveActivations: pages, never one body of every number ----------------------
+
+ACTIVE_CAP = 100  # a page at most (Hero/Tiger: limit <= 100); classic: the oldest 100
+
+
+def _row(activation: Activation) -> dict[str, Any]:
+    """The getActiveActivations row of a sandbox tg/VN activation still waiting."""
+    return {
+        "activationId": str(activation.id),
+        "serviceCode": "tg",
+        "phoneNumber": activation.phone,
+        "activationCost": 18.0,
+        "activationStatus": "1",
+        "smsCode": None,
+        "smsText": None,
+        "activationTime": time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.localtime(activation.created_at)
+        ),
+        "discount": "0.00",
+        "repeated": "0",
+        "countryCode": "10",
+        "countryName": "Vietnam",
+        "canGetAnotherSms": "1",
+        "currency": 643,
+    }
+
+
+def _page(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"status": "success", "activeActivations": rows, "data": rows}
+
+
+NONE_ACTIVE = {"status": "error", "error": "NO_ACTIVATIONS"}
+
+
+def _json_text(value: Any) -> str:
+    """A JSON body as the dialect writes it (compact, UTF-8)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+@pytest.fixture
+async def many(
+    aiohttp_server: Any, store_path: str, clock: FakeClock
+) -> tuple[TestServer, list[Activation]]:
+    """The app on the sandbox with 105 waiting numbers bought by KEY (and one by the
+    other key, which no page of KEY may show)."""
+    raw = sandbox_raw(store_path)
+    raw["providers"]["sandbox"].update(balance=100_000, sms_delay=10**6)  # no SMS
+    server: TestServer = await aiohttp_server(
+        create_app(parse_config(raw), clock=clock, background=False)
+    )
+    async with aiohttp.ClientSession() as session:
+        for index in range(106):
+            params = {"api_key": OTHER_KEY if index == 50 else KEY,
+                      "action": "getNumber", "service": "tg", "country": "10"}  # fmt: skip
+            async with session.get(server.make_url(API), params=params) as resp:
+                assert (await resp.text()).startswith("ACCESS_NUMBER:")
+            clock.advance(1)
+    store = server.app[ENGINE].store
+    mine = await store.for_key(key_id(KEY))
+    assert len(mine) == 105
+    return server, mine
+
+
+async def test_a_classic_client_gets_the_oldest_hundred(
+    many: tuple[TestServer, list[Activation]],
+) -> None:
+    from smsactivate.api import SMSActivateAPI
+
+    server, mine = many
+    api = SMSActivateAPI(KEY)
+    api._SMSActivateAPI__api_url = str(server.make_url(API))
+    answer = await asyncio.to_thread(api.getActiveActivations)
+    assert answer == _page([_row(a) for a in mine[:ACTIVE_CAP]])
+
+
+async def test_aiosmsactivate_gets_the_same_first_page(
+    many: tuple[TestServer, list[Activation]],
+) -> None:
+    from aiosmsactivate import SmsActivate
+
+    server, mine = many
+    client = SmsActivate(KEY, base_url=str(server.make_url(API)))
+    assert await client.get_active_activations() == _page(
+        [_row(a) for a in mine[:ACTIVE_CAP]]
+    )
+
+
+async def test_herosms_pages_through_every_number(
+    many: tuple[TestServer, list[Activation]],
+) -> None:
+    from herosms import HeroSMSClient
+
+    server, mine = many
+    base = str(server.make_url(API))
+    async with HeroSMSClient(KEY, base_url=base, retry_attempts=1) as client:
+        first = await client.get_active_activations()  # its default: limit 100
+        second = await client.get_active_activations(start=100)
+        past = await client.get_active_activations(start=105)
+        raw = await client.get_active_activations(
+            start=3, limit=2, response_format="raw"
+        )
+    assert [a.activation_id for a in first] == [a.id for a in mine[:100]]
+    assert [a.activation_id for a in second] == [a.id for a in mine[100:]]
+    assert past == []
+    assert json.loads(raw) == _page([_row(a) for a in mine[3:5]])  # raw: its text
+
+
+@pytest.mark.parametrize(
+    ("query", "window"),
+    [
+        ({}, (0, 100)),  # classic: no paging parameters
+        ({"start": "0"}, (0, 50)),  # Hero/Tiger: limit 50 unless told
+        ({"limit": "7"}, (0, 7)),
+        ({"start": "98", "limit": "5"}, (98, 103)),
+        ({"start": "100", "limit": "100"}, (100, 105)),
+        ({"limit": "1000"}, (0, 100)),  # never more than a page
+        ({"limit": "0"}, (0, 50)),
+    ],
+)
+async def test_pages_are_windows_of_the_oldest_first(
+    many: tuple[TestServer, list[Activation]],
+    query: dict[str, str],
+    window: tuple[int, int],
+) -> None:
+    server, mine = many
+    async with aiohttp.ClientSession() as session:
+        params = {"api_key": KEY, "action": "getActiveActivations", **query}
+        async with session.get(server.make_url(API), params=params) as resp:
+            got = (resp.status, resp.content_type, await resp.text())
+    rows = [_row(a) for a in mine[window[0] : window[1]]]
+    assert got == (200, "application/json", _json_text(_page(rows)))
+
+
+@pytest.mark.parametrize(
+    ("query", "body"),
+    [
+        ({"start": "105"}, _json_text(NONE_ACTIVE)),
+        ({"start": "-1"}, "ERROR_SQL"),
+        ({"limit": "ten"}, "ERROR_SQL"),
+    ],
+)
+async def test_a_page_past_the_end_or_malformed(
+    many: tuple[TestServer, list[Activation]], query: dict[str, str], body: str
+) -> None:
+    server, _ = many
+    async with aiohttp.ClientSession() as session:
+        params = {"api_key": KEY, "action": "getActiveActivations", **query}
+        async with session.get(server.make_url(API), params=params) as resp:
+            got = (resp.status, await resp.text())
+    assert got == (200, body)
+
+
+async def test_only_the_page_is_polled_upstream(
+    aiohttp_server: Any, start_app: StartApp, store_path: str, clock: FakeClock
+) -> None:
+    """30 numbers open, a page of 10 asked: 10 polls, of those 10 numbers. (The fake's
+    min_interval 0: this test is about which numbers are polled, not pacing.)"""
+    fake = thuecodesim.FakeThuecodesim()
+    upstream: TestServer = await aiohttp_server(fake.app)
+    config = parse_config(
+        {
+            "store": {"path": store_path},
+            "currency": {"display": "RUB", "rates": {"VND": "0.004"}},
+            "keys": [{"key": KEY, "alias": "farm", "providers": ["thuecodesim"]}],
+            "providers": {
+                "thuecodesim": thuecodesim.provider_options(
+                    str(upstream.make_url("")).rstrip("/")
+                )
+            },
+        }
+    )
+    client = await start_app(config)
+    for _ in range(30):
+        _, _, body = await call(client, action="getNumber", service="tg", country=10)
+        assert body.startswith("ACCESS_NUMBER:")
+    mine = await engine_of(client).store.for_key(key_id(KEY))
+    clock.advance(60)  # every number is due for a poll
+    fake.calls.clear()
+    status, ctype, body = await call(
+        client, action="getActiveActivations", start=10, limit=10
+    )
+    polled = [p["requestId"] for path, p in fake.calls if path == "/session/getv2"]
+    assert sorted(polled) == sorted(a.upstream_id for a in mine[10:20])
+    assert (status, ctype) == (200, "application/json")
+    assert [r["activationId"] for r in json.loads(body)["data"]] == [
+        str(a.id) for a in mine[10:20]
+    ]
