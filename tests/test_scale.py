@@ -388,3 +388,187 @@ async def test_only_the_page_is_polled_upstream(
     assert [r["activationId"] for r in json.loads(body)["data"]] == [
         str(a.id) for a in mine[10:20]
     ]
+
+
+# ---- catalogue answers: rendered once per catalog change ------------------------------
+
+OTHER = key_id(OTHER_KEY)
+
+
+def _tcs_config(store_path: str, url: str) -> Any:
+    """KEY on thuecodesim as is, OTHER_KEY on the same account with a 1.5 markup."""
+    return parse_config(
+        {
+            "store": {"path": store_path},
+            "currency": {"display": "RUB", "rates": {"VND": "0.004"}},
+            "upstream": {"catalog_ttl": 60},
+            "keys": [
+                {"key": KEY, "alias": "plain", "providers": ["tcs"]},
+                {"key": OTHER_KEY, "alias": "marked", "providers": ["tcs2"]},
+            ],
+            "providers": {
+                "tcs": thuecodesim.provider_options(url),
+                "tcs2": {**thuecodesim.provider_options(url), "markup": 1.5},
+            },
+        }
+    )
+
+
+def _prices(cost: float, count: int) -> str:
+    return _json_text({"10": {"tg": {"cost": cost, "count": count,
+                                     "physicalCount": count}}})  # fmt: skip
+
+
+async def _settled(client: Any) -> None:
+    """Wait for the catalog refreshes running in the background."""
+    cache = engine_of(client).catalog.cache
+    while cache._inflight:
+        await asyncio.gather(*cache._inflight.values(), return_exceptions=True)
+
+
+async def test_get_prices_is_rendered_again_only_when_the_catalog_changes(
+    aiohttp_server: Any, start_app: StartApp, store_path: str, clock: FakeClock
+) -> None:
+    """(min_interval 0: this test is about the answer cache, not pacing.)"""
+    fake = thuecodesim.FakeThuecodesim()
+    upstream: TestServer = await aiohttp_server(fake.app)
+    client = await start_app(
+        _tcs_config(store_path, str(upstream.make_url("")).rstrip("/"))
+    )
+    answers = engine_of(client).catalog.answers
+    tg = {"action": "getPrices", "country": 10, "service": "tg"}
+    first = await call(client, **tg)
+    count = json.loads(first[2])["10"]["tg"]["count"]
+    assert first == (200, "application/json", _prices(4.8, count))
+    listed = fake.paths_called().count("/service/getv2")
+    assert await call(client, **tg) == first
+    assert (answers.renders, answers.hits) == (1, 1)
+    fake.services["vn"][4]["price"] = 1500  # Telegram: 1200 -> 1500 VND
+    clock.advance(30)  # the catalog is still fresh: the same bytes again
+    assert await call(client, **tg) == first
+    assert (answers.renders, answers.hits) == (1, 2)
+    assert fake.paths_called().count("/service/getv2") == listed
+    clock.advance(31)  # expired: served stale once while the refresh runs
+    assert await call(client, **tg) == first
+    assert answers.renders == 2
+    await _settled(client)
+    fresh = (200, "application/json", _prices(6.0, count))
+    assert await call(client, **tg) == fresh
+    assert await call(client, **tg) == fresh
+    assert (answers.renders, answers.hits) == (3, 3)
+
+
+async def test_a_kept_answer_never_reaches_another_key_or_other_parameters(
+    aiohttp_server: Any, start_app: StartApp, store_path: str
+) -> None:
+    fake = thuecodesim.FakeThuecodesim()
+    upstream: TestServer = await aiohttp_server(fake.app)
+    client = await start_app(
+        _tcs_config(store_path, str(upstream.make_url("")).rstrip("/"))
+    )
+    tg = {"action": "getPrices", "country": 10, "service": "tg"}
+    plain = await call(client, **tg)
+    count = json.loads(plain[2])["10"]["tg"]["count"]
+    marked = (200, "application/json", _prices(7.2, count))
+    assert plain == (200, "application/json", _prices(4.8, count))
+    for _ in range(2):
+        assert await call(client, api_key=OTHER_KEY, **tg) == marked
+        assert await call(client, **tg) == plain
+    laos = await call(client, action="getPrices", country=25, service="tg")
+    assert json.loads(laos[2]) == {
+        "25": {"tg": {"cost": 12.0, "count": count, "physicalCount": count}}
+    }
+    whole = json.loads((await call(client, action="getPrices", country=10))[2])
+    assert (
+        sorted(whole["10"]) != ["tg"]
+        and whole["10"]["tg"] == json.loads(plain[2])["10"]["tg"]
+    )
+    answers = engine_of(client).catalog.answers
+    assert (answers.renders, answers.hits, len(answers)) == (4, 3, 4)
+
+
+async def test_an_answer_built_before_an_entry_came_in_is_not_reused(
+    clock: FakeClock,
+) -> None:
+    from compat_server.catalog import READS, Reads, TtlCache
+
+    cache = TtlCache(60, clock)
+    gate = asyncio.Event()
+
+    async def slow() -> list[str]:
+        await gate.wait()
+        return ["loaded"]
+
+    async def fast() -> list[str]:
+        return ["there"]
+
+    assert await cache.get("b", fast, []) == ["there"]
+    reads = Reads()
+    scope = READS.set(reads)
+    try:
+        assert await cache.get("b", fast, []) == ["there"]  # a hit
+        assert await cache.get("a", slow, [], wait=0) == []  # not in yet
+    finally:
+        READS.reset(scope)
+    assert reads.fresh(clock())
+    gate.set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert await cache.get("a", slow, []) == ["loaded"]
+    assert not reads.fresh(clock())  # what was missing came in
+    later = Reads()
+    scope = READS.set(later)
+    try:
+        await cache.get("a", slow, [])
+    finally:
+        READS.reset(scope)
+    assert later.fresh(clock())
+    clock.advance(60)
+    assert not later.fresh(clock())  # expired
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"action": "getPrices"},
+        {"action": "getPrices", "country": "10"},
+        {"action": "getNumbersStatus", "country": "10"},
+        {"action": "getNumbersStatus"},
+        {"action": "getCountries"},
+        {"action": "getOperators", "country": "10"},
+        {"action": "getServicesList"},
+        {"action": "getServicesList", "country": "0", "lang": "ru"},
+        {"action": "getTopCountriesByService", "service": "tg"},
+        {"action": "getTopCountriesByServiceRank", "freePrice": "true"},
+        {"action": "getCountryAndOperators", "lang": "ru"},
+        {"action": "getServicesAndCost", "country": "10"},
+    ],
+)
+async def test_every_catalogue_answer_is_sent_again_as_rendered(
+    start_app: StartApp, store_path: str, params: dict[str, str]
+) -> None:
+    client = await start_app(parse_config(sandbox_raw(store_path)))
+    answers = engine_of(client).catalog.answers
+    first = await call(client, **params)
+    assert first[:2] == (200, "application/json")
+    assert await call(client, **params) == first
+    assert await call(client, **params) == first
+    assert (answers.renders, answers.hits) == (1, 2)
+    # the other key has the same providers, and still gets an answer of its own
+    assert await call(client, api_key=OTHER_KEY, **params) == first
+    assert (answers.renders, answers.hits) == (2, 2)
+
+
+async def test_a_reload_renders_again_with_the_new_markup(
+    start_app: StartApp, store_path: str
+) -> None:
+    from compat_server import ops
+
+    client = await start_app(parse_config(sandbox_raw(store_path)))
+    tg = {"action": "getPrices", "country": "10", "service": "tg"}
+    assert await call(client, **tg) == (200, "application/json", _prices(18.0, 420))
+    raw = sandbox_raw(store_path)
+    raw["providers"]["sandbox"]["markup"] = 1.5
+    engine = engine_of(client)
+    ops.apply(engine, parse_config(raw), None)
+    assert await call(client, **tg) == (200, "application/json", _prices(27.0, 420))
