@@ -165,6 +165,10 @@ async def test_repeated_strings_and_amounts_are_shared_after_a_restart(
             distinct = {id(v) for v in values}
             assert len(distinct) == len(set(values)), field
         assert not hasattr(loaded[0], "__dict__")  # slots: no per-object dict
+        empty = [a.extra for a in loaded if not a.extra]
+        assert len(empty) > 1 and len({id(e) for e in empty}) == 1
+        with pytest.raises(TypeError):
+            empty[0]["changed"] = "in place"  # replaced, never changed in place
     finally:
         await again.close()
 

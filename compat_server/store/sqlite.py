@@ -36,6 +36,7 @@ from compat_server.store.records import (
     CODE,
     CONFIRMED,
     EXPIRED,
+    NO_EXTRA,
     OPEN_STATES,
     PENDING,
     RECONCILED,
@@ -600,7 +601,7 @@ class SqliteStore:
                             shared.amount(row[8]), shared.text(row[9]),
                             shared.amount(row[10]), shared.text(row[11]), created,
                             created if updated == created else updated, row[15],
-                            {} if extra == "{}" else json.loads(extra),
+                            NO_EXTRA if extra == "{}" else json.loads(extra),
                             messages.pop(aid, []),
                             row[16],
                             tuple(i for i in previous.split(",") if i)
@@ -798,7 +799,7 @@ class SqliteStore:
             created_at=now,
             updated_at=now,
             expires_at=now + bought.lifetime,
-            extra=dict(purchase.extra),
+            extra=dict(purchase.extra) if purchase.extra else NO_EXTRA,
         )
         try:
             async with self._writing():
@@ -948,7 +949,7 @@ class SqliteStore:
         if retry:
             activation.retry_mark = len(activation.messages)
         if purchase is not None:
-            activation.extra = dict(purchase.extra)
+            activation.extra = dict(purchase.extra) if purchase.extra else NO_EXTRA
             activation.previous_ids = (*activation.previous_ids, activation.upstream_id)
             activation.upstream_id = purchase.upstream_id
         async with self._writing():
