@@ -24,6 +24,7 @@ import logging
 import os
 import sqlite3
 import stat
+import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from decimal import Decimal
@@ -91,7 +92,7 @@ ACTIVATION_COLUMNS = (
     " currency, cost, state, extra, created_at, updated_at, expires_at, retry_mark,"
     " previous_ids"
 )
-SHARED_MAX = 100_000  # distinct strings or amounts shared at most (see Shared)
+SHARED_MAX = 100_000  # distinct amounts shared at most (see Shared)
 
 
 class Shared:
@@ -99,21 +100,14 @@ class Shared:
 
     Key ids, provider names, service codes, currencies, states and amounts repeat
     across thousands of activations; each is kept once (equal values, one object).
-    Past SHARED_MAX distinct values new ones are simply not shared.
+    Strings go through ``sys.intern`` (freed when no activation holds them); past
+    SHARED_MAX distinct amounts new ones are simply not shared.
     """
 
-    def __init__(self) -> None:
-        self._texts: dict[str, str] = {}
-        self._amounts: dict[str, Decimal] = {}
+    text = staticmethod(sys.intern)
 
-    def text(self, value: str) -> str:
-        """``value``, or the equal string already kept."""
-        found = self._texts.get(value)
-        if found is not None:
-            return found
-        if len(self._texts) < SHARED_MAX:
-            self._texts[value] = value
-        return value
+    def __init__(self) -> None:
+        self._amounts: dict[str, Decimal] = {}
 
     def amount(self, value: str) -> Decimal:
         """``Decimal(value)``, the one already made from the same text if any.
@@ -570,12 +564,25 @@ class SqliteStore:
         for activation in found:
             self._cache[activation.id] = activation
 
+    @contextlib.asynccontextmanager
+    async def _plain(
+        self, query: str, args: tuple[Any, ...]
+    ) -> AsyncIterator[aiosqlite.Cursor]:
+        """A cursor over ``query`` whose rows are plain tuples (cheaper than Rows)."""
+        cursor = await self._db.cursor()
+        try:
+            cursor.row_factory = None
+            await cursor.execute(query, args)
+            yield cursor
+        finally:
+            await cursor.close()
+
     async def _fetch(self, tail: str, args: Iterable[Any]) -> list[Activation]:
         """Activations ``SELECT ... {tail}`` (a FROM activations clause, in order), with
         their messages read in one more query over the same rows."""
         args = tuple(args)
         messages: dict[int, list[Message]] = {}
-        async with self._db.execute(
+        async with self._plain(
             "SELECT activation_id, uid, text, code, received_at FROM messages"
             f" WHERE activation_id IN (SELECT id {tail}) ORDER BY activation_id, id",
             args,
@@ -588,7 +595,7 @@ class SqliteStore:
                     found.append(Message(uid, text, code, received_at))
         result: list[Activation] = []
         shared = self._shared
-        async with self._db.execute(f"SELECT {ACTIVATION_COLUMNS} {tail}", args) as cur:
+        async with self._plain(f"SELECT {ACTIVATION_COLUMNS} {tail}", args) as cur:
             while rows := await cur.fetchmany(FETCH_CHUNK):
                 for row in rows:
                     aid, extra, created, updated, previous = (
