@@ -576,3 +576,34 @@ async def test_a_reload_renders_again_with_the_new_markup(
     engine = engine_of(client)
     ops.apply(engine, parse_config(raw), None)
     assert await call(client, **tg) == (200, "application/json", _prices(27.0, 420))
+
+
+async def test_a_keys_open_numbers_stay_oldest_first_however_they_were_stored(
+    store_path: str, clock: FakeClock
+) -> None:
+    store = await SqliteStore.open(store_path, clock)
+    try:
+        order = Order("tg", 10)
+
+        def bought(n: int) -> NewActivation:
+            purchase = Purchase(f"9{n}", f"8490000000{n}", Decimal("18"))
+            return NewActivation(KEY_A, "sandbox", "RUB", order, purchase,
+                                 Decimal("18.00"), T0 + n, 1200.0)  # fmt: skip
+
+        first = await store.begin_purchase(KEY_A, "sandbox", order, T0)
+        second = await store.begin_purchase(KEY_A, "sandbox", order, T0)
+        late = await store.complete_purchase(second, bought(2))  # answered first
+        early = await store.complete_purchase(first, bought(1))
+        other = await store.complete_purchase(None, bought(3))
+        assert early.id < late.id < other.id
+        assert await store.for_key(KEY_A) == [early, late, other]
+        await store.set_state(early, CANCELLED, T0 + 5)
+        assert await store.for_key(KEY_A) == [late, other]
+        await store.set_state(early, WAIT_CODE, T0 + 6)  # a refused cancel: open again
+        assert await store.for_key(KEY_A) == [early, late, other]
+        for activation in (early, late, other):
+            await store.set_state(activation, FINISHED, T0 + 7)
+        assert await store.for_key(KEY_A) == []
+        assert store.open_activations() == []
+    finally:
+        await store.close()

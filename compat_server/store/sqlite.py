@@ -362,6 +362,9 @@ class SqliteStore:
         self._lock_fd = lock_fd
         self._identity = _identity(path) if path else None
         self._cache: dict[int, Activation] = {}
+        # the same open activations by key, in id order unless the key is _unordered
+        self._by_key: dict[str, dict[int, Activation]] = {}
+        self._unordered: set[str] = set()
         self._shared = Shared()
         self._write = asyncio.Lock()
         self._locks: dict[int, asyncio.Lock] = {}
@@ -562,7 +565,28 @@ class SqliteStore:
             tuple(sorted(OPEN_STATES)),
         )
         for activation in found:
-            self._cache[activation.id] = activation
+            self._keep(activation)
+
+    def _keep(self, activation: Activation) -> None:
+        """Serve an open activation from memory (and from its key's list)."""
+        self._cache[activation.id] = activation
+        mine = self._by_key.get(activation.key_id)
+        if mine is None:
+            mine = self._by_key[activation.key_id] = {}
+        elif activation.id not in mine and next(reversed(mine)) > activation.id:
+            self._unordered.add(activation.key_id)  # bought out of order: sort once
+        mine[activation.id] = activation
+
+    def _forget(self, activation: Activation) -> None:
+        """An activation no longer open: memory lets it go."""
+        self._cache.pop(activation.id, None)
+        self._locks.pop(activation.id, None)
+        mine = self._by_key.get(activation.key_id)
+        if mine is not None:
+            mine.pop(activation.id, None)
+            if not mine:
+                del self._by_key[activation.key_id]
+                self._unordered.discard(activation.key_id)
 
     @contextlib.asynccontextmanager
     async def _plain(
@@ -824,7 +848,7 @@ class SqliteStore:
                 self.problem,
             )
         if activation.is_open:
-            self._cache[activation.id] = activation
+            self._keep(activation)
         if state not in (CANCELLED, EXPIRED) or provider in self.unrefunded:
             self._count_spend(key_id, cost)
         return activation
@@ -893,10 +917,13 @@ class SqliteStore:
     async def for_key(self, key_id: str, open_only: bool = True) -> list[Activation]:
         """A key's activations, oldest first."""
         if open_only:
-            return sorted(
-                (a for a in self._cache.values() if a.key_id == key_id),
-                key=lambda a: a.id,
-            )
+            mine = self._by_key.get(key_id)
+            if mine is None:
+                return []
+            if key_id in self._unordered:
+                mine = self._by_key[key_id] = dict(sorted(mine.items()))
+                self._unordered.discard(key_id)
+            return list(mine.values())
         return await self._fetch(
             "FROM activations WHERE key_id=? ORDER BY id", (key_id,)
         )
@@ -987,10 +1014,9 @@ class SqliteStore:
         activation.state = state
         activation.updated_at = now
         if not activation.is_open:
-            self._cache.pop(activation.id, None)
-            self._locks.pop(activation.id, None)
+            self._forget(activation)
         else:  # open again (a refused cancel): served from memory like the others
-            self._cache[activation.id] = activation
+            self._keep(activation)
 
     async def prune(self, before: float) -> int:
         """Forget attempts that bought nothing, and delivered calls, older than ``before``."""
