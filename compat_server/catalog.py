@@ -52,16 +52,31 @@ class Reads:
     __slots__ = ("entries", "volatile")
 
     def __init__(self) -> None:
-        # (the cache's values, key, the entry read or None when there was none yet)
-        self.entries: list[tuple[dict[Any, Any], Any, Any]] = []
+        # (the cache's values, key, stamp of the entry read (None: there was none
+        # yet), fresh until): stamps, not the values, so nothing old is kept alive
+        self.entries: list[tuple[dict[Any, Any], Any, int | None, float]] = []
         self.volatile = False  # built from something outside the cache: never reused
+
+    def note(self, values: dict[Any, Any], key: Any, at: int = -1) -> None:
+        """Note the entry ``values`` holds for ``key`` (at index ``at``: replace)."""
+        entry = values.get(key)
+        noted = (
+            (values, key, None, math.inf)
+            if entry is None
+            else (values, key, entry[2], entry[0])
+        )
+        if at < 0:
+            self.entries.append(noted)
+        else:
+            self.entries[at] = noted
 
     def fresh(self, now: float) -> bool:
         """Whether every entry read is still the cache's, and none has expired."""
         if self.volatile:
             return False
-        for values, key, entry in self.entries:
-            if values.get(key) is not entry or (entry is not None and entry[0] <= now):
+        for values, key, stamp, until in self.entries:
+            entry = values.get(key)
+            if (None if entry is None else entry[2]) != stamp or until <= now:
                 return False
         return True
 
@@ -149,7 +164,9 @@ class TtlCache:
         self.ttl = ttl
         self.failure_ttl = failure_ttl
         self.clock = clock
-        self._values: dict[Any, tuple[float, Any]] = {}  # key -> (fresh until, value)
+        # key -> (fresh until, value, stamp: which load stored it)
+        self._values: dict[Any, tuple[float, Any, int]] = {}
+        self._stamps = 0
         self._inflight: dict[Any, asyncio.Task[Any]] = {}
 
     async def get(
@@ -171,7 +188,7 @@ class TtlCache:
         noted = -1
         if reads is not None:
             noted = len(reads.entries)  # entries are only ever appended
-            reads.entries.append((self._values, key, hit))
+            reads.note(self._values, key)
         if hit is not None:
             if hit[0] <= self.clock():
                 self._start(key, load, default, BACKGROUND)
@@ -185,7 +202,7 @@ class TtlCache:
         except TimeoutError:
             return default  # the load goes on and fills the cache for the next caller
         if reads is not None:  # the answer holds what was loaded, not the gap
-            reads.entries[noted] = (self._values, key, self._values.get(key))
+            reads.note(self._values, key, noted)
         return value
 
     def _start(
@@ -215,9 +232,11 @@ class TtlCache:
         except ProviderError:
             previous = self._values.get(key)
             kept = default if previous is None else previous[1]
-            self._values[key] = (self.clock() + self.failure_ttl, kept)
+            self._stamps += 1
+            self._values[key] = (self.clock() + self.failure_ttl, kept, self._stamps)
             return kept
-        self._values[key] = (self.clock() + self.ttl, value)
+        self._stamps += 1
+        self._values[key] = (self.clock() + self.ttl, value, self._stamps)
         return value
 
 
