@@ -268,13 +268,13 @@ async def many(
     return server, mine
 
 
+@pytest.mark.parametrize("library", ["smsactivate", "smsactivatepy"])
 async def test_a_classic_client_gets_the_oldest_hundred(
-    many: tuple[TestServer, list[Activation]],
+    many: tuple[TestServer, list[Activation]], library: str
 ) -> None:
-    from smsactivate.api import SMSActivateAPI
-
+    module = __import__(f"{library}.api", fromlist=["SMSActivateAPI"])
     server, mine = many
-    api = SMSActivateAPI(KEY)
+    api = module.SMSActivateAPI(KEY)
     api._SMSActivateAPI__api_url = str(server.make_url(API))
     answer = await asyncio.to_thread(api.getActiveActivations)
     assert answer == _page([_row(a) for a in mine[:ACTIVE_CAP]])
