@@ -20,6 +20,7 @@ from compat_server.store.records import (
     CONFIRMED,
     EXPIRED,
     FINISHED,
+    NO_EXTRA,
     OPEN_STATES,
     PENDING,
     RECONCILED,
@@ -58,7 +59,7 @@ from providers.vocabulary import Order, Purchase, RentPurchase, RentSms, Sms
 
 __all__ = [
     "CANCELLED", "CODE", "CONFIRMED", "EXPIRED", "FINISHED", "FIRST_ID", "FIRST_RENT_ID",
-    "MAX_ID", "MIGRATIONS", "OPEN_STATES", "PENDING", "RECONCILED", "REFUSED",
+    "MAX_ID", "MIGRATIONS", "NO_EXTRA", "OPEN_STATES", "PENDING", "RECONCILED", "REFUSED",
     "RENT_ACTIVE", "RENT_CANCELLED", "RENT_EXPIRED", "RENT_FINISHED", "SCHEMA_VERSION",
     "UNCERTAIN", "WAIT_CODE", "WAIT_RETRY", "Activation", "Attempt", "Message",
     "NewActivation", "OutboxOp", "Rent", "RentAttempt", "RentMessage", "RentPayment",
