@@ -4,7 +4,7 @@ Run from the repository root (the venv that has the project installed)::
 
     python bench/run.py            # full run, about 2-3 minutes
     python bench/run.py --quick    # about 1 minute, smaller samples
-    python bench/run.py --only a,c # a subset (figures a b c d e l)
+    python bench/run.py --only a,c # a subset (figures a b c d e j k l)
 
 It prints a table and writes ``bench/results/latest.json``. What each figure measures,
 and its target, is in ``bench/README.md``. Every server under test, fake upstream and
@@ -1238,6 +1238,292 @@ async def measure_e(run: Run) -> Json:
     return result
 
 
+# ==== (j) (k) 100,000 activations: restart, paging, rendered answers (issue 9, 4) =======
+#
+# (j) a restart on a store holding SCALE_OPEN open activations: seconds from process
+#     start to listening, and resident memory; baselines in the same run: the same
+#     server on an empty store, and the loading path before issue 9 (one query per
+#     activation for its messages), timed in a child of its own.
+# (k) on that restarted server, getActiveActivations' body and time (a page, never the
+#     whole list) against getStatus; and getPrices of SCALE_SERVICES services, an answer
+#     sent again as rendered against one rendered for each request (first request of
+#     each of SCALE_KEYS keys, the catalog warm), server CPU per request.
+
+SCALE_OPEN = 100_000
+SCALE_SERVICES = 1_500
+
+
+def scale_text(code: str) -> str:
+    """The sandbox's Telegram SMS, as a stored message."""
+    return (
+        f"Telegram code: {code}\n\n"
+        f"You can also tap on this link to log in: t.me/login/{code}"
+    )
+
+
+async def build_open_store(path: str, count: int) -> list[int]:
+    """A store with ``count`` open sandbox activations of KEY, written in bulk (the
+    schema from SqliteStore.open): 60% waiting, 30% with a code, 10% asked for another
+    after a code and got it. Their ids, oldest first."""
+    import sqlite3
+
+    from compat_server.config import key_id
+    from compat_server.store import SqliteStore
+
+    store = await SqliteStore.open(path)
+    await store.close()
+    now = time.time()
+    db = sqlite3.connect(path)
+    try:
+        with db:
+            (seq,) = db.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name='activations'"
+            ).fetchone()
+            first, owner = seq + 1, key_id(KEY)
+            rows, messages = [], []
+            for index in range(count):
+                ident, kind, at = first + index, index % 10, now - count + index
+                state = ("wait_code" if kind < 6 else "code" if kind < 9
+                         else "wait_retry")  # fmt: skip
+                upstream = str(500_000_000 + index)
+                rows.append((ident, owner, "sandbox", upstream, f"84{900_000_000 + index}",
+                             "tg", 10, "", "18.00", "RUB", "18.00", state, "{}", at, at,
+                             now + 86_400, 1 if state == "wait_retry" else 0, ""))  # fmt: skip
+                for n in range({"wait_code": 0, "code": 1}.get(state, 2)):
+                    code = f"{(index * 7 + n) % 1_000_000:06d}"
+                    messages.append((ident, f"{upstream}:{n}", scale_text(code), code,
+                                     at + n))  # fmt: skip
+            db.executemany(
+                "INSERT INTO activations (id, key_id, provider, upstream_id, phone,"
+                " service, country, operator, price, currency, cost, state, extra,"
+                " created_at, updated_at, expires_at, retry_mark, previous_ids)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            db.executemany(
+                "INSERT INTO messages (activation_id, uid, text, code, received_at)"
+                " VALUES (?,?,?,?,?)",
+                messages,
+            )
+            db.execute(
+                "UPDATE sqlite_sequence SET seq=? WHERE name='activations'",
+                (first + count - 1,),
+            )
+    finally:
+        db.close()
+    return list(range(first, first + count))
+
+
+async def role_legacy_load(spec: Json) -> None:
+    """The loading path before issue 9, timed: every open activation read with one
+    more query for its messages (what a restart did). Says RESULT with the seconds."""
+    import aiosqlite
+
+    from compat_server.store import Activation, Message
+
+    emit("READY", {"pid": os.getpid()})
+    started = time.perf_counter()
+    loaded = 0
+    async with aiosqlite.connect(spec["path"]) as db:
+        db.row_factory = aiosqlite.Row
+        async with db.execute(
+            "SELECT * FROM activations WHERE state IN ('wait_code','code','wait_retry')"
+            " LIMIT ?",
+            (spec["limit"],),
+        ) as cur:
+            rows = list(await cur.fetchall())
+        for row in rows:
+            activation = Activation(
+                row["id"], row["key_id"], row["provider"], row["upstream_id"],
+                row["phone"], row["service"], row["country"], row["operator"],
+                Decimal(row["price"]), row["currency"], Decimal(row["cost"]),
+                row["state"], row["created_at"], row["updated_at"], row["expires_at"],
+                json.loads(row["extra"]), [], row["retry_mark"],
+            )  # fmt: skip
+            async with db.execute(
+                "SELECT uid, text, code, received_at FROM messages"
+                " WHERE activation_id=? ORDER BY id",
+                (activation.id,),
+            ) as cur:
+                activation.messages = [Message(*m) for m in await cur.fetchall()]
+            loaded += 1
+    emit("RESULT", {"seconds": time.perf_counter() - started, "loaded": loaded})
+    stop = stop_event()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), CHILD_MAX_SECONDS)
+
+
+ROLES["legacy-load"] = role_legacy_load
+
+
+async def timed_gets(
+    session: aiohttp.ClientSession, urls: Sequence[str], expect: str
+) -> tuple[list[float], int]:
+    """GET each URL in turn: (latencies in seconds, bytes of the last body)."""
+    latencies, size = [], 0
+    for url in urls:
+        began = time.perf_counter()
+        async with session.get(url) as response:
+            body = await response.read()
+        latencies.append(time.perf_counter() - began)
+        if response.status != 200 or not body.startswith(expect.encode()):
+            raise BenchError(f"{url}: {response.status} {body[:80]!r}")
+        size = len(body)
+    return latencies, size
+
+
+async def measure_j(run: Run) -> Json:
+    """(j) restart with SCALE_OPEN open activations: seconds and MB, vs an empty
+    store and vs the loading path before issue 9 (measured on a part in --quick)."""
+    full = run.store("j-full")
+    built = time.perf_counter()
+    ids = await build_open_store(full, SCALE_OPEN)
+    result: Json = {"activations": SCALE_OPEN, "build_s": time.perf_counter() - built}
+    await run.quiet()
+    window = run.window("(j)")
+    figures: dict[str, Json] = {}
+    for name, path in (("empty", run.store("j-empty")), ("full", full)):
+        began = time.perf_counter()  # from process start to listening
+        async with run.server(sandbox_config(path), f"j-{name}") as server:
+            seconds = time.perf_counter() - began
+            figures[name] = {"s": seconds, "mb": await settled_rss(server.pid)}
+            if name == "full":  # every activation is there: the newest one answers
+                async with aiohttp.ClientSession() as session:
+                    url = f"{server.url}{API}?api_key={KEY}&action=getStatus&id="
+                    await timed_gets(session, [url + str(ids[-1])], "STATUS_WAIT")
+    part = 20_000 if run.quick else SCALE_OPEN
+    async with run.child("legacy-load", {"path": full, "limit": part}) as legacy:
+        before = await legacy.message("RESULT", 600)
+    result["foreign_cores"] = window.close()
+    result.update(
+        empty_s=figures["empty"]["s"], empty_mb=figures["empty"]["mb"],
+        restart_s=figures["full"]["s"], restart_mb=figures["full"]["mb"],
+        legacy_loaded=before["loaded"], legacy_load_s=before["seconds"],
+        legacy_s=before["seconds"] * SCALE_OPEN / max(before["loaded"], 1),
+    )  # fmt: skip
+    result["ratio_s"] = result["legacy_s"] / result["restart_s"]
+    result["ratio_mb"] = result["restart_mb"] / result["empty_mb"]
+    return result
+
+
+def scale_catalogue_config(store_path: str, keys: int) -> Json:
+    """The sandbox selling SCALE_SERVICES services in Vietnam, to ``keys`` keys."""
+    services = {f"s{n:04d}": {"price": 10 + n % 90, "count": 100 + n}
+                for n in range(SCALE_SERVICES)}  # fmt: skip
+    config = sandbox_config(store_path)
+    config["providers"]["sandbox"].update(countries=[10], services=services)
+    config["keys"] = [{"key": f"{KEY}-{n}" if n else KEY, "alias": f"k{n}",
+                       "providers": ["sandbox"]} for n in range(keys)]  # fmt: skip
+    return config
+
+
+async def measure_k(run: Run) -> Json:
+    """(k) getActiveActivations with SCALE_OPEN open (a page: bytes and ms) against
+    getStatus on the same server; getPrices of SCALE_SERVICES services sent again as
+    rendered against rendered for each request (server CPU per request)."""
+    path = run.store("k-full")
+    ids = await build_open_store(path, SCALE_OPEN)
+    rounds = 20 if run.quick else 60
+    result: Json = {"activations": SCALE_OPEN}
+    await run.quiet()
+    window = run.window("(k)")
+    async with run.server(sandbox_config(path), "k-full") as server:
+        base = f"{server.url}{API}?api_key={KEY}&action="
+        async with aiohttp.ClientSession() as session:
+            await timed_gets(session, [base + "getBalance"] * 5, "ACCESS_BALANCE")
+            page, page_bytes = await timed_gets(
+                session, [base + "getActiveActivations"] * rounds, '{"status":"success"'
+            )
+            hero, hero_bytes = await timed_gets(
+                session,
+                [f"{base}getActiveActivations&start={n * 100}&limit=100"
+                 for n in range(rounds)],
+                '{"status":"success"',
+            )  # fmt: skip
+            status, _ = await timed_gets(
+                session,
+                [
+                    f"{base}getStatus&id={ids[n * 997 % len(ids)]}"
+                    for n in range(rounds)
+                ],
+                "STATUS_",
+            )
+        result["rss_after_pages_mb"] = await settled_rss(server.pid)
+    rows = 100
+    result.update(
+        page_rows=rows, page_bytes=page_bytes, hero_page_bytes=hero_bytes,
+        page_ms=statistics.median(page) * 1000,
+        hero_page_ms=statistics.median(hero) * 1000,
+        status_ms=statistics.median(status) * 1000,
+        whole_list_bytes=page_bytes * SCALE_OPEN // rows,  # what one body would hold
+    )  # fmt: skip
+    result["page_ratio"] = result["page_ms"] / result["status_ms"]
+    keys = 40 if run.quick else 150
+    config = scale_catalogue_config(run.store("k-prices"), keys)
+    async with run.server(config, "k-prices") as server:
+        urls = [f"{server.url}{API}?api_key={k['key']}&action=getPrices&country=10"
+                for k in config["keys"]]  # fmt: skip
+        async with aiohttp.ClientSession() as session:
+            await timed_gets(session, urls[:1] * 3, '{"10":')  # the catalog is warm
+            spent = proc_cpu_seconds(server.pid)
+            fresh, size = await timed_gets(session, urls[1:], '{"10":')
+            render_cpu = (proc_cpu_seconds(server.pid) - spent) / len(urls[1:])
+            spent = proc_cpu_seconds(server.pid)
+            reuses = 300 if run.quick else 1000  # enough CPU ticks to measure
+            again, _ = await timed_gets(session, urls[:1] * reuses, '{"10":')
+            reuse_cpu = (proc_cpu_seconds(server.pid) - spent) / reuses
+    result["foreign_cores"] = window.close()
+    result["prices"] = {
+        "services": SCALE_SERVICES, "body_bytes": size, "rendered": len(fresh),
+        "reused": len(again),
+        "rendered_rps": len(fresh) / sum(fresh), "reused_rps": len(again) / sum(again),
+        "rendered_ms": statistics.median(fresh) * 1000,
+        "reused_ms": statistics.median(again) * 1000,
+        "rendered_cpu_ms": render_cpu * 1000, "reused_cpu_ms": reuse_cpu * 1000,
+    }  # fmt: skip
+    prices = result["prices"]
+    prices["ratio_rps"] = prices["reused_rps"] / prices["rendered_rps"]
+    prices["ratio_cpu"] = prices["rendered_cpu_ms"] / prices["reused_cpu_ms"]
+    return result
+
+
+def scale_rows(name: str, data: Json) -> list[Row]:
+    """The table rows of (j) and (k)."""
+    if name == "j":
+        j = data
+        return [
+            Row(
+                f"(j) restart, {j['activations']:,} open",
+                f"{j['restart_s']:.2f} s, {j['restart_mb']:.0f} MB",
+                f"{j['empty_s']:.2f} s, {j['empty_mb']:.0f} MB empty;"
+                f" {j['legacy_s']:.1f} s before issue 9",
+                f"{j['ratio_s']:.1f}x faster than before; {j['ratio_mb']:.2f}x empty MB",
+                "<= 3 s, <= 150 MB",
+                j["restart_s"] <= 3.0 and j["restart_mb"] <= 150,
+            )
+        ]  # fmt: skip
+    if name == "k":
+        k, p = data, data["prices"]
+        return [
+            Row(
+                f"(k) getActiveActivations, {k['activations']:,} open",
+                f"{k['page_bytes'] / 1024:.0f} KB, {k['page_ms']:.1f} ms p50",
+                f"getStatus {k['status_ms']:.2f} ms; one body of all:"
+                f" {k['whole_list_bytes'] / 2**20:.0f} MB",
+                f"{k['page_rows']} rows a page; {k['page_ratio']:.1f}x getStatus",
+                "bounded", k["page_bytes"] < 2**20,
+            ),
+            Row(
+                f"(k) getPrices {p['services']:,} services, req/s",
+                f"{p['reused_rps']:,.0f} reused ({p['reused_cpu_ms']:.2f} ms CPU)",
+                f"{p['rendered_rps']:,.0f} rendered ({p['rendered_cpu_ms']:.2f} ms CPU)",
+                f"{p['ratio_rps']:.1f}x req/s, {p['ratio_cpu']:.1f}x less CPU",
+                "reused until the catalog changes", p["ratio_rps"] > 1,
+            ),
+        ]  # fmt: skip
+    return []
+
+
 # ==== (l) several servers on one PostgreSQL ==============================================
 # getStatus req/s of one server and of two on one database (ratio two/one), and
 # purchases per second on the sandbox, SQLite vs PostgreSQL. PostgreSQL is Debian's
@@ -1445,6 +1731,8 @@ class Row:
 
 def rows_for(name: str, data: Json) -> list[Row]:
     """The table rows of one measurement."""
+    if name in ("j", "k"):
+        return scale_rows(name, data)
     if name == "l":
         return rows_l(data)
     if name == "a":
@@ -1546,6 +1834,8 @@ MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Json]]] = {
     "c": measure_c,
     "d": measure_d,
     "e": measure_e,
+    "j": measure_j,
+    "k": measure_k,
     "l": measure_l,  # several servers on one PostgreSQL (its own section above)
 }
 
@@ -1622,7 +1912,9 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(args[1], args[2])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about one minute")
-    parser.add_argument("--only", default="a,b,c,d,e,l", help="figures, e.g. a,c")
+    parser.add_argument(
+        "--only", default=",".join(MEASUREMENTS), help="figures, e.g. a,c"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
     parser.add_argument(
         "--profile",

@@ -18,7 +18,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from compat_server import dialect, reactivation
-from compat_server.catalog import Catalog, key_providers
+from compat_server.catalog import READS, Catalog, Reads, key_providers, volatile
 from compat_server.config import Config, KeyConfig
 from compat_server.dialect import Reply, Token, money, money_number, param, token
 from compat_server.engine import Engine
@@ -299,12 +299,30 @@ async def set_status(call: Call) -> Reply:
     raise BadStatus(status[:8])
 
 
+# getActiveActivations pages (protocol.md 3.16): Hero and Tiger take ``start`` and
+# ``limit`` (at most 100, default 50). A classic client sends neither and cannot page:
+# it gets the oldest ACTIVE_PAGE_MAX, the numbers nearest their expiry (README).
+ACTIVE_PAGE_MAX = 100
+ACTIVE_PAGE_DEFAULT = 50
+
+
+def active_window(params: Mapping[str, str]) -> tuple[int, int]:
+    """(start, limit) of the getActiveActivations page asked for, oldest first."""
+    start = dialect.count_param(params, "start")
+    limit = dialect.count_param(params, "limit")
+    if start is None and limit is None:
+        return 0, ACTIVE_PAGE_MAX
+    return start or 0, min(limit or ACTIVE_PAGE_DEFAULT, ACTIVE_PAGE_MAX)
+
+
 async def get_active_activations(call: Call) -> Reply:
-    """Open activations of the key, under both ``activeActivations`` and ``data``."""
+    """One page of the key's open activations (oldest first), under both
+    ``activeActivations`` and ``data``; NO_ACTIVATIONS past the last."""
     rows = []
-    activations = await call.store.for_key(call.key.key_id)
-    # side by side: each waits at most POLL_WAIT for a slow upstream, so the whole
-    # list is answered within that too, however many numbers are open
+    start, limit = active_window(call.params)
+    activations = (await call.store.for_key(call.key.key_id))[start : start + limit]
+    # only the page is brought up to date, side by side: each waits at most POLL_WAIT
+    # for a slow upstream, so the page is answered within that too
     views = await asyncio.gather(*(call.lifecycle.look(a) for a in activations))
     for activation, view in zip(activations, views, strict=True):
         if not activation.is_open:
@@ -340,6 +358,41 @@ async def get_active_activations(call: Call) -> Reply:
 
 
 # ---- catalog -------------------------------------------------------------------------
+
+
+def reused(*names: str) -> Callable[[Action], Action]:
+    """A catalogue action whose rendered answer is kept and sent again until the
+    catalog changes (catalog.Answers): one per api key, action and the values of the
+    parameters ``names`` (and the countries the key's providers serve, which a
+    clone's table can change)."""
+
+    def wrap(handler: Action) -> Action:
+        @functools.wraps(handler)
+        async def answer(call: Call) -> Reply:
+            providers = call.upstreams.providers
+            key = (
+                handler.__name__,
+                call.key.key_id,
+                tuple(param(call.params, name) for name in names),
+                tuple(tuple(providers[n].countries()) for n in call.providers()),
+            )
+            answers = call.catalog.answers
+            kept: dialect.Rendered | None = answers.get(key, call.clock())
+            if kept is not None:
+                return kept
+            reads = Reads()
+            scope = READS.set(reads)
+            try:
+                reply = await handler(call)
+            finally:
+                READS.reset(scope)
+            made = dialect.rendered(reply)
+            answers.put(key, made, len(made.body), reads)
+            return made
+
+        return answer
+
+    return wrap
 
 
 async def _stock(
@@ -396,7 +449,11 @@ _BACKGROUND: set[asyncio.Future[Any]] = set()
 def _single_offer(
     call: Call, name: str, country: int, code: str
 ) -> asyncio.Future[Offer | None]:
-    """One service_offer call, guarded; it runs on past the deadline to fill caches."""
+    """One service_offer call, guarded; it runs on past the deadline to fill caches.
+
+    Its offer is not in the catalog cache: an answer that asked for one is not reused.
+    """
+    volatile()
     provider = call.upstreams.providers[name]
 
     async def ask() -> Offer | None:
@@ -440,6 +497,7 @@ async def _countries(call: Call) -> list[int]:
     return sorted(found)
 
 
+@reused("country", "service")
 async def get_prices(call: Call) -> Reply:
     """``{"<country>":{"<service>":{"cost":x,"count":n,"physicalCount":n}}}``."""
     country = dialect.country_param(call.params)
@@ -465,6 +523,7 @@ async def get_prices(call: Call) -> Reply:
     return result
 
 
+@reused("country", "operator")
 async def get_numbers_status(call: Call) -> Reply:
     """``{"<service>_0":"<count>"}`` with every legacy key present ("0" if none)."""
     country = dialect.country_param(call.params)
@@ -493,6 +552,7 @@ def _country_name(country: int) -> str:
     return str(row["eng"]) if row else str(country)
 
 
+@reused()
 async def get_countries(call: Call) -> Reply:
     """Countries the key's providers serve (or rent in), keyed by id.
 
@@ -518,6 +578,7 @@ async def get_countries(call: Call) -> Reply:
     return result
 
 
+@reused("country")
 async def get_operators(call: Call) -> Reply:
     """``countryOperators`` per served country; OPERATORS_NOT_FOUND for none."""
     country = dialect.country_param(call.params)
@@ -550,6 +611,7 @@ def service_name(code: str) -> str:
     return str(reference()["services"].get(code, code))
 
 
+@reused("country", "lang")
 async def get_services_list(call: Call) -> Reply:
     """``{"status":"success","services":[{"code","name"}]}``: what the key can buy.
 
@@ -584,6 +646,7 @@ def _top_rows(
     return rows
 
 
+@reused("service", "freePrice")
 async def get_top_countries(call: Call) -> Reply:
     """getTopCountriesByService(Rank): ``{"0":{"country","count","price",...}}``.
 
@@ -611,6 +674,7 @@ def _lang_name(row: Mapping[str, Any], lang: str) -> str:
     return str(row["rus"] if lang == "ru" else row["eng"])
 
 
+@reused("lang")
 async def get_country_and_operators(call: Call) -> Reply:
     """sms-service-online: ``[{"id":0,"name":"Россия","operators":{"any":"any",...}}]``.
 
@@ -638,6 +702,7 @@ async def get_country_and_operators(call: Call) -> Reply:
     return result
 
 
+@reused("country", "operator")
 async def get_services_and_cost(call: Call) -> Reply:
     """sms-service-online: ``[{"id":"vk","name":..,"price":29.88,"quantity":"19"}]``.
 

@@ -12,6 +12,7 @@ import enum
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from urllib.parse import parse_qsl
@@ -118,7 +119,16 @@ LEGACY_STOCK_KEYS = (
     " we_0 ya_0 ya_1 ym_0 ym_1 zz_0"
 ).split()
 
-Reply = str | dict[str, Any] | list[Any]
+
+@dataclass(frozen=True)
+class Rendered:
+    """An answer already rendered: its body as sent, and its content type."""
+
+    body: bytes
+    content_type: str
+
+
+Reply = str | dict[str, Any] | list[Any] | Rendered
 
 
 # ---- parsing -------------------------------------------------------------------------
@@ -239,6 +249,16 @@ def country_param(params: Mapping[str, str]) -> int | None:
     return int(raw)
 
 
+def count_param(params: Mapping[str, str], name: str) -> int | None:
+    """A non-negative integer parameter (``start``, ``limit``); None when absent."""
+    raw = param(params, name)
+    if not raw:
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        raise errors.BadParameter(name)
+    return int(raw)
+
+
 def money_param(params: Mapping[str, str], *names: str) -> Decimal | None:
     """A dot (or comma) decimal such as maxPrice; None when absent."""
     raw = param(params, *names).replace(",", ".")
@@ -308,10 +328,24 @@ def safe_code(code: str) -> str:
     return cleaned or "0"
 
 
+def rendered(reply: Reply) -> Rendered:
+    """The reply as it goes on the wire: text for tokens, compact JSON otherwise."""
+    if isinstance(reply, Rendered):
+        return reply
+    if isinstance(reply, str):
+        return Rendered(reply.encode("utf-8"), TEXT)
+    body = json.dumps(reply, ensure_ascii=False, separators=(",", ":"))
+    return Rendered(body.encode("utf-8"), JSON)
+
+
 def render(reply: Reply) -> web.Response:
     """A 200 response: text for tokens, compact JSON otherwise."""
     if isinstance(reply, str):
         return web.Response(text=reply, content_type=TEXT, charset="utf-8")
+    if isinstance(reply, Rendered):
+        return web.Response(
+            body=reply.body, content_type=reply.content_type, charset="utf-8"
+        )
     body = json.dumps(reply, ensure_ascii=False, separators=(",", ":"))
     return web.Response(text=body, content_type=JSON, charset="utf-8")
 

@@ -30,6 +30,7 @@ from compat_server.store.records import (
     DEAD_AFTER,
     EXPIRED,
     FINISHED,
+    NO_EXTRA,
     OPEN_STATES,
     PENDING,
     RECONCILED,
@@ -68,8 +69,9 @@ from compat_server.store.sqlite import (
 from providers.vocabulary import Order, Purchase, RentPurchase, RentSms, Sms
 
 __all__ = [
-    "CANCELLED", "CLAIM_SECONDS", "CODE", "CONFIRMED", "DEAD_AFTER", "EXPIRED", "FINISHED", "FIRST_ID", "FIRST_RENT_ID",
-    "MAX_ID", "MIGRATIONS", "OPEN_STATES", "PENDING", "RECONCILED", "REFUSED",
+    "CANCELLED", "CLAIM_SECONDS", "CODE", "CONFIRMED", "DEAD_AFTER", "EXPIRED", "FINISHED",
+    "FIRST_ID", "FIRST_RENT_ID", "MAX_ID", "MIGRATIONS", "NO_EXTRA", "OPEN_STATES",
+    "PENDING", "RECONCILED", "REFUSED",
     "RENT_ACTIVE", "RENT_CANCELLED", "RENT_EXPIRED", "RENT_FINISHED", "SCHEMA_VERSION",
     "UNCERTAIN", "WAIT_CODE", "WAIT_RETRY", "Activation", "Attempt", "Message",
     "NewActivation", "OutboxOp", "Rent", "RentAttempt", "RentMessage", "RentPayment",

@@ -46,7 +46,26 @@ class StoreError(Exception):
     """The store cannot be used (or written) now; the message names the store and why."""
 
 
-@dataclass
+class NoExtra(dict[str, str]):
+    """The empty ``extra`` of activations without provider state, one shared object.
+
+    Read-only: an activation's ``extra`` is replaced (``set_state`` with a re-rented
+    order), never changed in place, so one empty mapping can serve them all.
+    """
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("an activation's extra is replaced, never changed in place")
+
+    __setitem__ = __delitem__ = _refuse
+    clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+
+NO_EXTRA = NoExtra()
+
+
+@dataclass(slots=True)
 class Message:
     """One stored SMS."""
 
@@ -56,9 +75,13 @@ class Message:
     received_at: float
 
 
-@dataclass
+@dataclass(slots=True)
 class Activation:
-    """One number sold to a client, as stored."""
+    """One number sold to a client, as stored.
+
+    Slotted (no per-object ``__dict__``): a server keeps every open one in memory, and
+    100,000 of them must fit in a small process (bench/run.py figure j).
+    """
 
     id: int
     key_id: str

@@ -26,6 +26,7 @@ import os
 import secrets
 import sqlite3
 import stat
+import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from decimal import Decimal
@@ -39,6 +40,7 @@ from compat_server.store.records import (
     CODE,
     CONFIRMED,
     EXPIRED,
+    NO_EXTRA,
     OPEN_STATES,
     PENDING,
     RECONCILED,
@@ -87,6 +89,41 @@ ID_CEILING = MAX_ID - 100_000_000  # the highest first id: room for 10**8 activa
 BUSY_TIMEOUT = 5.0  # s a write waits for another process's lock before failing
 WATCH_INTERVAL = 5.0  # s between checks of the file (and retries of held numbers)
 FILE_MODE = 0o600
+FETCH_CHUNK = 2_000  # rows per fetch when loading activations (bounds the peak)
+# the columns of an Activation, in its field order (extra before created_at: see _fetch)
+ACTIVATION_COLUMNS = (
+    "id, key_id, provider, upstream_id, phone, service, country, operator, price,"
+    " currency, cost, state, extra, created_at, updated_at, expires_at, retry_mark,"
+    " previous_ids"
+)
+SHARED_MAX = 100_000  # distinct amounts shared at most (see Shared)
+
+
+class Shared:
+    """One object per repeated value of the activations in memory.
+
+    Key ids, provider names, service codes, currencies, states and amounts repeat
+    across thousands of activations; each is kept once (equal values, one object).
+    Strings go through ``sys.intern`` (freed when no activation holds them); past
+    SHARED_MAX distinct amounts new ones are simply not shared.
+    """
+
+    text = staticmethod(sys.intern)
+
+    def __init__(self) -> None:
+        self._amounts: dict[str, Decimal] = {}
+
+    def amount(self, value: str) -> Decimal:
+        """``Decimal(value)``, the one already made from the same text if any.
+
+        Keyed by the text: "18.5" and "18.50" stay distinct (equal, not the same)."""
+        found = self._amounts.get(value)
+        if found is not None:
+            return found
+        amount = Decimal(value)
+        if len(self._amounts) < SHARED_MAX:
+            self._amounts[value] = amount
+        return amount
 
 
 MIGRATIONS: dict[int, str] = {
@@ -336,6 +373,10 @@ class SqliteStore:
         self._lock_fd = lock_fd
         self._identity = _identity(path) if path else None
         self._cache: dict[int, Activation] = {}
+        # the same open activations by key, in id order unless the key is _unordered
+        self._by_key: dict[str, dict[int, Activation]] = {}
+        self._unordered: set[str] = set()
+        self._shared = Shared()
         self._write = asyncio.Lock()
         self._locks: dict[int, asyncio.Lock] = {}
         self._leases: dict[str, float] = {}  # name -> held until
@@ -543,43 +584,89 @@ class SqliteStore:
         return int(row[0]) if row else 0
 
     async def _load_open(self) -> None:
+        """Every open activation into memory: one query for them, one for all their
+        messages (never one per activation: 100,000 of them must load in seconds)."""
         placeholders = ",".join("?" * len(OPEN_STATES))
-        query = f"SELECT * FROM activations WHERE state IN ({placeholders})"
-        for activation in await self._fetch(query, tuple(OPEN_STATES)):
-            self._cache[activation.id] = activation
+        found = await self._fetch(
+            f"FROM activations WHERE state IN ({placeholders}) ORDER BY id",
+            tuple(sorted(OPEN_STATES)),
+        )
+        for activation in found:
+            self._keep(activation)
 
-    async def _fetch(self, query: str, args: Iterable[Any]) -> list[Activation]:
-        async with self._db.execute(query, tuple(args)) as cur:
-            rows = list(await cur.fetchall())
-        result = []
-        for row in rows:
-            activation = Activation(
-                id=row["id"],
-                key_id=row["key_id"],
-                provider=row["provider"],
-                upstream_id=row["upstream_id"],
-                phone=row["phone"],
-                service=row["service"],
-                country=row["country"],
-                operator=row["operator"],
-                price=Decimal(row["price"]),
-                currency=row["currency"],
-                cost=Decimal(row["cost"]),
-                state=row["state"],
-                created_at=row["created_at"],
-                updated_at=row["updated_at"],
-                expires_at=row["expires_at"],
-                extra=json.loads(row["extra"]),
-                retry_mark=row["retry_mark"],
-                previous_ids=tuple(i for i in row["previous_ids"].split(",") if i),
-            )
-            async with self._db.execute(
-                "SELECT uid, text, code, received_at FROM messages"
-                " WHERE activation_id=? ORDER BY id",
-                (activation.id,),
-            ) as cur:
-                activation.messages = [Message(*m) for m in await cur.fetchall()]
-            result.append(activation)
+    def _keep(self, activation: Activation) -> None:
+        """Serve an open activation from memory (and from its key's list)."""
+        self._cache[activation.id] = activation
+        mine = self._by_key.get(activation.key_id)
+        if mine is None:
+            mine = self._by_key[activation.key_id] = {}
+        elif activation.id not in mine and next(reversed(mine)) > activation.id:
+            self._unordered.add(activation.key_id)  # bought out of order: sort once
+        mine[activation.id] = activation
+
+    def _forget(self, activation: Activation) -> None:
+        """An activation no longer open: memory lets it go."""
+        self._cache.pop(activation.id, None)
+        self._locks.pop(activation.id, None)
+        mine = self._by_key.get(activation.key_id)
+        if mine is not None:
+            mine.pop(activation.id, None)
+            if not mine:
+                del self._by_key[activation.key_id]
+                self._unordered.discard(activation.key_id)
+
+    @contextlib.asynccontextmanager
+    async def _plain(
+        self, query: str, args: tuple[Any, ...]
+    ) -> AsyncIterator[aiosqlite.Cursor]:
+        """A cursor over ``query`` whose rows are plain tuples (cheaper than Rows)."""
+        cursor = await self._db.cursor()
+        try:
+            cursor.row_factory = None
+            await cursor.execute(query, args)
+            yield cursor
+        finally:
+            await cursor.close()
+
+    async def _fetch(self, tail: str, args: Iterable[Any]) -> list[Activation]:
+        """Activations ``SELECT ... {tail}`` (a FROM activations clause, in order), with
+        their messages read in one more query over the same rows."""
+        args = tuple(args)
+        messages: dict[int, list[Message]] = {}
+        async with self._plain(
+            "SELECT activation_id, uid, text, code, received_at FROM messages"
+            f" WHERE activation_id IN (SELECT id {tail}) ORDER BY activation_id, id",
+            args,
+        ) as cur:
+            while rows := await cur.fetchmany(FETCH_CHUNK):
+                for aid, uid, text, code, received_at in rows:
+                    found = messages.get(aid)
+                    if found is None:
+                        found = messages[aid] = []
+                    found.append(Message(uid, text, code, received_at))
+        result: list[Activation] = []
+        shared = self._shared
+        async with self._plain(f"SELECT {ACTIVATION_COLUMNS} {tail}", args) as cur:
+            while rows := await cur.fetchmany(FETCH_CHUNK):
+                for row in rows:
+                    aid, extra, created, updated, previous = (
+                        row[0], row[12], row[13], row[14], row[17],
+                    )  # fmt: skip
+                    result.append(
+                        Activation(
+                            aid, shared.text(row[1]), shared.text(row[2]), row[3],
+                            row[4], shared.text(row[5]), row[6], shared.text(row[7]),
+                            shared.amount(row[8]), shared.text(row[9]),
+                            shared.amount(row[10]), shared.text(row[11]), created,
+                            created if updated == created else updated, row[15],
+                            NO_EXTRA if extra == "{}" else json.loads(extra),
+                            messages.pop(aid, []),
+                            row[16],
+                            tuple(i for i in previous.split(",") if i)
+                            if previous
+                            else (),
+                        )
+                    )  # fmt: skip
         return result
 
     def lock(self, activation_id: int) -> contextlib.AbstractAsyncContextManager[None]:
@@ -815,23 +902,24 @@ class SqliteStore:
             bought.key_id, bought.provider, bought.order, bought.purchase,
         )  # fmt: skip
         cost, now, state = bought.cost, bought.now, bought.state
+        shared = self._shared  # as a restart would load it: repeated values shared
         activation = Activation(
             id=0 if attempt_id is None else (await self._reserved_id(attempt_id) or 0),
-            key_id=key_id,
-            provider=provider,
+            key_id=shared.text(key_id),
+            provider=shared.text(provider),
             upstream_id=purchase.upstream_id,
             phone=purchase.phone,
-            service=order.service,
+            service=shared.text(order.service),
             country=order.country,
-            operator=purchase.operator,
-            price=purchase.price,
-            currency=bought.currency,
-            cost=cost,
+            operator=shared.text(purchase.operator),
+            price=shared.amount(str(purchase.price)),
+            currency=shared.text(bought.currency),
+            cost=shared.amount(str(cost)),
             state=state,
             created_at=now,
             updated_at=now,
             expires_at=now + bought.lifetime,
-            extra=dict(purchase.extra),
+            extra=dict(purchase.extra) if purchase.extra else NO_EXTRA,
         )
         try:
             async with self._writing():
@@ -849,7 +937,7 @@ class SqliteStore:
                 self.problem,
             )
         if activation.is_open:
-            self._cache[activation.id] = activation
+            self._keep(activation)
         if state not in (CANCELLED, EXPIRED) or provider in self.unrefunded:
             self._count_spend(key_id, cost)
         return activation
@@ -908,9 +996,7 @@ class SqliteStore:
         cached = self._cache.get(activation_id)
         if cached is not None:
             return cached
-        found = await self._fetch(
-            "SELECT * FROM activations WHERE id=?", (activation_id,)
-        )
+        found = await self._fetch("FROM activations WHERE id=?", (activation_id,))
         return found[0] if found else None
 
     def open_activations(self) -> list[Activation]:
@@ -920,12 +1006,15 @@ class SqliteStore:
     async def for_key(self, key_id: str, open_only: bool = True) -> list[Activation]:
         """A key's activations, oldest first."""
         if open_only:
-            return sorted(
-                (a for a in self._cache.values() if a.key_id == key_id),
-                key=lambda a: a.id,
-            )
+            mine = self._by_key.get(key_id)
+            if mine is None:
+                return []
+            if key_id in self._unordered:
+                mine = self._by_key[key_id] = dict(sorted(mine.items()))
+                self._unordered.discard(key_id)
+            return list(mine.values())
         return await self._fetch(
-            "SELECT * FROM activations WHERE key_id=? ORDER BY id", (key_id,)
+            "FROM activations WHERE key_id=? ORDER BY id", (key_id,)
         )
 
     async def count(self) -> int:
@@ -966,6 +1055,7 @@ class SqliteStore:
             Message(m.uid, m.text, m.code, m.received_at) for m in new
         )
         activation.state = state
+        activation.updated_at = new[-1].received_at  # as written above
         return True
 
     async def set_state(
@@ -982,7 +1072,7 @@ class SqliteStore:
         if retry:
             activation.retry_mark = len(activation.messages)
         if purchase is not None:
-            activation.extra = dict(purchase.extra)
+            activation.extra = dict(purchase.extra) if purchase.extra else NO_EXTRA
             activation.previous_ids = (*activation.previous_ids, activation.upstream_id)
             activation.upstream_id = purchase.upstream_id
         async with self._writing():
@@ -1013,10 +1103,9 @@ class SqliteStore:
         activation.state = state
         activation.updated_at = now
         if not activation.is_open:
-            self._cache.pop(activation.id, None)
-            self._locks.pop(activation.id, None)
+            self._forget(activation)
         else:  # open again (a refused cancel): served from memory like the others
-            self._cache[activation.id] = activation
+            self._keep(activation)
 
     async def prune(self, before: float) -> int:
         """Forget attempts that bought nothing, and delivered calls, older than ``before``."""
@@ -1175,7 +1264,7 @@ class SqliteStore:
             if value:
                 clauses.append(f"{column}=?")
                 args.append(value)
-        query = "SELECT * FROM activations"
+        query = "FROM activations"
         if clauses:
             query += " WHERE " + " AND ".join(clauses)
         query += " ORDER BY id DESC LIMIT ?"
