@@ -75,7 +75,7 @@ class Message:
     received_at: float
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)  # the PostgreSQL store keeps weak references
 class Activation:
     """One number sold to a client, as stored.
 
