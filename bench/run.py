@@ -1639,6 +1639,9 @@ async def measure_l(run: Run) -> Json:
     on SQLite vs PostgreSQL."""
     seconds = 3.0 if run.quick else 6.0
     result: Json = {"seconds": seconds, "cpus": os.cpu_count()}
+    if _pg_bin() is None:  # the other figures still count: this one says why not
+        result["skipped"] = "no PostgreSQL (apt-get install postgresql)"
+        return result
     async with pg_cluster() as url_of, httpx.AsyncClient(timeout=30) as client:
         status_store = {"url": await _create_db(url_of, "l_status")}
         async with run.server(_store_config(status_store), "l-a", pin=False) as a:
@@ -1699,6 +1702,9 @@ async def measure_l(run: Run) -> Json:
 
 def rows_l(data: Json) -> list[Row]:
     """The table rows of (l)."""
+    if "skipped" in data:
+        return [Row("(l) several servers on PostgreSQL", "-", "-",
+                    f"skipped: {data['skipped']}", "-", None)]  # fmt: skip
     return [
         Row(
             "(l) getStatus req/s, 2 servers on 1 PostgreSQL",
