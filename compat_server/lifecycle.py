@@ -388,6 +388,8 @@ class Lifecycle:
         NO_NUMBERS does not grow the store forever.
         """
         now = self.clock()
+        # lease memos of activations closed elsewhere (another server) are dropped
+        self._quiet_until = {i: t for i, t in self._quiet_until.items() if t > now}
         due = [a for a in self.store.open_activations() if a.expires_at <= now]
         for activation in due:
             await self.expire(activation)
