@@ -22,13 +22,12 @@ from compat_server.store import (
     CLAIM_SECONDS,
     CODE,
     DEAD_AFTER,
-    FIRST_RENT_ID,
     PENDING,
     WAIT_CODE,
     StoreError,
 )
 from compat_server.store.postgres import PostgresStore, masked_url
-from providers.vocabulary import ConfigError, RentPurchase, Sms
+from providers.vocabulary import ConfigError, Sms
 from tests.conftest import (
     KEY,
     T0,
@@ -79,6 +78,9 @@ async def test_ids_are_unique_under_concurrent_purchases_on_two_servers(
 
     ids = await asyncio.gather(*(one((a, b)[n % 2], n) for n in range(40)))
     assert sorted(ids) == list(range(FIRST, FIRST + 40))
+
+    from compat_server.store import FIRST_RENT_ID
+    from providers.vocabulary import RentPurchase
 
     async def rent(store: PostgresStore, n: int) -> int:
         attempt = await store.begin_rent_attempt("k1", "pva", "rent", {}, 4, T0)
