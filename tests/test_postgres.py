@@ -79,6 +79,21 @@ async def test_ids_are_unique_under_concurrent_purchases_on_two_servers(
     ids = await asyncio.gather(*(one((a, b)[n % 2], n) for n in range(40)))
     assert sorted(ids) == list(range(FIRST, FIRST + 40))
 
+    from compat_server.store import FIRST_RENT_ID
+    from providers.vocabulary import RentPurchase
+
+    async def rent(store: PostgresStore, n: int) -> int:
+        attempt = await store.begin_rent_attempt("k1", "pva", "rent", {}, 4, T0)
+        bought = RentPurchase(f"r{n}", f"849{n:08d}", Decimal("3"), T0 + 3600)
+        return (
+            await store.complete_rent(
+                attempt, "k1", "pva", "USD", "tg", 10, bought, Decimal("2.5"), T0
+            )
+        ).id
+
+    rents = await asyncio.gather(*(rent((a, b)[n % 2], n) for n in range(20)))
+    assert sorted(rents) == list(range(FIRST_RENT_ID, FIRST_RENT_ID + 20))
+
 
 async def test_an_activation_bought_on_one_is_read_and_changed_by_the_other(
     servers: Open,

@@ -97,6 +97,7 @@ LEASE_KEEP = 3600.0  # s an expired lease row is kept before the heartbeat drops
 # refreshes the open set stays behind the newest stamp it read: at WATCH_INTERVAL,
 # 15 s for a write between its stamp and its commit (busy_timeout is 5 s)
 REFRESH_LAG = 3
+LOCKER_RETRY = 1.0  # s a failed connect of the lock connection is not tried again
 
 # a pooled connection, as the pool hands it out
 Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
@@ -445,6 +446,7 @@ class PostgresStore:
         self._locks: dict[int, asyncio.Lock] = {}
         self._locker: asyncpg.Connection | None = None  # holds the advisory locks
         self._locker_busy = asyncio.Lock()  # one statement at a time on it
+        self._locker_retry_at = 0.0  # loop time before which it is not reconnected
         self._reserved: dict[int, int] = {}  # attempt id -> activation id set aside
         self._held: dict[int, tuple[Activation, int | None]] = {}
         self._figures: dict[str, list[tuple[Any, ...]]] = {"attempts": [], "outbox": []}
@@ -858,6 +860,9 @@ class PostgresStore:
         """The connection of the advisory locks (under ``_locker_busy``); a new one
         takes this server's liveness lock before anything else."""
         if self._locker is None or self._locker.is_closed():
+            loop = asyncio.get_running_loop()
+            if loop.time() < self._locker_retry_at:  # it just failed: fail fast
+                raise CannotConnect("the database did not answer a moment ago")
             try:
                 locker = await asyncpg.connect(
                     **self._target.connect_args(),
@@ -865,8 +870,12 @@ class PostgresStore:
                     command_timeout=COMMAND_TIMEOUT,
                     server_settings={"application_name": "sms-compat locks"},
                 )
-            except asyncpg.PostgresError as exc:
-                raise CannotConnect(str(exc)) from exc
+            except BaseException as exc:
+                # a lock taken in an outage must not wait busy_timeout each time
+                self._locker_retry_at = loop.time() + LOCKER_RETRY
+                if isinstance(exc, asyncpg.PostgresError):
+                    raise CannotConnect(str(exc)) from exc
+                raise
             await locker.execute(
                 f"SELECT pg_try_advisory_lock({SERVER_LOCKS}, {self._lock_key})"
             )
