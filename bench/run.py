@@ -4,7 +4,7 @@ Run from the repository root (the venv that has the project installed)::
 
     python bench/run.py            # full run, about 2-3 minutes
     python bench/run.py --quick    # about 1 minute, smaller samples
-    python bench/run.py --only a,c # a subset (figures a b c d e j k)
+    python bench/run.py --only a,c # a subset (figures a b c d e j k l)
 
 It prints a table and writes ``bench/results/latest.json``. What each figure measures,
 and its target, is in ``bench/README.md``. Every server under test, fake upstream and
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import glob
 import importlib.metadata
 import importlib.util
 import json
@@ -1523,6 +1524,202 @@ def scale_rows(name: str, data: Json) -> list[Row]:
     return []
 
 
+# ==== (l) several servers on one PostgreSQL ==============================================
+# getStatus req/s of one server and of two on one database (ratio two/one), and
+# purchases per second on the sandbox, SQLite vs PostgreSQL. PostgreSQL is Debian's
+# (the binaries under /usr/lib/postgresql), a cluster of its own in a temporary
+# directory, durability on (as a server would run it). Everything else unpinned: two
+# servers, the database and the load generators share the machine's cores.
+
+L_CONNECTIONS = 64  # getStatus load, split over two generators
+L_BUYERS = 16  # getNumber load
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    if found:
+        return Path(found[-1]).parent
+    pg_ctl = shutil.which("pg_ctl")
+    return Path(pg_ctl).parent if pg_ctl else None
+
+
+@contextlib.asynccontextmanager
+async def pg_cluster() -> Any:
+    """A PostgreSQL server on a free loopback port; yields a superuser URL builder."""
+    bindir = _pg_bin()
+    if bindir is None:
+        raise BenchError("(l) needs PostgreSQL: apt-get install postgresql")
+    home = Path(tempfile.mkdtemp(prefix="sms-compat-bench-pg-"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses root
+        import pwd
+
+        user = pwd.getpwnam("postgres")
+        os.chown(home, user.pw_uid, user.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port = sock.getsockname()[1]
+
+    async def run_tool(*args: str) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            *prefix, *args, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise BenchError(f"(l) {Path(args[0]).name} failed: {out.decode()[-500:]}")
+
+    data = str(home / "data")
+    try:
+        await run_tool(str(bindir / "initdb"), "-D", data, "-A", "trust",
+                       "-U", "postgres", "-E", "UTF8")  # fmt: skip
+        options = f"-h {HOST} -p {port} -k {home} -c max_connections=100"
+        await run_tool(str(bindir / "pg_ctl"), "-D", data, "-o", options,
+                       "-l", str(home / "log"), "-w", "start")  # fmt: skip
+        try:
+            yield lambda db: f"postgresql://postgres@{HOST}:{port}/{db}"
+        finally:
+            await run_tool(str(bindir / "pg_ctl"), "-D", data, "-m", "fast", "-w",
+                           "stop")  # fmt: skip
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+async def _create_db(url_of: Callable[[str], str], name: str) -> str:
+    import asyncpg
+
+    admin = await asyncpg.connect(url_of("postgres"))
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    return url_of(name)
+
+
+def _store_config(store: Json) -> Json:
+    config = sandbox_config("")
+    config["store"] = store
+    return config
+
+
+async def _load(run: Run, urls: Sequence[str], seconds: float) -> float:
+    """Closed-loop load on each URL of ``urls`` at once (the connections split evenly);
+    total requests/s. BenchError on any error."""
+    share = max(1, L_CONNECTIONS // len(urls))
+    if shutil.which("wrk"):
+        results = await asyncio.gather(*(wrk(u, share, seconds, None) for u in urls))
+        return float(sum(r["rps"] for r in results))
+    spec = {"urls": [u for u in urls for _ in range(share)], "duration": seconds}
+    async with run.child("loadgen", spec, load=True, pin=False) as gen:
+        result = await gen.message("RESULT", seconds + 60)
+    if result["errors"]:
+        raise BenchError(f"(l) load: {result['errors']}")
+    return float(result["rps"])
+
+
+async def _stored(store: Json) -> int:
+    """How many activations the store holds (read through a connection of its own)."""
+    if "url" in store:
+        import asyncpg
+
+        conn = await asyncpg.connect(store["url"])
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM activations"))
+        finally:
+            await conn.close()
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(store["path"])) as db:
+        return int(db.execute("SELECT count(*) FROM activations").fetchone()[0])
+
+
+async def measure_l(run: Run) -> Json:
+    """(l) getStatus req/s, one server vs two on one PostgreSQL; purchases/s (sandbox)
+    on SQLite vs PostgreSQL."""
+    seconds = 3.0 if run.quick else 6.0
+    result: Json = {"seconds": seconds, "cpus": os.cpu_count()}
+    if _pg_bin() is None:  # the other figures still count: this one says why not
+        result["skipped"] = "no PostgreSQL (apt-get install postgresql)"
+        return result
+    async with pg_cluster() as url_of, httpx.AsyncClient(timeout=30) as client:
+        status_store = {"url": await _create_db(url_of, "l_status")}
+        async with run.server(_store_config(status_store), "l-a", pin=False) as a:
+            bought = await get_text(client, a.url + API, api_key=KEY,
+                                    action="getNumber", service="tg", country=10)  # fmt: skip
+            if not bought.startswith("ACCESS_NUMBER:"):
+                raise BenchError(f"(l) getNumber answered {bought}")
+            ident = bought.split(":")[1]
+            query = f"{API}?api_key={KEY}&action=getStatus&id={ident}"
+            await _load(run, [a.url + query], 1.0)  # warm-up
+            await run.quiet()
+            window = run.window("l-one")
+            result["one_rps"] = await _load(run, [a.url + query] * 2, seconds)
+            result["one_foreign_cores"] = window.close()
+            async with run.server(_store_config(status_store), "l-b", pin=False) as b:
+                answer = await get_text(client, b.url + query)
+                if answer != "STATUS_WAIT_CODE":
+                    raise BenchError(f"(l) the second server answered {answer}")
+                await _load(run, [b.url + query], 1.0)
+                await run.quiet()
+                window = run.window("l-two")
+                result["two_rps"] = await _load(run, [a.url + query, b.url + query],
+                                                seconds)  # fmt: skip
+                result["two_foreign_cores"] = window.close()
+        result["ratio"] = result["two_rps"] / result["one_rps"]
+        stores = {
+            "sqlite": {"path": run.store("l-buy")},
+            "postgres": {"url": await _create_db(url_of, "l_buy")},
+        }
+        for name, store in stores.items():
+            async with run.server(
+                _store_config(store), f"l-buy-{name}", pin=False
+            ) as s:
+                buy = (
+                    f"{s.url}{API}?api_key={KEY}&action=getNumber&service=tg&country=10"
+                )
+                before = await _stored(store)
+                await run.quiet()
+                window = run.window(f"l-buy-{name}")
+                started = time.monotonic()
+                share = L_BUYERS
+                if shutil.which("wrk"):
+                    await wrk(buy, share, seconds, None)
+                else:
+                    spec = {"url": buy, "connections": share, "duration": seconds}
+                    async with run.child("loadgen", spec, load=True, pin=False) as g:
+                        await g.message("RESULT", seconds + 60)
+                wall = time.monotonic() - started
+                result[f"{name}_foreign_cores"] = window.close()
+                result[f"{name}_purchases_per_s"] = (
+                    await _stored(store) - before
+                ) / wall
+        result["buy_ratio"] = (
+            result["postgres_purchases_per_s"] / result["sqlite_purchases_per_s"]
+        )
+    return result
+
+
+def rows_l(data: Json) -> list[Row]:
+    """The table rows of (l)."""
+    if "skipped" in data:
+        return [Row("(l) several servers on PostgreSQL", "-", "-",
+                    f"skipped: {data['skipped']}", "-", None)]  # fmt: skip
+    return [
+        Row(
+            "(l) getStatus req/s, 2 servers on 1 PostgreSQL",
+            f"{data['two_rps']:.0f} two", f"{data['one_rps']:.0f} one",
+            f"ratio {data['ratio']:.2f} ({data['cpus']} cores)", "-", None,
+        ),
+        Row(
+            "(l) purchases/s (sandbox), PostgreSQL",
+            f"{data['postgres_purchases_per_s']:.0f} PostgreSQL",
+            f"{data['sqlite_purchases_per_s']:.0f} SQLite",
+            f"ratio {data['buy_ratio']:.2f}", "-", None,
+        ),
+    ]  # fmt: skip
+
+
 # ==== report ============================================================================
 
 
@@ -1542,6 +1739,8 @@ def rows_for(name: str, data: Json) -> list[Row]:
     """The table rows of one measurement."""
     if name in ("j", "k"):
         return scale_rows(name, data)
+    if name == "l":
+        return rows_l(data)
     if name == "a":
         a = data
         result = (
@@ -1643,6 +1842,7 @@ MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Json]]] = {
     "e": measure_e,
     "j": measure_j,
     "k": measure_k,
+    "l": measure_l,  # several servers on one PostgreSQL (its own section above)
 }
 
 

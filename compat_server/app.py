@@ -31,7 +31,7 @@ from compat_server.engine import Engine
 from compat_server.errors import BadAction, BadKey, NoKey
 from compat_server.metrics import Metrics, healthz, metrics_handler, readyz
 from compat_server.rentals import reconcile as reconcile_rents
-from compat_server.store import SqliteStore
+from compat_server.store import SqliteStore, Store
 from providers.base import Provider
 from providers.vocabulary import BUDGET, Budget, Clock, CompatError
 
@@ -126,11 +126,24 @@ def _http_client(shared: httpx.AsyncClient | None):  # type: ignore[no-untyped-d
     return http_client
 
 
+async def open_store(config: Config, clock: Clock) -> Store:
+    """The store the config names: PostgreSQL at ``store.url``, else SQLite at
+    ``store.path``. StoreError (one line, no password) when it cannot be used."""
+    if config.store_url is not None:
+        from compat_server.store.postgres import PostgresStore  # asyncpg only then
+
+        return await PostgresStore.open(
+            config.store_url,
+            clock,
+            pool_min=config.store_pool_min,
+            pool_max=config.store_pool_max,
+            busy_timeout=config.store_busy_timeout,
+        )
+    return await SqliteStore.open(config.store_path, clock, config.store_busy_timeout)
+
+
 async def _database(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    store = await SqliteStore.open(
-        config.store_path, app[CLOCK], config.store_busy_timeout
-    )
+    store = await open_store(app[CONFIG], app[CLOCK])
     app[STORE] = store
     watch = asyncio.create_task(store.watch()) if app[BACKGROUND] else None
     try:

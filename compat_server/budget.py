@@ -2,28 +2,31 @@
 
 Spend is derived from the store (the display-currency ``cost`` of every activation of the
 key that is not cancelled or expired), so it survives a restart and a cancel or expiry
-gives the money back by itself. A purchase first *reserves* its expected price under a
-per-key lock, before the paid call; concurrent purchases see each other's reservations,
-so together they cannot overshoot the budget. The reservation is also sent upstream as
+gives the money back by itself. A purchase first *reserves* its expected price in the
+store (:meth:`Store.reserve`: the check and the hold in one step), before the paid call;
+concurrent purchases, on this server or another sharing the store, see each other's
+reservations, so together they cannot overshoot the budget. The reservation is also sent upstream as
 the purchase's price cap, so a provider honouring ``maxPrice`` cannot charge more than
 was reserved.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from compat_server.config import KeyConfig
-from compat_server.store import Store
-from providers.vocabulary import NoBalance, NoNumbers, Order
+from compat_server.store import Reservation, Store, StoreError
+from providers.vocabulary import Clock, NoBalance, NoNumbers, Order
 
 if TYPE_CHECKING:
     from compat_server.routing import Prices
+
+log = logging.getLogger("compat_server")
 
 PriceOf = Callable[[str, Order], Awaitable[Decimal | None]]
 
@@ -32,7 +35,7 @@ PriceOf = Callable[[str, Order], Awaitable[Decimal | None]]
 class Hold:
     """Money set aside for one paid call of a key."""
 
-    id: int
+    id: int  # the store's reservation; 0 when nothing needed holding
     key_id: str
     amount: Decimal  # display currency (0 for a key without a budget)
     native_cap: Decimal | None  # most the upstream may charge, native; None: no cap
@@ -47,34 +50,29 @@ class Hold:
 
 
 class Budgets:
-    """Holds in flight per key; spend itself is read from the store."""
+    """A key's money through the store: spend, and holds in flight (Store.reserve,
+    which makes the check and the hold one step for every server sharing it)."""
 
-    def __init__(self, store: Store, prices: Prices) -> None:
+    def __init__(self, store: Store, prices: Prices, clock: Clock = time.time) -> None:
         self.store = store
         self.prices = prices
-        self._held: dict[str, dict[int, Decimal]] = {}  # key_id -> hold id -> amount
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._ids = itertools.count(1)
+        self.clock = clock
+        self._unreleased: set[int] = set()  # holds the store failed to give back
 
     async def spent(self, key: KeyConfig) -> Decimal:
         """Money the key's activations hold now (cancelled and expired ones are free)."""
         return await self.store.spent(key.key_id)
 
-    def reserved(self, key: KeyConfig) -> Decimal:
+    async def reserved(self, key: KeyConfig) -> Decimal:
         """Money set aside by purchases of the key still in flight."""
-        return sum(self._held.get(key.key_id, {}).values(), Decimal(0))
+        return (await self.store.reserved(key.key_id))[1]
 
     async def left(self, key: KeyConfig) -> Decimal | None:
         """Budget minus spend minus holds (never below 0); None without a budget."""
         if key.budget is None:
             return None
-        left = key.budget - await self.spent(key) - self.reserved(key)
+        left = key.budget - await self.spent(key) - await self.reserved(key)
         return max(left, Decimal(0))
-
-    def open_count(self, key: KeyConfig) -> int:
-        """Open activations of the key, plus purchases of it in flight."""
-        stored = sum(1 for a in self.store.open_activations() if a.key_id == key.key_id)
-        return stored + len(self._held.get(key.key_id, {}))
 
     async def reserve(
         self, key: KeyConfig, provider: str, order: Order, price_of: PriceOf
@@ -86,53 +84,98 @@ class Budgets:
         left is held (the key's purchases then run one at a time). Release the hold
         only after the activation is stored, so its money is never counted as free.
         """
-        lock = self._locks.setdefault(key.key_id, asyncio.Lock())
-        async with lock:
-            if key.max_active is not None and self.open_count(key) >= key.max_active:
-                raise NoNumbers("budget", f"max_active {key.max_active} reached")
-            amount, cap = Decimal(0), None
-            if key.budget is not None:
-                left = await self.left(key)
-                assert left is not None
-                native = await price_of(provider, order)
-                if native is None:
-                    amount = left
-                    cap = left / self.prices.factor(provider)
-                else:
-                    amount = self.prices.display(provider, native)
-                    cap = native
-                if order.max_price is not None and (
-                    native is None or native > order.max_price
-                ):
-                    cap = min(cap, order.max_price)
+        if key.budget is None and key.max_active is None:
+            return Hold(0, key.key_id, Decimal(0), None)  # nothing to hold or count
+        amount: Decimal | None = Decimal(0)
+        native: Decimal | None = None
+        at_most: Decimal | None = None
+        if key.budget is not None:
+            native = await price_of(provider, order)
+            if native is None:
+                amount = None  # all that is left
+                if order.max_price is not None:
+                    at_most = self.prices.display(provider, order.max_price)
+            else:
+                amount = self.prices.display(provider, native)
+                if order.max_price is not None and native > order.max_price:
                     amount = min(amount, self.prices.display(provider, order.max_price))
-                if left <= 0 or amount > left:
-                    raise NoBalance("budget", f"key {key.alias}: {left} left")
-            hold = Hold(next(self._ids), key.key_id, amount, cap)
-            self._held.setdefault(key.key_id, {})[hold.id] = amount
-        return hold
+        got = await self._reserve(
+            key.key_id,
+            amount,
+            budget=key.budget,
+            max_open=key.max_active,
+            at_most=at_most,
+        )
+        if got.refused == "max_active":
+            raise NoNumbers("budget", f"max_active {key.max_active} reached")
+        if got.refused:
+            raise NoBalance("budget", f"key {key.alias}: {got.left} left")
+        cap = None
+        if key.budget is not None:
+            if native is None:
+                assert got.left is not None
+                cap = got.left / self.prices.factor(provider)
+            else:
+                cap = native
+            if order.max_price is not None and (
+                native is None or native > order.max_price
+            ):
+                cap = min(cap, order.max_price)
+        return Hold(got.id, key.key_id, got.amount, cap)
 
     async def hold(self, key: KeyConfig, amount: Decimal | None) -> Hold:
         """Hold ``amount`` (display currency; None: all that is left) of the key's
         budget for a paid call other than getNumber (a rent, a prolongation, an extra
         activation). NoBalance when it does not fit; a key without a budget holds 0.
         """
-        lock = self._locks.setdefault(key.key_id, asyncio.Lock())
-        async with lock:
-            held = Decimal(0)
-            if key.budget is not None:
-                left = await self.left(key)
-                assert left is not None
-                held = left if amount is None else amount
-                if left <= 0 or held > left:
-                    raise NoBalance("budget", f"key {key.alias}: {left} left")
-            hold = Hold(next(self._ids), key.key_id, held, None)
-            self._held.setdefault(key.key_id, {})[hold.id] = held
-        return hold
+        if key.budget is None:
+            return Hold(0, key.key_id, Decimal(0), None)  # nothing to hold
+        got = await self._reserve(key.key_id, amount, budget=key.budget, max_open=None)
+        if got.refused:
+            raise NoBalance("budget", f"key {key.alias}: {got.left} left")
+        return Hold(got.id, key.key_id, got.amount, None)
 
-    def release(self, hold: Hold) -> None:
-        """Give a hold back (the purchase is stored, refused, or failed)."""
-        held = self._held.get(hold.key_id, {})
-        held.pop(hold.id, None)
-        if not held:
-            self._held.pop(hold.key_id, None)
+    async def _reserve(
+        self,
+        key_id: str,
+        amount: Decimal | None,
+        *,
+        budget: Decimal | None,
+        max_open: int | None,
+        at_most: Decimal | None = None,
+    ) -> Reservation:
+        """Store.reserve; a store that cannot hold money buys nothing (NoNumbers)."""
+        await self._release_left_over()
+        try:
+            return await self.store.reserve(
+                key_id,
+                amount,
+                budget=budget,
+                max_open=max_open,
+                at_most=at_most,
+                now=self.clock(),
+            )
+        except StoreError as exc:
+            raise NoNumbers("store", str(exc)) from exc
+
+    async def release(self, hold: Hold) -> None:
+        """Give a hold back (the purchase is stored, refused, or failed).
+
+        Never raises: it runs after the purchase, whose answer a store failure must
+        not turn into an error. A hold the store could not drop is dropped by the
+        next reserve or release that can.
+        """
+        if hold.id:  # 0: nothing was held in the store
+            self._unreleased.add(hold.id)
+        await self._release_left_over()
+
+    async def _release_left_over(self) -> None:
+        for hold_id in sorted(self._unreleased):
+            try:
+                await self.store.unreserve(hold_id)
+            except StoreError as exc:
+                log.warning(
+                    "budget hold %d not given back yet (store: %s)", hold_id, exc
+                )
+                return
+            self._unreleased.discard(hold_id)

@@ -7,8 +7,9 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from compat_server.config import Config, describe, load_config
 from compat_server.tls import TlsError
@@ -232,7 +233,10 @@ async def ping(config: Config) -> int:
 
     quiet_secret_loggers()
     logs.install(config)
-    circuits = recorded_circuits(config.store_path)
+    if config.store_url is not None:
+        circuits = await recorded_circuits_pg(config.store_url)
+    else:
+        circuits = recorded_circuits(config.store_path)
     failed = 0
     async with make_http_client(config) as http:
         providers = build_providers(config, http, time.time)
@@ -278,6 +282,33 @@ def recorded_circuits(store_path: str) -> dict[str, str]:
             ).fetchall()
     except sqlite3.Error:
         return {}
+    return _circuit_texts(rows)
+
+
+async def recorded_circuits_pg(url: str) -> dict[str, str]:
+    """recorded_circuits from a PostgreSQL store ({} when it cannot be read)."""
+    from compat_server.store import StoreError
+    from compat_server.store.postgres import UNUSABLE, Target
+
+    try:
+        target = Target.parse(url)
+        import asyncpg
+
+        conn = await asyncpg.connect(**target.connect_args(), timeout=2)
+        try:
+            rows = await conn.fetch(
+                "SELECT provider, state, failures, changed_at FROM health"
+            )
+        finally:
+            await conn.close()
+    except StoreError:
+        return {}
+    except UNUSABLE:
+        return {}
+    return _circuit_texts([tuple(r) for r in rows])
+
+
+def _circuit_texts(rows: Iterable[tuple[Any, ...]]) -> dict[str, str]:
     result = {}
     for provider, state, failures, changed_at in rows:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(changed_at))

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httpx
 import yaml
 
 from providers import get_provider_class, provider_type
 from providers.base import Provider
-from providers.settings import ProviderSettings, mask, parse, shown
+from providers.settings import ProviderSettings, mask, mask_userinfo, parse, shown
 from providers.vocabulary import Clock, ConfigError
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -57,7 +58,7 @@ SECTION_OPTIONS: dict[str, tuple[str, ...]] = {
         "max_connections_per_client",
         "log_repeat_interval",
     ),
-    "store": ("path", "busy_timeout"),
+    "store": ("path", "busy_timeout", "url", "pool"),
     "activation": ("lifetime", "early_cancel"),
     "currency": ("display", "rates"),
     "upstream": ("connect_timeout", "read_timeout", "catalog_ttl"),
@@ -149,6 +150,11 @@ class Config:
     tls_dir: str | None = None  # server.tls.dir: https beside http when set
     store_path: str = "sms-compat.sqlite3"
     store_busy_timeout: float = 5.0  # s a store write waits for another process's lock
+    # store.url: a PostgreSQL database shared by several servers (None: SQLite at
+    # store_path); it may carry a password, so it is never shown as given
+    store_url: str | None = field(default=None, repr=False)
+    store_pool_min: int = 1  # store.pool.min: connections kept open
+    store_pool_max: int = 10  # store.pool.max: connections at most
     lifetime: float = 1200.0
     early_cancel: float = 0.0
     keys: tuple[KeyConfig, ...] = ()
@@ -388,6 +394,8 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
             "server.tls.dir: missing (the directory of `sms-compat tls init`)"
         )
 
+    store_url, pool_min, pool_max = _store_url(store)
+
     return Config(
         host=str(server.get("host", "127.0.0.1")),
         port=_int(server.get("port", 8080), "server.port", low=0, high=65535),
@@ -395,6 +403,9 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
         tls_dir=str(tls["dir"]) if tls else None,
         store_path=str(store.get("path", "sms-compat.sqlite3")),
         store_busy_timeout=_float(store.get("busy_timeout", 5.0), "store.busy_timeout"),
+        store_url=store_url,
+        store_pool_min=pool_min,
+        store_pool_max=pool_max,
         lifetime=_float(
             activation.get("lifetime", 1200), "activation.lifetime", positive=True
         ),
@@ -456,7 +467,7 @@ def describe(config: Config) -> str:
         f"config: {config.source or '(in memory)'}",
         f"server: {config.host}:{config.port}"
         + (f" https:{config.tls_port} tls={config.tls_dir}" if config.tls_dir else ""),
-        f"store: {config.store_path}",
+        f"store: {store_text(config)}",
         f"activation: lifetime={config.lifetime:g}s early_cancel={config.early_cancel:g}s",
         f"currency: {config.currency} rates="
         + (", ".join(f"{k}={v}" for k, v in sorted(config.rates.items())) or "-"),
@@ -493,6 +504,64 @@ def describe(config: Config) -> str:
             f"provider {provider.name}: markup={provider.markup} " + " ".join(options)
         )
     return "\n".join(lines)
+
+
+def store_text(config: Config) -> str:
+    """Where the store is, credentials masked: a path, or the database and its pool."""
+    if config.store_url is None:
+        return config.store_path
+    return (
+        f"{mask_userinfo(config.store_url)}"
+        f" pool={config.store_pool_min}..{config.store_pool_max}"
+    )
+
+
+def store_secrets(config: Config) -> set[str]:
+    """The password in ``store.url``, as written and decoded (for the log redactor);
+    the user name is not a secret (and "postgres" would mask every such word)."""
+    if config.store_url is None:
+        return set()
+    password = urlsplit(config.store_url).password
+    return {password, unquote(password)} if password else set()
+
+
+def _store_url(store: Mapping[str, Any]) -> tuple[str | None, int, int]:
+    """(url, pool min, pool max) of the store section; ConfigError naming the option."""
+    url = store.get("url")
+    pool = store.get("pool")
+    if url is None:
+        if pool is not None:
+            raise ConfigError("store.pool: only with store.url (a PostgreSQL store)")
+        return None, 1, 10
+    if "path" in store:
+        raise ConfigError(
+            "store: url and path are both set (url: PostgreSQL, path: SQLite); keep one"
+        )
+    if not isinstance(url, str) or not re.match(
+        r"(?i)postgres(ql)?://[^/\s]+", url.strip()
+    ):
+        # credentials masked, the query left out (it might carry one)
+        shown = mask_userinfo(url.split("?")[0]) if isinstance(url, str) else repr(url)
+        raise ConfigError(
+            f"store.url: must be postgresql://user:password@host:port/database,"
+            f" got {shown}"
+        )
+    known = ("host", "sslmode")  # the URL's query (store.postgres.URL_PARAMETERS)
+    for name in sorted({k for k, _ in parse_qsl(urlsplit(url.strip()).query)}):
+        if name not in known:
+            raise ConfigError(
+                f"store.url: unknown parameter {name} (known: {', '.join(known)})"
+            )
+    if pool is None:
+        pool = {}
+    if not isinstance(pool, dict):
+        raise ConfigError("store.pool: must be a mapping (min, max)")
+    _known(pool, ("min", "max"), "store.pool")
+    low = _int(pool.get("min", 1), "store.pool.min", low=0)
+    high = _int(pool.get("max", 10), "store.pool.max", low=1)
+    if low > high:
+        raise ConfigError(f"store.pool: min {low} is more than max {high}")
+    return url.strip(), low, high
 
 
 def _route_text(route: RouteConfig) -> str:

@@ -68,7 +68,7 @@ class Engine:
         )
         self._background: set[asyncio.Future[None]] = set()
         self.prices = Prices(config, providers)
-        budgets = Budgets(store, self.prices)
+        budgets = Budgets(store, self.prices, clock)
         self.catalog = Catalog(config, self.upstreams, self.prices, budgets, clock)
         self.router = Router(
             config,

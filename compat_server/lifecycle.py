@@ -11,6 +11,7 @@ then view" every getStatus-like action starts from.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Mapping
@@ -33,6 +34,7 @@ from compat_server.store import (
     WAIT_RETRY,
     Activation,
     Store,
+    StoreError,
 )
 from compat_server.webhooks import Webhooks
 from providers.base import Provider
@@ -89,7 +91,10 @@ class Lifecycle:
         self.webhooks = webhooks
         self.clock = clock
         self._polls: dict[int, asyncio.Future[None]] = {}
-        self._last_poll: dict[int, float] = {}
+        # activation id -> when to ask the store for its poll lease again: this
+        # process took it (until it runs out) or was refused it (another server
+        # polls: asked again half an interval later). No store call in between.
+        self._quiet_until: dict[int, float] = {}
         self._pruned_at = 0.0
         self.abandoned_count = 0  # purchases whose client left before the answer
 
@@ -106,8 +111,12 @@ class Lifecycle:
     async def refresh(self, activation: Activation) -> None:
         """Bring an open activation up to date: expiry, then at most one poll per interval.
 
-        Concurrent callers share one upstream request; an upstream failure leaves the
-        last known state in place.
+        The interval is the store's lease ``poll:<id>``: with a shared store it is
+        one poll per interval across every server, and a server that does not get
+        the lease answers from the store as it stands. Concurrent callers here
+        share one lease and one upstream request, and the store is not asked again
+        while the lease is known to be taken; an upstream failure leaves the last
+        known state in place.
         """
         if not activation.is_open:
             return
@@ -120,10 +129,10 @@ class Lifecycle:
             if provider is None:
                 return
             now = self.clock()
-            if now - self._last_poll.get(activation.id, -1e18) < provider.poll_interval:
+            if now < self._quiet_until.get(activation.id, -1e18):
                 return
-            self._last_poll[activation.id] = now
-            future = asyncio.ensure_future(self._poll(activation, provider))
+            self._quiet_until[activation.id] = now + provider.poll_interval
+            future = asyncio.ensure_future(self._leased_poll(activation, provider, now))
             self._polls[activation.id] = future
             future.add_done_callback(lambda _: self._polls.pop(activation.id, None))
         try:
@@ -132,6 +141,21 @@ class Lifecycle:
             await asyncio.wait_for(asyncio.shield(future), POLL_WAIT)
         except asyncio.TimeoutError:
             log.info("poll id=%d slow upstream: answered from the store", activation.id)
+
+    async def _leased_poll(
+        self, activation: Activation, provider: Provider, now: float
+    ) -> None:
+        try:
+            taken = await self.store.lease(
+                f"poll:{activation.id}", provider.poll_interval, now
+            )
+        except StoreError as exc:  # nothing could be stored anyway
+            log.info("poll id=%d not made, store: %s", activation.id, exc)
+            taken = False
+        if not taken:  # another server holds it (or the store is down)
+            self._quiet_until[activation.id] = now + provider.poll_interval / 2
+            return
+        await self._poll(activation, provider)
 
     async def _poll(self, activation: Activation, provider: Provider) -> None:
         ref = activation.ref()
@@ -156,7 +180,7 @@ class Lifecycle:
             if result.closed and activation.state == WAIT_CODE:
                 # the upstream ended the order without a code: nothing to cancel there
                 await self.store.set_state(activation, EXPIRED, self.clock())
-                self._last_poll.pop(activation.id, None)
+                self._quiet_until.pop(activation.id, None)
 
     async def expire(self, activation: Activation) -> None:
         """Close an activation past its lifetime; cancel upstream unless a code came."""
@@ -171,7 +195,7 @@ class Lifecycle:
                 await self.store.set_state(
                     activation, FINISHED, self.clock(), outbox="finish"
                 )
-        self._last_poll.pop(activation.id, None)
+        self._quiet_until.pop(activation.id, None)
         self.outbox.wake.set()
 
     async def abandoned(self, activation: Activation) -> None:
@@ -199,7 +223,7 @@ class Lifecycle:
             await self.store.set_state(
                 activation, CANCELLED, self.clock(), outbox="cancel"
             )
-        self._last_poll.pop(activation.id, None)
+        self._quiet_until.pop(activation.id, None)
         log.warning(
             "id=%d provider=%s client left before its number was delivered:"
             " cancel queued upstream (abandoned so far: %d)",
@@ -266,7 +290,10 @@ class Lifecycle:
                 )
             finally:
                 self.router.in_flight.pop(RETRY_FLIGHT - activation.id, None)
-            self._last_poll.pop(activation.id, None)
+            # a new wait for a code: the next getStatus (on any server) polls at once
+            self._quiet_until.pop(activation.id, None)
+            with contextlib.suppress(StoreError):  # the lease then simply runs out
+                await self.store.end_lease(f"poll:{activation.id}")
 
     async def _paid_retry(
         self, activation: Activation, provider: Provider
@@ -322,7 +349,7 @@ class Lifecycle:
             return purchase
         finally:
             if hold is not None:
-                self.router.budgets.release(hold)
+                await self.router.budgets.release(hold)
 
     async def finish(self, activation: Activation) -> None:
         """setStatus 6: after a code (or during a retry); repeated 6 is harmless."""
@@ -334,7 +361,7 @@ class Lifecycle:
             await self.store.set_state(
                 activation, FINISHED, self.clock(), outbox="finish"
             )
-        self._last_poll.pop(activation.id, None)
+        self._quiet_until.pop(activation.id, None)
         await self.outbox.drain_now(activation.id)
 
     async def cancel(self, activation: Activation) -> None:
@@ -350,7 +377,7 @@ class Lifecycle:
             await self.store.set_state(
                 activation, CANCELLED, self.clock(), outbox="cancel"
             )
-        self._last_poll.pop(activation.id, None)
+        self._quiet_until.pop(activation.id, None)
         await self.outbox.drain_now(activation.id)
 
     async def sweep(self) -> int:
@@ -361,6 +388,8 @@ class Lifecycle:
         NO_NUMBERS does not grow the store forever.
         """
         now = self.clock()
+        # lease memos of activations closed elsewhere (another server) are dropped
+        self._quiet_until = {i: t for i, t in self._quiet_until.items() if t > now}
         due = [a for a in self.store.open_activations() if a.expires_at <= now]
         for activation in due:
             await self.expire(activation)

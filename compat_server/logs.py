@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from aiohttp.http_exceptions import HttpProcessingError
 
-from compat_server.config import Config
+from compat_server.config import Config, store_secrets
 from providers import get_provider_class
 from providers.settings import MASK, mask_userinfo, secret_values
 
@@ -258,7 +258,7 @@ FILTER = _Once(ParseErrors(), THROTTLE, REDACTOR)
 
 def secrets_of(config: Config) -> set[str]:
     """Every secret the config holds: client keys, provider secrets, URL credentials."""
-    found = {key.key for key in config.keys}
+    found = {key.key for key in config.keys} | store_secrets(config)
     for provider in config.providers.values():
         settings_class = get_provider_class(provider.type).settings_class
         found |= secret_values(settings_class, provider.options)

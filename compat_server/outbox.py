@@ -43,6 +43,7 @@ class Outbox:
         self.clock = clock
         self.wake = asyncio.Event()  # set when a call was queued: the loop runs now
         self._delivering: set[int] = set()  # outbox ops being delivered right now
+        self._inline: set[asyncio.Future[int]] = set()  # drain_now deliveries running
 
     async def deliver_now(self, activation: Activation, op: str) -> None:
         """Queue ``op`` for the activation and try it at once."""
@@ -50,23 +51,37 @@ class Outbox:
         await self.drain_now(activation.id)
 
     async def drain_now(self, activation_id: int) -> None:
-        """Try the queued calls of one activation at once, bounded in time."""
+        """Try the queued calls of one activation at once, waiting a bounded time.
+
+        Past INLINE_TIMEOUT (or when the caller is cancelled) the delivery is not
+        abandoned: the calls it claimed are its own until they are answered (bounded
+        by the upstream timeouts), so the upstream hears each of them once.
+        """
+        task = asyncio.ensure_future(self.step(only=activation_id))
+        self._inline.add(task)
+        task.add_done_callback(self._inline_done)
         try:
-            await asyncio.wait_for(self.step(only=activation_id), INLINE_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(task), INLINE_TIMEOUT)
         except asyncio.TimeoutError:
             log.info(
-                "id=%d upstream slow: queued call left to the outbox", activation_id
+                "id=%d upstream slow: queued call left to finish in the background",
+                activation_id,
             )
+
+    def _inline_done(self, task: asyncio.Future[int]) -> None:
+        self._inline.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("inline delivery failed: %s", type(task.exception()).__name__)
 
     # ---- background work ----------------------------------------------------------------
 
     async def step(self, only: int | None = None) -> int:
         """Deliver due queued calls once; returns how many were delivered."""
         delivered = 0
-        for op in await self.store.due_ops(self.clock()):
-            if (
-                only is not None and op.activation_id != only
-            ) or op.id in self._delivering:
+        # claimed: no other caller here, and no other server, gets these until each
+        # is done or rescheduled (only=: nothing of another activation is claimed)
+        for op in await self.store.due_ops(self.clock(), activation_id=only):
+            if op.id in self._delivering:
                 continue
             self._delivering.add(op.id)
             try:

@@ -92,7 +92,7 @@ class Reactivation:
             try:
                 return await self._reactivate(key, parent, order)
             finally:
-                self.router.budgets.release(hold)
+                await self.router.budgets.release(hold)
 
     async def _reactivate(
         self, key: KeyConfig, parent: Activation, order: Order

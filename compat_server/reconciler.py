@@ -32,6 +32,9 @@ log = logging.getLogger("compat_server")
 
 RECONCILE_WINDOW = 900.0  # seconds an unknown purchase is looked for upstream
 CLAIM_SLACK = 120.0  # seconds of clock difference between us and an upstream
+# seconds one server holds a group (provider, service, country) while it reconciles
+# it; given up when done, so this only bounds how long a dead server's round blocks
+RECONCILE_LEASE = 300.0
 
 
 class Reconciler:
@@ -68,8 +71,15 @@ class Reconciler:
             key = (attempt.provider, attempt.order.service, attempt.order.country)
             groups.setdefault(key, []).append(attempt)
         orphans = 0
-        for (name, _, _), group in groups.items():
-            orphans += await self._reconcile_group(name, group)
+        for (name, service, country), group in groups.items():
+            # one server at a time per group: two must never both claim one order
+            lease = f"reconcile:{name}:{service}:{country}"
+            if not await self.store.lease(lease, RECONCILE_LEASE, self.clock()):
+                continue
+            try:
+                orphans += await self._reconcile_group(name, group)
+            finally:
+                await self.store.end_lease(lease)
         if orphans:
             self.outbox.wake.set()
         return orphans
@@ -91,7 +101,7 @@ class Reconciler:
                         attempt.id, RECONCILED, "unresolved", now
                     )
             return 0
-        if self._buying(name):
+        if self._buying(name) or await self.store.buying(name, now):
             return 0  # a concurrent buy could look like an orphan until it is stored
         since = min(a.created_at for a in group) - 60
         provider.note_orders(
@@ -112,10 +122,12 @@ class Reconciler:
                 "reconcile provider=%s lookup failed: %s", name, type(exc).__name__
             )
             return 0
-        # Checked again after the lookup, with no await before the claims are decided:
-        # any order in `found` was sold before the lookup answered, so its buy is either
-        # still in flight now (skip the round) or already stored (in `known` below).
-        if self._buying(name):
+        # Checked again after the lookup, before the stored ids are read: any order in
+        # `found` was sold before the lookup answered, so its buy is either still in
+        # flight now (skip the round) or already stored (in `known` below). This
+        # process's buys are checked with no await in between; another server's
+        # pending attempts are read from the store before `known`.
+        if self._buying(name) or await self.store.buying(name, self.clock()):
             return 0
         known = await self.store.known_upstream_ids(name)
         unknown = [p for p in found if p.upstream_id not in known]

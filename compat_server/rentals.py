@@ -29,6 +29,7 @@ from compat_server.store import (
     Rent,
     RentMessage,
     Store,
+    StoreError,
 )
 from compat_server.webhooks import Webhooks
 from providers.base import Provider
@@ -50,6 +51,8 @@ log = logging.getLogger("compat_server")
 
 CANCEL_WINDOW = 1200.0  # seconds after the start in which a rent may be cancelled
 RECONCILE_WINDOW = 900.0  # seconds an uncertain rent is looked for upstream
+RENT_RECONCILE_LEASE = 300.0  # s a round may hold the rent reconciler's lease (a dead
+# server's round blocks the others at most this long; a finished one gives it up)
 RECONCILE_WINDOW = 900.0  # seconds an uncertain rent is looked for upstream
 REFUSALS = (NoNumbers, NoBalance, UnknownService, UpstreamUnreachable, UpstreamAuth)
 
@@ -91,7 +94,6 @@ class Rentals:
         self.router = router
         self.clock = clock
         self.webhooks: Webhooks | None = None  # set by the Engine (they refresh rents)
-        self._last_poll: dict[int, float] = {}
         self._in_flight: set[int] = set()  # rent attempts whose call is running
 
     def renters(self, key: KeyConfig, country: int | None = None) -> list[str]:
@@ -170,7 +172,7 @@ class Rentals:
                     self.clock(),
                 )
             except BaseException:
-                self.router.budgets.release(hold)
+                await self.router.budgets.release(hold)
                 raise
             # in flight until stored: no reconciler may take this number for an orphan
             self.router.in_flight[-attempt] = name
@@ -211,7 +213,7 @@ class Rentals:
             finally:
                 self.router.in_flight.pop(-attempt, None)
                 self._in_flight.discard(attempt)
-                self.router.budgets.release(hold)
+                await self.router.budgets.release(hold)
         raise merge_refusals(refusals)
 
     async def _rent_price(
@@ -240,10 +242,16 @@ class Rentals:
         base = self.upstreams.providers.get(rent.provider)
         if base is None:
             return []
-        now = self.clock()
-        if now - self._last_poll.get(rent.id, -1e18) < base.poll_interval:
+        # one poll per interval across every server sharing the store
+        try:
+            taken = await self.store.lease(
+                f"rent-poll:{rent.id}", base.poll_interval, self.clock()
+            )
+        except StoreError as exc:  # nothing could be stored anyway
+            log.info("rent poll id=%d not made, store: %s", rent.id, exc)
             return []
-        self._last_poll[rent.id] = now
+        if not taken:
+            return []
         provider = _renter(base)
         ref = rent.ref()
         try:
@@ -321,7 +329,7 @@ class Rentals:
         try:
             await self._prolong(key, rent, hours, price)
         finally:
-            self.router.budgets.release(hold)
+            await self.router.budgets.release(hold)
 
     async def _prolong(
         self, key: KeyConfig, rent: Rent, hours: int, price: Decimal
@@ -361,7 +369,19 @@ async def reconcile(rentals: Rentals) -> int:
 
     An unowned upstream rent is stored (cancelled) under the attempt's key and given
     back; one rent per attempt, so rents bought elsewhere on the account are spared.
+    One server at a time runs a round (the store's ``rent-reconcile`` lease): two
+    must never both take one upstream rent.
     """
+    store = rentals.store
+    if not await store.lease("rent-reconcile", RENT_RECONCILE_LEASE, rentals.clock()):
+        return 0
+    try:
+        return await _reconcile_rents(rentals)
+    finally:
+        await store.end_lease("rent-reconcile")
+
+
+async def _reconcile_rents(rentals: Rentals) -> int:
     store = rentals.store
     now = rentals.clock()
     orphans = 0

@@ -327,10 +327,10 @@ class Router:
                     key.key_id, name, native, self.clock()
                 )
             except StoreError as exc:  # nothing may be bought unrecorded
-                self.budgets.release(hold)
+                await self.budgets.release(hold)
                 raise NoNumbers("store", str(exc)) from exc
             except BaseException:
-                self.budgets.release(hold)
+                await self.budgets.release(hold)
                 raise
             # in flight until the activation is stored: the reconciler must never take
             # a number this buy is about to own for an orphan
@@ -366,7 +366,7 @@ class Router:
                 )
             finally:
                 self.in_flight.pop(attempt, None)
-                self.budgets.release(hold)
+                await self.budgets.release(hold)
         raise merge_refusals(refusals)
 
     async def _quote(

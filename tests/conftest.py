@@ -3,20 +3,25 @@ provider tests' kit (one upstream client, a fake served on a loopback port, refs
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import AsyncIterator, Awaitable, Callable
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from aiohttp.test_utils import TestClient
 
-from compat_server.app import ENGINE, create_app
+from compat_server.app import ENGINE, create_app, open_store
 from compat_server.config import Config, parse_config
 from compat_server.engine import Engine
+from compat_server.store import Store
 from fakes.common import FakeUpstream
 from providers.vocabulary import ActivationRef, Order, Purchase
+from tests.pg import PgServer, start_server
 
 API = "/stubs/handler_api.php"
 KEY = "test-key-0123456789abcdef01234567"
@@ -141,3 +146,87 @@ async def call(client: TestClient, **params: Any) -> tuple[int, str, str]:
     params.setdefault("api_key", KEY)
     resp = await client.get(API, params={k: str(v) for k, v in params.items()})
     return resp.status, resp.content_type, await resp.text()
+
+
+# ---- the store, on both implementations ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One PostgreSQL server for the session (skips when PostgreSQL is missing)."""
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def pg_url(pg_server: PgServer) -> AsyncIterator[str]:
+    """A fresh database of its own for the test."""
+    url = await pg_server.create()
+    yield url
+    await pg_server.drop(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Which store implementation the test runs on."""
+    return str(request.param)
+
+
+@pytest.fixture
+def store_section(
+    store_kind: str, request: pytest.FixtureRequest, store_path: str
+) -> dict[str, Any]:
+    """The config's ``store`` section for ``store_kind`` (a fresh database)."""
+    if store_kind == "sqlite":
+        return {"path": store_path}
+    return {"url": request.getfixturevalue("pg_url")}
+
+
+@pytest.fixture
+def store_config(store_section: dict[str, Any]) -> Config:
+    """The sandbox config on the store under test."""
+    raw = sandbox_raw("")
+    raw["store"] = store_section
+    return parse_config(raw)
+
+
+OpenStore = Callable[[], Awaitable[Store]]
+
+
+@pytest.fixture
+async def open_test_store(
+    store_config: Config, clock: FakeClock
+) -> AsyncIterator[OpenStore]:
+    """Open (again and again: a restart) the store under test; closed at the end."""
+    opened: list[Store] = []
+
+    async def open_() -> Store:
+        store = await open_store(store_config, clock)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def store(open_test_store: OpenStore) -> Store:
+    """The store under test, on SQLite and on PostgreSQL."""
+    return await open_test_store()
+
+
+async def stored_rows(config: Config, query: str) -> list[tuple[Any, ...]]:
+    """Rows read through a connection of its own: what is in the database (SQLite
+    or PostgreSQL), not in the server's memory."""
+    if config.store_url is not None:
+        conn = await asyncpg.connect(config.store_url)
+        try:
+            return [tuple(r) for r in await conn.fetch(query)]
+        finally:
+            await conn.close()
+    with contextlib.closing(sqlite3.connect(config.store_path)) as db:
+        return db.execute(query).fetchall()

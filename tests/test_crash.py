@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 import yaml
 from aiohttp import web
@@ -58,10 +59,13 @@ class SlowSmspva(FakeSmspva):
         self.stalled = 0  # buy requests hanging without a sale
         self.orders_delay = 0.0  # seconds each ``orders`` listing takes
         self.listings = 0  # ``orders`` listings started
+        # the burst is over at the kill: a buy after it is served, whatever its rank
+        # (a slower store may not have sent every buy of the burst before the kill)
+        self.bursting = True
 
     async def act_number(self, request: web.Request) -> web.Response:
         self.buys += 1
-        if BURST - STALLED < self.buys <= BURST:
+        if self.bursting and BURST - STALLED < self.buys <= BURST:
             self.stalled += 1
             try:
                 await asyncio.sleep(STALL)
@@ -155,14 +159,29 @@ class Server:
         return self.log.read_text("utf-8", errors="replace")
 
 
-def read_store(db: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every row of the tables that matter, through a read-only connection."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2.0)
+TABLES = ("activations", "purchases", "outbox")
+
+
+async def read_store(db: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Every row of the tables that matter, through a connection of its own
+    (read-only for SQLite); ``db`` is the config's store section."""
+    if "url" in db:
+        pg = await asyncpg.connect(db["url"])
+        try:
+            return {
+                name: [
+                    dict(r) for r in await pg.fetch(f"SELECT * FROM {name} ORDER BY id")
+                ]
+                for name in TABLES
+            }
+        finally:
+            await pg.close()
+    conn = sqlite3.connect(f"file:{db['path']}?mode=ro", uri=True, timeout=2.0)
     try:
         conn.row_factory = sqlite3.Row
         return {
             name: [dict(r) for r in conn.execute(f"SELECT * FROM {name} ORDER BY id")]
-            for name in ("activations", "purchases", "outbox")
+            for name in TABLES
         }
     finally:
         conn.close()
@@ -180,7 +199,7 @@ class Crash:
     """A fake upstream, a database, and what the client got before the kill."""
 
     fake: SlowSmspva
-    db: Path
+    db: dict[str, Any]  # the config's store section
     config: Path
     tmp: Path
     session: aiohttp.ClientSession
@@ -203,11 +222,11 @@ class Crash:
             f" stalled_at_kill={self.stalled_at_kill}"
         )
 
-    def unsettled(self) -> list[str]:
+    async def unsettled(self) -> list[str]:
         """Why reconciliation is not finished yet ([] once it is)."""
         try:
-            store = read_store(self.db)
-        except sqlite3.Error as exc:
+            store = await read_store(self.db)
+        except (sqlite3.Error, asyncpg.PostgresError, OSError) as exc:
             return [f"store unreadable: {exc}"]
         stored = {row["upstream_id"]: row for row in store["activations"]}
         reasons = []
@@ -228,7 +247,7 @@ class Crash:
     async def settle(self, server: Server) -> None:
         """Wait (bounded) until every order the fake sold is stored and resolved."""
         deadline = time.monotonic() + SETTLE_TIMEOUT
-        while reasons := self.unsettled():
+        while reasons := await self.unsettled():
             assert server.proc.poll() is None, f"server died:\n{server.output()}"
             assert time.monotonic() < deadline, (
                 f"reconciliation did not settle: {reasons}\n{server.output()}"
@@ -237,14 +256,18 @@ class Crash:
 
 
 @pytest.fixture
-async def crash(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[Crash]:
-    """Run a server, fire a burst of getNumber, SIGKILL it while buys are in flight."""
+async def crash(
+    store_section: dict[str, Any], aiohttp_server: Any, tmp_path: Path
+) -> AsyncIterator[Crash]:
+    """Run a server, fire a burst of getNumber, SIGKILL it while buys are in flight
+    (on SQLite, and on PostgreSQL: there the second server finds the first one's
+    PENDING attempts by its liveness lock, which died with it)."""
     fake = SlowSmspva()
     upstream = await aiohttp_server(fake.app, host="127.0.0.1")
-    db = tmp_path / "store.sqlite3"
+    db = store_section
     raw: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0},
-        "store": {"path": str(db)},
+        "store": db,
         "activation": {"lifetime": 1200, "early_cancel": 0},
         "currency": {"display": "USD"},
         "keys": [{"key": KEY, "alias": "tester", "providers": ["pva"]}],
@@ -291,6 +314,7 @@ async def burst_and_kill(crash: Crash) -> None:
             )
             await asyncio.sleep(0.002)
         first.kill()
+        fake.bursting = False
         crash.held_at_kill = set(fake.holding)
         crash.stalled_at_kill = fake.stalled
     finally:
@@ -320,7 +344,7 @@ async def test_sigkill_mid_burst_loses_no_number(crash: Crash) -> None:
     assert second.stop() == 0, second.output()
 
     # ---- the verdict, purchase by purchase -------------------------------------------
-    store = read_store(crash.db)
+    store = await read_store(crash.db)
     report = crash.report(store)
     by_upstream: dict[str, list[dict[str, Any]]] = {}
     for row in store["activations"]:
@@ -387,7 +411,7 @@ async def test_purchase_after_crash_restart_is_not_taken_for_an_orphan(
     second = crash.start("second")
     await second.wait_ready(crash.session)
     await crash.settle(second)
-    store = read_store(crash.db)
+    store = await read_store(crash.db)
     lingering = [r for r in store["purchases"] if r["state"] == "uncertain"]
     if not lingering:
         pytest.skip("no attempt left to reconcile after the crash")
@@ -404,7 +428,7 @@ async def test_purchase_after_crash_restart_is_not_taken_for_an_orphan(
     await asyncio.sleep(LINGER)
     assert second.stop() == 0, second.output()
 
-    store = read_store(crash.db)
+    store = await read_store(crash.db)
     report = crash.report(store)
     (order,) = [o for o in fake.orders.values() if phone.endswith(o.phone)]
     rows = [r for r in store["activations"] if r["upstream_id"] == order.id]

@@ -1,20 +1,30 @@
-"""Activations survive a restart of the server on the same database file."""
+"""Activations survive a restart of the server on the same database (SQLite file or
+PostgreSQL database: the first two tests run on both)."""
 
 from __future__ import annotations
 
 import sqlite3
 
-from compat_server.config import key_id, parse_config
+from compat_server.config import Config, key_id, parse_config
 from compat_server.store import MIGRATIONS, SCHEMA_VERSION, SqliteStore
-from tests.conftest import KEY, T0, FakeClock, StartApp, call, engine_of, sandbox_raw
+from tests.conftest import (
+    KEY,
+    T0,
+    FakeClock,
+    StartApp,
+    call,
+    engine_of,
+    sandbox_raw,
+    stored_rows,
+)
 
 KEY_ID = key_id(KEY)
 
 
 async def test_activation_survives_restart(
-    start_app: StartApp, store_path: str, clock: FakeClock
+    store_config: Config, start_app: StartApp, clock: FakeClock
 ) -> None:
-    config = parse_config(sandbox_raw(store_path))
+    config = store_config
     first = await start_app(config)
     _, _, body = await call(first, action="getNumber", service="tg", country=10)
     _, ident, phone = body.split(":")
@@ -47,17 +57,18 @@ async def test_activation_survives_restart(
 
 
 async def test_purchase_is_committed_before_the_answer(
-    start_app: StartApp, store_path: str
+    store_config: Config, start_app: StartApp
 ) -> None:
-    client = await start_app(parse_config(sandbox_raw(store_path)))
+    client = await start_app(store_config)
     _, _, body = await call(client, action="getNumber", service="tg", country=10)
     _, ident, phone = body.split(":")
     # a second, independent connection sees the row: it is on disk, not only in memory
-    with sqlite3.connect(store_path) as db:
-        row = db.execute(
-            "SELECT phone, state, key_id FROM activations WHERE id=?", (int(ident),)
-        ).fetchone()
-        attempt = db.execute("SELECT state, activation_id FROM purchases").fetchone()
+    [row] = await stored_rows(
+        store_config, f"SELECT phone, state, key_id FROM activations WHERE id={ident}"
+    )
+    [attempt] = await stored_rows(
+        store_config, "SELECT state, activation_id FROM purchases"
+    )
     assert row[0:2] == (phone, "wait_code") and len(row[2]) == 16
     assert attempt == ("confirmed", int(ident))
 
@@ -144,7 +155,13 @@ async def test_version_3_extra_keys_become_columns(
         plain = await store.get(100001)
         assert plain is not None
         assert (plain.retry_mark, plain.previous_ids, plain.extra) == (0, (), {})
-        assert await store.known_upstream_ids("sandbox") == {"u0", "u1", "u2", "u3", "u4"}
+        assert await store.known_upstream_ids("sandbox") == {
+            "u0",
+            "u1",
+            "u2",
+            "u3",
+            "u4",
+        }
     finally:
         await store.close()
     with sqlite3.connect(store_path) as db:

@@ -5,19 +5,29 @@ outbox, reconciler, rents, webhooks) are written against it and its records
 (:mod:`compat_server.store.records`). :class:`SqliteStore` (``sqlite.py``) is the one
 implementation today; a second one (PostgreSQL, say) implements the same methods and is
 chosen where the app opens the store, without touching the rooms.
+
+Several servers may share one store (PostgreSQL): then every method speaks for all of
+them. What that asks of an implementation is said method by method; in short, ids are
+unique across servers, ``get`` reads fresh, ``lock`` serialises across servers,
+``lease`` has one taker per interval in total, ``due_ops``/``due_webhooks`` claim what
+they hand out, ``attempts`` leaves a live server's in-flight purchases to it, and
+``reserve`` holds a key's money so that two servers cannot both spend its last. An
+embedded store (SQLite: one server per file) keeps the same semantics in one process.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import Any, Protocol
 
 from compat_server.store.records import (
     CANCELLED,
+    CLAIM_SECONDS,
     CODE,
     CONFIRMED,
+    DEAD_AFTER,
     EXPIRED,
     FINISHED,
     NO_EXTRA,
@@ -41,6 +51,7 @@ from compat_server.store.records import (
     RentAttempt,
     RentMessage,
     RentPayment,
+    Reservation,
     StoreError,
     WebhookJob,
     WebhookRows,
@@ -58,20 +69,22 @@ from compat_server.store.sqlite import (
 from providers.vocabulary import Order, Purchase, RentPurchase, RentSms, Sms
 
 __all__ = [
-    "CANCELLED", "CODE", "CONFIRMED", "EXPIRED", "FINISHED", "FIRST_ID", "FIRST_RENT_ID",
-    "MAX_ID", "MIGRATIONS", "NO_EXTRA", "OPEN_STATES", "PENDING", "RECONCILED", "REFUSED",
+    "CANCELLED", "CLAIM_SECONDS", "CODE", "CONFIRMED", "DEAD_AFTER", "EXPIRED", "FINISHED",
+    "FIRST_ID", "FIRST_RENT_ID", "MAX_ID", "MIGRATIONS", "NO_EXTRA", "OPEN_STATES",
+    "PENDING", "RECONCILED", "REFUSED",
     "RENT_ACTIVE", "RENT_CANCELLED", "RENT_EXPIRED", "RENT_FINISHED", "SCHEMA_VERSION",
     "UNCERTAIN", "WAIT_CODE", "WAIT_RETRY", "Activation", "Attempt", "Message",
     "NewActivation", "OutboxOp", "Rent", "RentAttempt", "RentMessage", "RentPayment",
-    "SqliteStore", "Store", "StoreError", "WebhookJob", "WebhookRows", "first_id",
+    "Reservation", "SqliteStore", "Store", "StoreError", "WebhookJob", "WebhookRows", "first_id",
 ]  # fmt: skip
 
 
 class Store(Protocol):
     """Durable state of the server: every method the rooms call, and nothing else."""
 
-    path: str  # where it lives, for messages
+    path: str  # where it lives, for messages (credentials masked)
     problem: str | None  # why writes fail now (None: they work)
+    server_id: str  # this process's identity among the servers sharing the store
 
     async def close(self) -> None:
         """Write held numbers if the store takes them, close the database, unlock it."""
@@ -86,15 +99,31 @@ class Store(Protocol):
         ...
 
     async def watch(self, interval: float = WATCH_INTERVAL) -> None:
-        """Check the file and retry held numbers every ``interval`` s, until cancelled."""
+        """Every ``interval`` s until cancelled: :meth:`heartbeat`, check the store,
+        retry held numbers."""
+        ...
+
+    async def heartbeat(self, now: float) -> None:
+        """Record that this server (``server_id``) is alive at ``now``.
+
+        Called by :meth:`watch` every WATCH_INTERVAL. Other servers treat one whose
+        heartbeat is older than DEAD_AFTER as dead: its pending purchase attempts go
+        to their reconcilers, its budget holds stop counting. One server: a no-op.
+        """
         ...
 
     async def schema_version(self) -> int:
         """The schema version recorded in the database."""
         ...
 
-    def lock(self, activation_id: int) -> asyncio.Lock:
-        """The lock that serialises state changes of one activation."""
+    def lock(self, activation_id: int) -> contextlib.AbstractAsyncContextManager[None]:
+        """The lock that serialises state changes of one activation.
+
+        Callers re-check the activation's state after entering, and never hold it
+        across more than one bounded upstream call. A shared store serialises across
+        servers and, on entry, refreshes in place the Activation objects it handed
+        out for that id (so the re-check sees another server's change).
+        """
         ...
 
     async def lease(self, name: str, seconds: float, now: float) -> bool:
@@ -103,6 +132,51 @@ class Store(Protocol):
         True when taken. It coalesces upstream work (a poll of one activation, a batch
         poll of one account) so it runs once per interval in total: in one process for
         an embedded store, across every server sharing a database for a shared one.
+        """
+        ...
+
+    async def end_lease(self, name: str) -> None:
+        """Give the named lease up before it runs out (the work it covered is done,
+        or must be done again at once); anyone may take it next."""
+        ...
+
+    async def reserve(
+        self,
+        key_id: str,
+        amount: Decimal | None,
+        *,
+        budget: Decimal | None,
+        max_open: int | None,
+        at_most: Decimal | None = None,
+        now: float,
+    ) -> Reservation:
+        """Hold money (display currency) for one paid call of a key, atomically.
+
+        Refused (``Reservation.id`` 0, nothing held) with ``max_active`` when the key
+        has ``max_open`` numbers open or being bought (stored open activations plus
+        live holds), with ``budget`` when ``budget`` minus the key's :meth:`spent`
+        minus its live holds leaves no room for ``amount`` (None: everything left, at
+        most ``at_most``). Without a budget the hold is 0 (it still counts toward
+        ``max_open``). The check and the hold are one step for every server sharing
+        the store: two servers cannot both take the last of a key's budget. A hold
+        lives until :meth:`unreserve`, or until its server is dead (DEAD_AFTER).
+        """
+        ...
+
+    async def unreserve(self, reservation_id: int) -> None:
+        """Give a hold back (its purchase is stored, refused, or failed)."""
+        ...
+
+    async def reserved(self, key_id: str) -> tuple[int, Decimal]:
+        """(how many, how much) the key's live holds set aside now."""
+        ...
+
+    async def buying(self, provider: str, now: float) -> bool:
+        """Whether another live server has a purchase attempt on ``provider`` pending.
+
+        Such a buy could have an upstream order not stored yet: a reconciler must
+        not take an order for an orphan while it runs (this process's own buys it
+        knows from ``Router.in_flight``). One server: always False.
         """
         ...
 
@@ -125,7 +199,12 @@ class Store(Protocol):
         ...
 
     async def attempts(self, states: Iterable[str]) -> list[Attempt]:
-        """Purchase attempts in the given states, oldest first."""
+        """Purchase attempts in the given states, oldest first.
+
+        A PENDING attempt begun by another server is left out while that server is
+        alive (its buy may still be running there); once its heartbeat is older than
+        DEAD_AFTER it is returned, for this server's reconciler.
+        """
         ...
 
     async def known_upstream_ids(self, provider: str) -> set[str]:
@@ -133,11 +212,13 @@ class Store(Protocol):
         ...
 
     async def get(self, activation_id: int) -> Activation | None:
-        """An activation by id (from memory when open)."""
+        """An activation by id (from memory when open; a shared store reads it fresh,
+        another server may have changed it)."""
         ...
 
     def open_activations(self) -> list[Activation]:
-        """Every activation whose upstream order is alive."""
+        """Every activation whose upstream order is alive (a shared store's list may
+        lag WATCH_INTERVAL behind what other servers sold or closed)."""
         ...
 
     async def for_key(self, key_id: str, open_only: bool = True) -> list[Activation]:
@@ -184,8 +265,15 @@ class Store(Protocol):
         """Queue an upstream call to be retried until it succeeds."""
         ...
 
-    async def due_ops(self, now: float, limit: int = 50) -> list[OutboxOp]:
-        """Queued calls whose time has come."""
+    async def due_ops(
+        self, now: float, limit: int = 50, activation_id: int | None = None
+    ) -> list[OutboxOp]:
+        """Claim queued calls whose time has come (only one activation's, if given).
+
+        What is returned is claimed: nobody (another server, another caller here)
+        gets it again until :meth:`op_done` or :meth:`op_failed`, or until the claim
+        runs out CLAIM_SECONDS after ``now``. So claim only what will be delivered.
+        """
         ...
 
     async def pending_ops(self) -> list[tuple[int, str, int, str]]:
@@ -290,7 +378,9 @@ class Store(Protocol):
         ...
 
     async def due_webhooks(self, now: float, limit: int = 50) -> list[WebhookJob]:
-        """Pending deliveries whose time has come."""
+        """Claim pending deliveries whose time has come, as :meth:`due_ops` claims:
+        nobody gets them again until :meth:`webhook_done`/:meth:`webhook_failed` or
+        CLAIM_SECONDS after ``now``."""
         ...
 
     async def webhook_done(self, job_id: int, state: str, error: str = "") -> None:

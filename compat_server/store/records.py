@@ -35,6 +35,13 @@ RENT_ACTIVE, RENT_FINISHED, RENT_CANCELLED, RENT_EXPIRED = (
 )
 
 
+# Several servers on one shared store (see Store): a server whose heartbeat is older
+# than DEAD_AFTER is dead, and its PENDING purchase attempts and its budget holds are
+# no longer its own; due_ops and due_webhooks claim what they return for CLAIM_SECONDS.
+DEAD_AFTER = 30.0
+CLAIM_SECONDS = 120.0
+
+
 class StoreError(Exception):
     """The store cannot be used (or written) now; the message names the store and why."""
 
@@ -68,7 +75,7 @@ class Message:
     received_at: float
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)  # the PostgreSQL store keeps weak references
 class Activation:
     """One number sold to a client, as stored.
 
@@ -221,6 +228,21 @@ class OutboxOp:
     activation_id: int
     op: str  # cancel | finish | ready
     attempts: int
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What :meth:`Store.reserve` set aside for one paid call of a key, or why not.
+
+    ``id`` 0 means refused (``refused`` names why: ``max_active`` or ``budget``) and
+    nothing is held. ``left`` is the key's budget left before this hold (never below
+    0; None without a budget).
+    """
+
+    id: int
+    amount: Decimal
+    left: Decimal | None = None
+    refused: str = ""
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import stat
 import sys
@@ -34,6 +36,7 @@ import aiosqlite
 
 from compat_server.store.records import (
     CANCELLED,
+    CLAIM_SECONDS,
     CODE,
     CONFIRMED,
     EXPIRED,
@@ -54,6 +57,7 @@ from compat_server.store.records import (
     RentAttempt,
     RentMessage,
     RentPayment,
+    Reservation,
     StoreError,
     WebhookJob,
     WebhookRows,
@@ -322,6 +326,13 @@ def _prepare_file(path: str) -> None:
             )
 
 
+def _live_claims(claims: dict[int, float], now: float) -> dict[int, float]:
+    """Drop the claims that ran out (in place); the same dict."""
+    for claimed in [i for i, until in claims.items() if until <= now]:
+        del claims[claimed]
+    return claims
+
+
 def _lock(path: str) -> int:
     """Hold ``<path>.lock`` exclusively (one server per store); its descriptor."""
     name = f"{path}.lock"
@@ -377,6 +388,16 @@ class SqliteStore:
         # bought, answered, not yet written: activation id -> (activation, attempt id)
         self._held: dict[int, tuple[Activation, int | None]] = {}
         self.problem: str | None = None  # why writes fail now (None: they work)
+        # one server per file: its identity, its claims and its budget holds are
+        # this process's, kept in memory (a restart frees them all)
+        self.server_id = secrets.token_hex(8)
+        self.clock: Clock = time.time
+        self._op_claims: dict[int, float] = {}  # outbox op id -> claimed until
+        self._webhook_claims: dict[int, float] = {}  # webhook job id -> claimed until
+        self._holds: dict[str, dict[int, Decimal]] = {}  # key_id -> hold id -> amount
+        self._hold_keys: dict[int, str] = {}  # hold id -> key_id
+        self._hold_locks: dict[str, asyncio.Lock] = {}
+        self._hold_ids = itertools.count(1)
 
     @classmethod
     async def open(
@@ -402,6 +423,7 @@ class SqliteStore:
             await db.execute("PRAGMA foreign_keys=ON")
             db.row_factory = aiosqlite.Row
             store = cls(db, path, lock_fd)
+            store.clock = clock
             await store._migrate(clock())
             # a read-only file or directory lets SQLite open and read: only a write
             # tells, and a server that cannot store a purchase must not start
@@ -511,11 +533,16 @@ class SqliteStore:
         return len(self._held)
 
     async def watch(self, interval: float = WATCH_INTERVAL) -> None:
-        """Check the file and retry held numbers every ``interval`` s, until cancelled."""
+        """Every ``interval`` s until cancelled: heartbeat, check the file, retry held
+        numbers."""
         while True:
+            await self.heartbeat(self.clock())
             self.check_file()
             await self.flush()
             await asyncio.sleep(interval)
+
+    async def heartbeat(self, now: float) -> None:
+        """One server per file: nobody else needs to know it is alive."""
 
     async def _migrate(self, now: float) -> None:
         await self._db.execute(
@@ -642,8 +669,9 @@ class SqliteStore:
                     )  # fmt: skip
         return result
 
-    def lock(self, activation_id: int) -> asyncio.Lock:
-        """The lock that serialises state changes of one activation."""
+    def lock(self, activation_id: int) -> contextlib.AbstractAsyncContextManager[None]:
+        """The lock that serialises state changes of one activation (one server per
+        file: an asyncio.Lock, and the Activation objects are the ones in memory)."""
         lock = self._locks.get(activation_id)
         if lock is None:
             lock = self._locks[activation_id] = asyncio.Lock()
@@ -657,6 +685,67 @@ class SqliteStore:
             self._leases = {k: t for k, t in self._leases.items() if t > now}
         self._leases[name] = now + seconds
         return True
+
+    async def end_lease(self, name: str) -> None:
+        """Give the named lease up."""
+        self._leases.pop(name, None)
+
+    # ---- budget holds -------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        key_id: str,
+        amount: Decimal | None,
+        *,
+        budget: Decimal | None,
+        max_open: int | None,
+        at_most: Decimal | None = None,
+        now: float,
+    ) -> Reservation:
+        """Hold money for one paid call of a key (see Store.reserve).
+
+        One server per file: the holds live in memory, and one lock per key makes
+        the check and the hold one step for concurrent purchases of this process.
+        """
+        lock = self._hold_locks.setdefault(key_id, asyncio.Lock())
+        async with lock:
+            holds = self._holds.get(key_id, {})
+            if max_open is not None:
+                stored = sum(1 for a in self._cache.values() if a.key_id == key_id)
+                if stored + len(holds) >= max_open:
+                    return Reservation(0, Decimal(0), refused="max_active")
+            held, left = Decimal(0), None
+            if budget is not None:
+                spent = await self.spent(key_id)
+                left = max(budget - spent - sum(holds.values(), Decimal(0)), Decimal(0))
+                held = left if amount is None else amount
+                if amount is None and at_most is not None:
+                    held = min(held, at_most)
+                if left <= 0 or held > left:
+                    return Reservation(0, Decimal(0), left, refused="budget")
+            hold_id = next(self._hold_ids)
+            self._holds.setdefault(key_id, {})[hold_id] = held
+            self._hold_keys[hold_id] = key_id
+        return Reservation(hold_id, held, left)
+
+    async def unreserve(self, reservation_id: int) -> None:
+        """Give a hold back."""
+        key_id = self._hold_keys.pop(reservation_id, None)
+        if key_id is None:
+            return
+        holds = self._holds.get(key_id, {})
+        holds.pop(reservation_id, None)
+        if not holds:
+            self._holds.pop(key_id, None)
+
+    async def reserved(self, key_id: str) -> tuple[int, Decimal]:
+        """(how many, how much) the key's holds set aside now."""
+        holds = self._holds.get(key_id, {})
+        return len(holds), sum(holds.values(), Decimal(0))
+
+    async def buying(self, provider: str, now: float) -> bool:
+        """One server per file: no other server buys."""
+        return False
 
     # ---- purchases ----------------------------------------------------------------------
 
@@ -1055,14 +1144,27 @@ class SqliteStore:
                 (activation_id, op, now, now),
             )
 
-    async def due_ops(self, now: float, limit: int = 50) -> list[OutboxOp]:
-        """Queued calls whose time has come."""
-        async with self._db.execute(
-            "SELECT id, activation_id, op, attempts FROM outbox"
-            " WHERE done=0 AND next_at<=? ORDER BY next_at LIMIT ?",
-            (now, limit),
-        ) as cur:
-            return [OutboxOp(*row) for row in await cur.fetchall()]
+    async def due_ops(
+        self, now: float, limit: int = 50, activation_id: int | None = None
+    ) -> list[OutboxOp]:
+        """Claim queued calls whose time has come (only one activation's, if given).
+
+        One server per file: the claims live in memory (a restart frees them).
+        """
+        claims = _live_claims(self._op_claims, now)
+        query = "SELECT id, activation_id, op, attempts FROM outbox WHERE done=0"
+        args: list[Any] = []
+        if activation_id is not None:
+            query += " AND activation_id=?"
+            args.append(activation_id)
+        query += " AND next_at<=? ORDER BY next_at, id LIMIT ?"
+        args.extend((now, limit + len(claims)))
+        async with self._db.execute(query, args) as cur:
+            due = [OutboxOp(*row) for row in await cur.fetchall()]
+        due = [op for op in due if op.id not in claims][:limit]
+        for op in due:
+            claims[op.id] = now + CLAIM_SECONDS
+        return due
 
     async def pending_ops(self) -> list[tuple[int, str, int, str]]:
         """(activation id, op, attempts, last error) of every queued call not yet done."""
@@ -1073,17 +1175,19 @@ class SqliteStore:
             return [tuple(row) for row in await cur.fetchall()]
 
     async def op_done(self, op_id: int) -> None:
-        """Mark a queued call as delivered."""
+        """Mark a queued call as delivered (and end its claim)."""
         async with self._writing():
             await self._db.execute("UPDATE outbox SET done=1 WHERE id=?", (op_id,))
+        self._op_claims.pop(op_id, None)
 
     async def op_failed(self, op_id: int, next_at: float, error: str) -> None:
-        """Reschedule a queued call after a failure."""
+        """Reschedule a queued call after a failure (and end its claim)."""
         async with self._writing():
             await self._db.execute(
                 "UPDATE outbox SET attempts=attempts+1, next_at=?, last_error=? WHERE id=?",
                 (next_at, error[:200], op_id),
             )
+        self._op_claims.pop(op_id, None)
 
     # ---- money and figures for the operator ---------------------------------------------
 
@@ -1386,32 +1490,38 @@ class SqliteStore:
             )
 
     async def due_webhooks(self, now: float, limit: int = 50) -> list[WebhookJob]:
-        """Pending deliveries whose time has come."""
+        """Claim pending deliveries whose time has come (claims in memory, as for
+        :meth:`due_ops`)."""
+        claims = _live_claims(self._webhook_claims, now)
         async with self._db.execute(
             "SELECT id, key_id, payload, attempts, created_at FROM webhooks"
-            " WHERE state='pending' AND next_at<=? ORDER BY next_at LIMIT ?",
-            (now, limit),
+            " WHERE state='pending' AND next_at<=? ORDER BY next_at, id LIMIT ?",
+            (now, limit + len(claims)),
         ) as cur:
-            rows = list(await cur.fetchall())
+            rows = [r for r in await cur.fetchall() if r[0] not in claims][:limit]
+        for row in rows:
+            claims[row[0]] = now + CLAIM_SECONDS
         return [WebhookJob(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows]
 
     async def webhook_done(self, job_id: int, state: str, error: str = "") -> None:
-        """Mark a delivery as delivered (or given up)."""
+        """Mark a delivery as delivered (or given up), and end its claim."""
         async with self._writing():
             await self._db.execute(
                 "UPDATE webhooks SET state=?, attempts=attempts+1, last_error=?"
                 " WHERE id=?",
                 (state, error[:200], job_id),
             )
+        self._webhook_claims.pop(job_id, None)
 
     async def webhook_failed(self, job_id: int, next_at: float, error: str) -> None:
-        """Reschedule a delivery after a failed attempt."""
+        """Reschedule a delivery after a failed attempt, and end its claim."""
         async with self._writing():
             await self._db.execute(
                 "UPDATE webhooks SET attempts=attempts+1, next_at=?, last_error=?"
                 " WHERE id=?",
                 (next_at, error[:200], job_id),
             )
+        self._webhook_claims.pop(job_id, None)
 
     async def webhook_states(self) -> list[tuple[str, int, str]]:
         """(source, attempts, state) of every delivery, oldest first."""
