@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import httpx
 from aiohttp import web
 
+from providers.http import UpstreamHttp
+
 if TYPE_CHECKING:
     from compat_server.catalog import TtlCache
     from compat_server.config import Config
@@ -23,7 +25,8 @@ if TYPE_CHECKING:
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
-HTTP = web.AppKey("http", httpx.AsyncClient)
+HTTP = web.AppKey("http", httpx.AsyncClient)  # webhooks' client
+UPSTREAM = web.AppKey("upstream", UpstreamHttp)  # every provider's client
 STORE: web.AppKey[Store] = web.AppKey("store")
 ENGINE: web.AppKey[Engine] = web.AppKey("engine")
 BACKGROUND = web.AppKey("background", bool)

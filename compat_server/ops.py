@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from compat_server.app_keys import ENGINE, HTTP
+from compat_server.app_keys import ENGINE, UPSTREAM
 from compat_server.config import Config, build_provider, load_config
 from compat_server.engine import Engine
 from compat_server.routing import Breaker
@@ -40,6 +40,7 @@ RESTART_FIELDS = (
     "store_path",
     "connect_timeout",
     "read_timeout",
+    "upstream_connections",
     "outbox_interval",
     "sweep_interval",
     "reconcile_interval",
@@ -131,7 +132,7 @@ async def reload_on_sighup(app: web.Application) -> AsyncIterator[None]:
         if not engine.config.source:
             log.error("reload: the config was not read from a file; nothing to reload")
             return
-        reload(engine, engine.config.source, app[HTTP])
+        reload(engine, engine.config.source, app[UPSTREAM])
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     yield

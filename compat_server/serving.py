@@ -8,6 +8,9 @@ with an explicit list of :class:`Listener`.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.metadata
+import importlib.util
 import os
 import ssl
 from collections.abc import Callable, Sequence
@@ -108,6 +111,39 @@ async def start(
     return serving
 
 
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+class LoopError(Exception):
+    """``server.event_loop`` asks for a loop that cannot run here (one line)."""
+
+
+def loop_factory(choice: str, tls: bool = False) -> tuple[str, LoopFactory | None]:
+    """(name, factory) of the event loop for ``server.event_loop``; factory None:
+    asyncio's own. ``auto`` takes uvloop when it is installed (the ``uvloop`` extra)
+    and no https listener is planned; LoopError for ``uvloop`` when it cannot run.
+
+    uvloop hands a new connection's first bytes to its protocol before a task can
+    start TLS on it, so the gated https listener (connections.py: the cap is applied
+    before the handshake) loses the ClientHello; https runs on asyncio's loop.
+    """
+    installed = importlib.util.find_spec("uvloop") is not None
+    if choice == "uvloop" and not installed:
+        raise LoopError(
+            "server.event_loop is uvloop, but uvloop is not installed"
+            " (pip install 'sms-compat[uvloop]')"
+        )
+    if choice == "uvloop" and tls:
+        raise LoopError("server.event_loop uvloop cannot serve https (server.tls)")
+    if choice == "asyncio" or not installed:
+        return "asyncio", None
+    if tls:
+        return "asyncio (uvloop is not used with https listeners)", None
+    uvloop = importlib.import_module("uvloop")  # an optional extra: not typed here
+    factory: LoopFactory = uvloop.new_event_loop
+    return f"uvloop {importlib.metadata.version('uvloop')}", factory
+
+
 def run(
     app: web.Application,
     listeners: Sequence[Listener],
@@ -115,9 +151,13 @@ def run(
     started: Callable[[Serving], None] = lambda serving: None,
     gate: ConnectionGate | None = None,
     batch: int = MAX_BATCH,
+    event_loop: LoopFactory | None = None,
     **runner_kwargs: Any,
 ) -> None:
-    """Serve until SIGINT/SIGTERM (``handle_signals=True``); ListenError if a bind fails."""
+    """Serve until SIGINT/SIGTERM (``handle_signals=True``); ListenError if a bind fails.
+
+    ``event_loop`` makes the loop (uvloop's, see :func:`loop_factory`); None: asyncio's.
+    """
 
     async def serve() -> None:
         serving = await start(app, listeners, gate=gate, batch=batch, **runner_kwargs)
@@ -128,6 +168,7 @@ def run(
             await serving.stop()
 
     try:
-        asyncio.run(serve())
+        with asyncio.Runner(loop_factory=event_loop) as runner:
+            runner.run(serve())
     except (web.GracefulExit, KeyboardInterrupt):
         pass

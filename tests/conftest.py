@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -16,6 +15,7 @@ from compat_server.app import ENGINE, create_app
 from compat_server.config import Config, parse_config
 from compat_server.engine import Engine
 from fakes.common import FakeUpstream
+from providers.http import UpstreamHttp
 from providers.vocabulary import ActivationRef, Order, Purchase
 
 API = "/stubs/handler_api.php"
@@ -65,10 +65,17 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+def upstream_client(
+    read_timeout: float = 2.0, connect_timeout: float = 1.0
+) -> UpstreamHttp:
+    """The upstream client providers under test are built on (``async with`` it)."""
+    return UpstreamHttp(connect_timeout=connect_timeout, read_timeout=read_timeout)
+
+
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
+async def http() -> AsyncIterator[UpstreamHttp]:
     """The upstream client a provider under test is built on."""
-    async with httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=1.0)) as client:
+    async with upstream_client() as client:
         yield client
 
 
