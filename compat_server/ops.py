@@ -196,6 +196,10 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str, fmt: str) -> None:
     """Root logging for ``serve``: ``text`` (default) or ``json`` lines on stderr."""
     number = getattr(logging, level.upper(), logging.INFO)
+    # no format of ours shows them; each costs a system call or a lookup per record
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     if fmt != "json":
         logging.basicConfig(level=number, format=TEXT_FORMAT)
         return

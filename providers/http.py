@@ -94,10 +94,13 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _fields(values: Params | None) -> dict[str, str] | None:
+def _fields(values: Params | None) -> Params | None:
     if not values:
         return None
-    return {key: _text(value) for key, value in values.items()}
+    for value in values.values():
+        if type(value) is not str:
+            return {key: _text(v) for key, v in values.items()}
+    return values  # the usual case: already text
 
 
 class UpstreamHttp:
