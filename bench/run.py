@@ -370,8 +370,9 @@ async def role_loadgen(spec: Json) -> None:
 
 
 async def role_client_cpu(spec: Json) -> None:
-    """(e): CPU seconds per 1000 upstream calls, httpx (the app's client) vs aiohttp."""
-    from compat_server.app import make_http_client
+    """(e): CPU seconds per 1000 upstream calls: httpx (the app's upstream client until
+    issue 9; still the webhooks'), aiohttp, and the app's UpstreamHttp over aiohttp."""
+    from compat_server.app import make_http_client, make_upstream_client
     from compat_server.config import Config
 
     url, params = spec["url"], spec["params"]
@@ -391,6 +392,7 @@ async def role_client_cpu(spec: Json) -> None:
             headers={"User-Agent": "sms-compat/0.1"},
         ) as session,
         aiohttp.ClientSession() as control,
+        make_upstream_client(config) as ours,
     ):
 
         async def via_httpx() -> None:
@@ -403,6 +405,11 @@ async def role_client_cpu(spec: Json) -> None:
                 body = await response.read()
                 if response.status != 200 or not body:
                     raise BenchError(f"aiohttp got HTTP {response.status}")
+
+        async def via_ours() -> None:
+            status, body = await ours.request("bench", "GET", url, params=params)
+            if status != 200 or not body:
+                raise BenchError(f"UpstreamHttp got HTTP {status}")
 
         async def connections() -> int:
             async with control.get(stats_url) as response:
@@ -420,7 +427,7 @@ async def role_client_cpu(spec: Json) -> None:
 
             await asyncio.gather(*(worker() for _ in range(workers)))
 
-        calls = {"httpx": via_httpx, "aiohttp": via_aiohttp}
+        calls = {"httpx": via_httpx, "aiohttp": via_aiohttp, "ours": via_ours}
         for concurrency in spec["concurrency"]:
             for round_no in range(rounds):
                 for lib, call in calls.items():
@@ -1226,7 +1233,7 @@ async def measure_e(run: Run) -> Json:
     }
     for concurrency in (1, 50):
         best = {}
-        for lib in ("httpx", "aiohttp"):
+        for lib in ("httpx", "aiohttp", "ours"):
             runs = [r for r in result["runs"] if r["lib"] == lib
                     and r["concurrency"] == concurrency]  # fmt: skip
             chosen = min(runs, key=lambda r: r["cpu_s_per_1000"])
@@ -1238,6 +1245,10 @@ async def measure_e(run: Run) -> Json:
             / best["aiohttp"]["cpu_s_per_1000"],
             "httpx_new_connections": best["httpx"]["new_connections"],
             "aiohttp_new_connections": best["aiohttp"]["new_connections"],
+            "ours_cpu_s_per_1000": best["ours"]["cpu_s_per_1000"],
+            "ours_ratio": best["ours"]["cpu_s_per_1000"]
+            / best["aiohttp"]["cpu_s_per_1000"],
+            "ours_new_connections": best["ours"]["new_connections"],
         }
     return result
 
@@ -1623,6 +1634,14 @@ def rows_for(name: str, data: Json) -> list[Row]:
                     f"{e['httpx_cpu_s_per_1000']:.3f} httpx",
                     f"{e['aiohttp_cpu_s_per_1000']:.3f} aiohttp",
                     f"ratio {e['ratio']:.2f}", "-", None,
+                )
+            )  # fmt: skip
+            rows.append(
+                Row(
+                    f"(e)   UpstreamHttp, conc {concurrency}",
+                    f"{e['ours_cpu_s_per_1000']:.3f} UpstreamHttp",
+                    f"{e['aiohttp_cpu_s_per_1000']:.3f} aiohttp",
+                    f"ratio {e['ours_ratio']:.2f}", "-", None,
                 )
             )  # fmt: skip
         return rows
