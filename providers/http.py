@@ -32,19 +32,26 @@ Two rules keep a paid call from being sent twice or lost for nothing:
   the pool.
 
 Cookies are neither stored nor sent (the upstreams authenticate by token; a cookie jar
-costs CPU on every call). Nothing here logs; the exceptions chained to ours may quote
+costs CPU on every call). ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` and
+``NO_PROXY`` are honoured as httpx honoured them, read once when the client is made
+(aiohttp's ``trust_env`` would read them, and ``.netrc``, in a thread on every call).
+TLS is verified against the system's CA store (``SSL_CERT_FILE`` / ``SSL_CERT_DIR``
+replace it). Nothing here logs; the exceptions chained to ours may quote
 URLs with tokens, which the log filters mask (``compat_server.logs``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import urllib.request
+from base64 import b64encode
 from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 from aiohttp import ClientRequest, ClientResponse
 from aiohttp.client_middlewares import ClientHandlerType
+from yarl import URL
 
 from providers.vocabulary import (
     BUDGET,
@@ -103,6 +110,35 @@ def _fields(values: Params | None) -> Params | None:
     return values  # the usual case: already text
 
 
+Proxy = tuple[URL, Mapping[str, str] | None]  # the proxy, its headers (credentials)
+
+
+def _env_proxies() -> dict[str, str]:
+    """scheme -> proxy URL from the environment ("no": the NO_PROXY list)."""
+    found = urllib.request.getproxies_environment()
+    every = found.get("all")
+    proxies = {s: found[s] for s in ("http", "https") if found.get(s)}
+    if every:
+        for scheme in ("http", "https"):
+            proxies.setdefault(scheme, every)
+    if proxies and found.get("no"):
+        proxies["no"] = found["no"]
+    return proxies
+
+
+def _bypassed(host: str, no_proxy: str) -> bool:
+    """Whether NO_PROXY (``*``, or names matched with their subdomains) spares ``host``."""
+    host = host.lower()
+    for entry in no_proxy.lower().split(","):
+        name = entry.strip().lstrip(".")
+        base, _, port = name.rpartition(":")
+        if port.isdigit() and base and not base.endswith(":"):  # "name:8080"
+            name = base
+        if name == "*" or (name and (host == name or host.endswith("." + name))):
+            return True
+    return False
+
+
 class UpstreamHttp:
     """One process's upstream client: a keep-alive pool, and fresh connections for
     paid calls. Open it inside the event loop that uses it; close it there."""
@@ -129,6 +165,26 @@ class UpstreamHttp:
         self._pooled: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None
         self.closed = False
+        self._proxies = _env_proxies()
+        self._proxy_of: dict[tuple[str, str], Proxy | None] = {}
+
+    def _proxy(self, url: str) -> Proxy | None:
+        """The proxy for ``url`` (credentials in the proxy's URL sent as its auth)."""
+        parsed = URL(url)
+        key = (parsed.scheme, parsed.host or "")
+        if key not in self._proxy_of:
+            chosen: Proxy | None = None
+            address = self._proxies.get(parsed.scheme)
+            if address and not _bypassed(key[1], self._proxies.get("no", "")):
+                proxy = URL(address if "://" in address else f"http://{address}")
+                auth = None
+                if proxy.user is not None:
+                    pair = f"{proxy.user}:{proxy.password or ''}".encode()
+                    auth = {"Proxy-Authorization": "Basic " + b64encode(pair).decode()}
+                    proxy = proxy.with_user(None)
+                chosen = (proxy, auth)
+            self._proxy_of[key] = chosen
+        return self._proxy_of[key]
 
     def _session(self, fresh: bool) -> aiohttp.ClientSession:
         session = self._fresh if fresh else self._pooled
@@ -169,6 +225,13 @@ class UpstreamHttp:
         any other transport failure (``provider`` names the upstream in both).
         """
         session = self._session(BUDGET.get().priority == PAID)
+        proxy = self._proxy(url) if self._proxies else None
+        tunnel = None
+        if proxy is not None and proxy[1] is not None:
+            if url.startswith("https:"):
+                tunnel = proxy[1]  # said to the proxy in CONNECT
+            else:  # a plain request goes to the proxy itself
+                headers = {**(headers or {}), **proxy[1]}
         try:
             async with session.request(
                 method,
@@ -177,6 +240,8 @@ class UpstreamHttp:
                 data=_fields(data),
                 headers=headers,
                 allow_redirects=False,
+                proxy=None if proxy is None else proxy[0],
+                proxy_headers=tunnel,
             ) as response:
                 return response.status, await response.read()
         except aiohttp.ConnectionTimeoutError as exc:

@@ -289,6 +289,30 @@ async def test_cookies_are_not_kept(http: UpstreamHttp, aiohttp_server: Any) -> 
     assert cookies == ["", ""]
 
 
+async def test_proxies_from_the_environment_as_httpx_read_them(
+    raw: Callable[..., Awaitable[Raw]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = await raw(lambda n: OK)
+    direct = await raw(lambda n: OK)
+    proxy_address = proxy.url.removesuffix("/x").replace("http://", "http://ops:pw@")
+    for name in ("HTTPS_PROXY", "ALL_PROXY", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy_address)
+    monkeypatch.setenv("http_proxy", proxy_address)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,.internal")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,.internal")
+    async with upstream_client() as http:
+        assert await http.request("up", "GET", "http://up.example/x?a=1") == (
+            200,
+            b"{}",
+        )
+        assert await http.request("up", "GET", direct.url) == (200, b"{}")
+    [through] = proxy.requests
+    assert through.startswith(b"GET http://up.example/x?a=1 HTTP/1.1\r\n")
+    assert b"\r\nProxy-Authorization: Basic b3BzOnB3\r\n" in through  # ops:pw
+    assert direct.requests[0].startswith(b"GET /x HTTP/1.1\r\n")
+
+
 async def test_closed_client_refuses_new_requests() -> None:
     http = upstream_client()
     await http.close()
