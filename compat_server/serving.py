@@ -112,6 +112,7 @@ async def start(
 
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+UVLOOP = "uvloop"  # the module of the optional extra (a test names a missing one)
 
 
 class LoopError(Exception):
@@ -127,7 +128,7 @@ def loop_factory(choice: str, tls: bool = False) -> tuple[str, LoopFactory | Non
     start TLS on it, so the gated https listener (connections.py: the cap is applied
     before the handshake) loses the ClientHello; https runs on asyncio's loop.
     """
-    installed = importlib.util.find_spec("uvloop") is not None
+    installed = importlib.util.find_spec(UVLOOP) is not None
     if choice == "uvloop" and not installed:
         raise LoopError(
             "server.event_loop is uvloop, but uvloop is not installed"
@@ -139,9 +140,9 @@ def loop_factory(choice: str, tls: bool = False) -> tuple[str, LoopFactory | Non
         return "asyncio", None
     if tls:
         return "asyncio (uvloop is not used with https listeners)", None
-    uvloop = importlib.import_module("uvloop")  # an optional extra: not typed here
+    uvloop = importlib.import_module(UVLOOP)  # an optional extra: not typed here
     factory: LoopFactory = uvloop.new_event_loop
-    return f"uvloop {importlib.metadata.version('uvloop')}", factory
+    return f"uvloop {importlib.metadata.version(UVLOOP)}", factory
 
 
 def run(

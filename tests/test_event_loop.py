@@ -57,8 +57,8 @@ def test_https_runs_on_asyncio() -> None:
         )
 
 
-@pytest.mark.skipif(HAS_UVLOOP, reason="uvloop is installed here")
-def test_uvloop_asked_but_missing() -> None:
+def test_uvloop_asked_but_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serving, "UVLOOP", "uvloop_is_not_installed")
     assert serving.loop_factory("auto") == ("asyncio", None)
     with pytest.raises(serving.LoopError) as caught:
         serving.loop_factory("uvloop")

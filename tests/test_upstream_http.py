@@ -3,7 +3,9 @@
 Each upstream here is a real server on loopback: a raw asyncio one where the fault is
 in the bytes (close after reading the request, a stale keep-alive connection, silence,
 a short body), or the project's fakes for the money rows through the whole app. Every
-test counts what the upstream received, so a re-sent request would show.
+test counts what the upstream received, so a re-sent request would show. The fakes'
+provider options set ``min_interval: 0``: these tests are about the transport, not
+pacing (tests/test_pacing.py).
 """
 
 from __future__ import annotations
