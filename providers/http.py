@@ -61,6 +61,9 @@ from providers.vocabulary import (
 )
 
 USER_AGENT = "sms-compat/0.1"
+# an idle pooled connection is closed after this (httpx's keepalive_expiry): the
+# shorter it is, the less often an upstream's own idle close races our next request
+KEEPALIVE = 5.0
 
 Params = Mapping[str, Any]
 
@@ -192,7 +195,10 @@ class UpstreamHttp:
             if self.closed:
                 raise RuntimeError("UpstreamHttp is closed")
             connector = aiohttp.TCPConnector(
-                limit=self.max_connections, limit_per_host=0, force_close=fresh
+                limit=self.max_connections,
+                limit_per_host=0,
+                force_close=fresh,
+                keepalive_timeout=None if fresh else KEEPALIVE,
             )
             session = aiohttp.ClientSession(
                 connector=connector,
