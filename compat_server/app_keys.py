@@ -2,8 +2,8 @@
 
 They live apart from app.py so that the handlers app.py mounts (admin, metrics, ops) can
 import them at the top instead of reaching back into app.py inside functions. The
-value types are named for the type checker only: this module imports nothing at run
-time, so it never closes an import cycle.
+value types are named for the type checker only: at run time this module imports only
+libraries and the leaf ``providers.http``, so it never closes an import cycle.
 """
 
 from __future__ import annotations

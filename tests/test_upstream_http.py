@@ -343,11 +343,12 @@ SANDBOX = {"type": "sandbox", "sms_delay": 5, "balance": 1000, "poll_interval": 
 
 
 async def test_refused_upstream_buys_nothing_and_the_next_provider_sells(
-    start_app: StartApp, store_path: str
+    start_app: StartApp, store_path: str, http: UpstreamHttp
 ) -> None:
     down = smspva.provider_options(f"http://127.0.0.1:{closed_port()}")
     client = await start_app(
-        config_for(store_path, {"down": down, "sb": SANDBOX}, ["down", "sb"])
+        config_for(store_path, {"down": down, "sb": SANDBOX}, ["down", "sb"]),
+        upstream=http,  # a client of the test's: create_app shares it
     )
     status, ctype, body = await call(
         client, action="getNumber", service="tg", country=10
