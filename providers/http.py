@@ -110,7 +110,7 @@ def _fields(values: Params | None) -> Params | None:
     for value in values.values():
         if type(value) is not str:
             return {key: _text(v) for key, v in values.items()}
-    return values  # the usual case: already text
+    return values if type(values) is dict else dict(values)  # usually: already text
 
 
 Proxy = tuple[URL, Mapping[str, str] | None]  # the proxy, its headers (credentials)
