@@ -112,9 +112,7 @@ def serve_forever(
         return EXIT_CONFIG
 
     try:
-        loop_name, event_loop = serving.loop_factory(
-            config.event_loop, tls=any(x.ssl_context is not None for x in listeners)
-        )
+        loop_name, event_loop = serving.loop_factory(config.event_loop)
     except serving.LoopError as exc:
         print(f"sms-compat: {exc}", file=sys.stderr)
         return EXIT_CONFIG

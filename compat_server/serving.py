@@ -119,27 +119,18 @@ class LoopError(Exception):
     """``server.event_loop`` asks for a loop that cannot run here (one line)."""
 
 
-def loop_factory(choice: str, tls: bool = False) -> tuple[str, LoopFactory | None]:
+def loop_factory(choice: str) -> tuple[str, LoopFactory | None]:
     """(name, factory) of the event loop for ``server.event_loop``; factory None:
-    asyncio's own. ``auto`` takes uvloop when it is installed (the ``uvloop`` extra)
-    and no https listener is planned; LoopError for ``uvloop`` when it cannot run.
-
-    uvloop hands a new connection's first bytes to its protocol before a task can
-    start TLS on it, so the gated https listener (connections.py: the cap is applied
-    before the handshake) loses the ClientHello; https runs on asyncio's loop.
-    """
+    asyncio's own. ``auto`` takes uvloop when it is installed (the ``uvloop`` extra);
+    LoopError for ``uvloop`` when it is not."""
     installed = importlib.util.find_spec(UVLOOP) is not None
     if choice == "uvloop" and not installed:
         raise LoopError(
             "server.event_loop is uvloop, but uvloop is not installed"
             " (pip install 'sms-compat[uvloop]')"
         )
-    if choice == "uvloop" and tls:
-        raise LoopError("server.event_loop uvloop cannot serve https (server.tls)")
     if choice == "asyncio" or not installed:
         return "asyncio", None
-    if tls:
-        return "asyncio (uvloop is not used with https listeners)", None
     uvloop = importlib.import_module(UVLOOP)  # an optional extra: not typed here
     factory: LoopFactory = uvloop.new_event_loop
     return f"uvloop {importlib.metadata.version(UVLOOP)}", factory
