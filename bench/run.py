@@ -190,7 +190,10 @@ async def serve(app: web.Application) -> None:
         sock.bind((HOST, 0))
         site = web.SockSite(runner, sock, backlog=1024)
         await site.start()
-        emit("READY", {"port": sock.getsockname()[1], "pid": os.getpid()})
+        loop = type(
+            asyncio.get_running_loop()
+        ).__module__  # (g): "uvloop" or "asyncio..."
+        emit("READY", {"port": sock.getsockname()[1], "pid": os.getpid(), "loop": loop})
         try:
             await asyncio.wait_for(stop.wait(), CHILD_MAX_SECONDS)
         except asyncio.TimeoutError:
@@ -368,8 +371,9 @@ async def role_loadgen(spec: Json) -> None:
 
 
 async def role_client_cpu(spec: Json) -> None:
-    """(e): CPU seconds per 1000 upstream calls, httpx (the app's client) vs aiohttp."""
-    from compat_server.app import make_http_client
+    """(e): CPU seconds per 1000 upstream calls: httpx (the app's upstream client until
+    issue 9; still the webhooks'), aiohttp, and the app's UpstreamHttp over aiohttp."""
+    from compat_server.app import make_http_client, make_upstream_client
     from compat_server.config import Config
 
     url, params = spec["url"], spec["params"]
@@ -389,6 +393,7 @@ async def role_client_cpu(spec: Json) -> None:
             headers={"User-Agent": "sms-compat/0.1"},
         ) as session,
         aiohttp.ClientSession() as control,
+        make_upstream_client(config) as ours,
     ):
 
         async def via_httpx() -> None:
@@ -401,6 +406,11 @@ async def role_client_cpu(spec: Json) -> None:
                 body = await response.read()
                 if response.status != 200 or not body:
                     raise BenchError(f"aiohttp got HTTP {response.status}")
+
+        async def via_ours() -> None:
+            status, body = await ours.request("bench", "GET", url, params=params)
+            if status != 200 or not body:
+                raise BenchError(f"UpstreamHttp got HTTP {status}")
 
         async def connections() -> int:
             async with control.get(stats_url) as response:
@@ -418,7 +428,7 @@ async def role_client_cpu(spec: Json) -> None:
 
             await asyncio.gather(*(worker() for _ in range(workers)))
 
-        calls = {"httpx": via_httpx, "aiohttp": via_aiohttp}
+        calls = {"httpx": via_httpx, "aiohttp": via_aiohttp, "ours": via_ours}
         for concurrency in spec["concurrency"]:
             for round_no in range(rounds):
                 for lib, call in calls.items():
@@ -458,7 +468,9 @@ ROLES: dict[str, Callable[[Json], Coroutine[Any, Any, None]]] = {
 def child_main(role: str, spec_path: str) -> int:
     """Entry point of a child process: ``run.py --child ROLE SPEC.json``."""
     logging.basicConfig(level=logging.WARNING)  # INFO off, as in production
-    asyncio.run(ROLES[role](json.loads(Path(spec_path).read_text())))
+    spec = json.loads(Path(spec_path).read_text())
+    with asyncio.Runner(loop_factory=_loop_factory(spec)) as runner:  # (g): uvloop
+        runner.run(ROLES[role](spec))
     return 0
 
 
@@ -1222,7 +1234,7 @@ async def measure_e(run: Run) -> Json:
     }
     for concurrency in (1, 50):
         best = {}
-        for lib in ("httpx", "aiohttp"):
+        for lib in ("httpx", "aiohttp", "ours"):
             runs = [r for r in result["runs"] if r["lib"] == lib
                     and r["concurrency"] == concurrency]  # fmt: skip
             chosen = min(runs, key=lambda r: r["cpu_s_per_1000"])
@@ -1234,6 +1246,10 @@ async def measure_e(run: Run) -> Json:
             / best["aiohttp"]["cpu_s_per_1000"],
             "httpx_new_connections": best["httpx"]["new_connections"],
             "aiohttp_new_connections": best["aiohttp"]["new_connections"],
+            "ours_cpu_s_per_1000": best["ours"]["cpu_s_per_1000"],
+            "ours_ratio": best["ours"]["cpu_s_per_1000"]
+            / best["aiohttp"]["cpu_s_per_1000"],
+            "ours_new_connections": best["ours"]["new_connections"],
         }
     return result
 
@@ -1720,6 +1736,296 @@ def rows_l(data: Json) -> list[Row]:
     ]  # fmt: skip
 
 
+# ==== (f) (g) transport: CPU per forwarded getStatus, uvloop =============================
+# Issue 9 items 1 and 5. A bare forwarder (aiohttp server -> one aiohttp.ClientSession
+# -> JSON -> text) and sms-compat (thuecodesim, poll_interval 0: every getStatus polls
+# upstream) call the same fake; the figure is the server process's CPU seconds per
+# 1,000 requests, measured in pairs of rounds as in (a).
+
+FORWARD_CONNECTIONS = 16  # closed-loop clients, each on an activation of its own
+
+
+def _loop_factory(spec: Json) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop for a child whose spec says ``"event_loop": "uvloop"``."""
+    if spec.get("event_loop") != "uvloop":
+        return None
+    import uvloop
+
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+async def role_forwarder(spec: Json) -> None:
+    """The baseline of (f): each request makes one upstream GET through one
+    aiohttp.ClientSession, decodes its JSON, answers a text token."""
+    upstream, params = spec["upstream"], spec["params"]
+    session = aiohttp.ClientSession()
+
+    async def handler(request: web.Request) -> web.Response:
+        async with session.get(upstream, params=params) as response:
+            data = json.loads(await response.read())
+        if not isinstance(data, dict):
+            raise web.HTTPBadGateway()
+        return web.Response(text="STATUS_WAIT_CODE")
+
+    app = web.Application()
+    app.router.add_get(API, handler)
+
+    async def close_session(app: web.Application) -> None:
+        await session.close()
+
+    app.on_cleanup.append(close_session)
+    await serve(app)
+
+
+async def forwarded_round(
+    run: Run, target: Child, urls: list[str], fake: Child, seconds: float, label: str
+) -> Json:
+    """One closed-loop round against ``target``: server CPU per 1,000 requests, and
+    the fake's poll count (every request must reach the upstream once)."""
+    async with httpx.AsyncClient(timeout=20) as client:
+        before = await fake_stats(client, fake)
+        window = run.window(label)
+        spec = {"urls": urls, "duration": seconds, "expect": "STATUS_WAIT_CODE"}
+        cpu0 = proc_cpu_seconds(target.pid)
+        async with run.child("loadgen", spec, load=True) as gen:
+            load = await gen.message("RESULT", seconds + 60)
+        cpu = proc_cpu_seconds(target.pid) - cpu0
+        foreign = window.close()
+        after = await fake_stats(client, fake)
+    if load["errors"]:
+        raise BenchError(f"{label}: failed requests {load['errors']}")
+    path = POLL_PATH["thuecodesim"]
+    polls = after["calls"].get(path, 0) - before["calls"].get(path, 0)
+    requests = int(load["requests"])
+    return {
+        "requests": requests,
+        "rps": load["rps"],
+        "server_cpu_s": cpu,
+        "cpu_s_per_1000": cpu / max(requests, 1) * 1000,
+        "upstream_polls_per_request": polls / max(requests, 1),
+        "p50_ms": load["p50_ms"],
+        "foreign_cores": foreign,
+    }
+
+
+async def forwarding_pairs(
+    run: Run, sides: dict[str, tuple[Child, list[str]]], fake: Child, tag: str
+) -> Json:
+    """Warm each side, then rounds in pairs, order alternating; the median of the
+    per-pair ratios (first side over second) of CPU per 1,000 requests."""
+    seconds = 2.0 if run.quick else 4.0
+    wanted = 3 if run.quick else 6
+    names = list(sides)
+    for name, (child, urls) in sides.items():
+        await forwarded_round(run, child, urls, fake, 1.0, f"({tag}) warm-up {name}")
+    pairs: list[Json] = []
+    most = wanted + (1 if run.quick else 2)
+    while len(pairs) < most and sum(p["clean"] for p in pairs) < wanted:
+        await run.quiet()
+        pair: Json = {}
+        order = names if len(pairs) % 2 == 0 else names[::-1]
+        for name in order:
+            child, urls = sides[name]
+            label = f"({tag}) {name} pair {len(pairs) + 1}"
+            pair[name] = await forwarded_round(run, child, urls, fake, seconds, label)
+        noise = max(pair[n]["foreign_cores"] for n in names)
+        pair["clean"] = noise < NOISY_CORES
+        pair["ratio"] = (
+            pair[names[0]]["cpu_s_per_1000"] / pair[names[1]]["cpu_s_per_1000"]
+        )
+        pairs.append(pair)
+    used = [p for p in pairs if p["clean"]] or pairs
+    result: Json = {
+        "ratio": statistics.median(p["ratio"] for p in used),
+        "ratio_min": min(p["ratio"] for p in used),
+        "ratio_max": max(p["ratio"] for p in used),
+        "pairs_used": len(used),
+        "pairs_clean": sum(1 for p in pairs if p["clean"]),
+        "seconds": seconds,
+        "connections": FORWARD_CONNECTIONS,
+        "pairs": pairs,
+    }
+    for name in names:
+        for key in ("cpu_s_per_1000", "rps", "p50_ms", "upstream_polls_per_request"):
+            result[f"{name}_{key}"] = statistics.median(p[name][key] for p in used)
+    return result
+
+
+async def buy_for_status(
+    client: httpx.AsyncClient, server: Child, count: int
+) -> list[str]:
+    """``count`` activations on ``server``; a getStatus URL for each."""
+    api = server.url + API
+    urls = []
+    for _ in range(count):
+        body = await get_text(client, api, api_key=KEY, action="getNumber",
+                              service="tg", country=10)  # fmt: skip
+        if not body.startswith("ACCESS_NUMBER:"):
+            raise BenchError(f"getNumber answered {body!r}")
+        urls.append(f"{api}?api_key={KEY}&action=getStatus&id={body.split(':')[1]}")
+        reply = await get_text(client, urls[-1])
+        if reply != "STATUS_WAIT_CODE":
+            raise BenchError(f"getStatus answered {reply!r}")
+    return urls
+
+
+def app_spec(run: Run, config: Json, name: str, event_loop: str = "asyncio") -> Json:
+    """The server role's spec (as Run.server builds it) on the given event loop."""
+    spec: Json = {"config": config, "background": True, "event_loop": event_loop}
+    if run.profile_dir is not None:
+        spec["profile"] = str(run.profile_dir / f"profile-{name}.txt")
+    return spec
+
+
+async def fake_order(fake: Child) -> Json:
+    """Buy one order on the thuecodesim fake directly; its poll parameters."""
+    from fakes.thuecodesim import TOKEN
+
+    async with httpx.AsyncClient() as client:
+        bought = await client.get(
+            fake.url + "/request/getv2",
+            params={"serviceId": "4", "country": "vn", "token": TOKEN},
+        )
+    return {"requestId": str(bought.json()["data"]["request_id"]), "token": TOKEN}
+
+
+async def measure_f(run: Run) -> Json:
+    """(f) Server CPU per forwarded getStatus: sms-compat vs the bare forwarder."""
+    async with run.child("fake", {"kind": "thuecodesim"}, load=True) as fake:
+        options = fake_options("thuecodesim", fake.url)  # poll_interval 0, min 0
+        config = upstream_config(run.store("f"), "thuecodesim", options)
+        forwarder_spec = {"upstream": fake.url + POLL_PATH["thuecodesim"],
+                          "params": await fake_order(fake)}  # fmt: skip
+        async with (
+            run.child("server", app_spec(run, config, "f")) as app,
+            run.child("forwarder", forwarder_spec) as bare,
+        ):
+            async with httpx.AsyncClient(timeout=20) as client:
+                app_urls = await buy_for_status(client, app, FORWARD_CONNECTIONS)
+            bare_urls = [bare.url + API] * FORWARD_CONNECTIONS
+            sides = {"app": (app, app_urls), "bare": (bare, bare_urls)}
+            result = await forwarding_pairs(run, sides, fake, "f")
+    for name in ("app", "bare"):
+        polls = result[f"{name}_upstream_polls_per_request"]
+        if not 0.99 <= polls <= 1.01:
+            raise BenchError(f"(f) {name}: {polls:.3f} upstream polls per request")
+    return result
+
+
+async def measure_g(run: Run) -> Json:
+    """(g) uvloop: (f)'s figure for sms-compat on uvloop vs asyncio's loop, and
+    getStatus from the store (as (a)) req/s on each loop."""
+    if importlib.util.find_spec("uvloop") is None:
+        return {"skipped": "uvloop is not installed (pip install '.[uvloop]')"}
+    import uvloop
+
+    result: Json = {"uvloop": uvloop.__version__}
+    async with run.child("fake", {"kind": "thuecodesim"}, load=True) as fake:
+        options = fake_options("thuecodesim", fake.url)
+        sides: dict[str, tuple[Child, list[str]]] = {}
+        async with contextlib.AsyncExitStack() as stack:
+            for loop in ("uvloop", "asyncio"):
+                config = upstream_config(run.store(f"g-{loop}"), "thuecodesim", options)
+                spec = app_spec(run, config, f"g-{loop}", loop)
+                child = await stack.enter_async_context(run.child("server", spec))
+                if not child.ready["loop"].startswith(loop):
+                    raise BenchError(f"(g) asked for {loop}, got {child.ready['loop']}")
+                async with httpx.AsyncClient(timeout=20) as client:
+                    urls = await buy_for_status(client, child, FORWARD_CONNECTIONS)
+                sides[loop] = (child, urls)
+            result["forwarded"] = await forwarding_pairs(run, sides, fake, "g")
+    seconds = 2.0 if run.quick else 3.0
+    rounds = 3 if run.quick else 5
+    async with contextlib.AsyncExitStack() as stack:
+        servers: dict[str, Child] = {}
+        for loop in ("uvloop", "asyncio"):
+            spec = app_spec(run, sandbox_config(run.store(f"g-store-{loop}")),
+                            f"g-store-{loop}", loop)  # fmt: skip
+            servers[loop] = await stack.enter_async_context(run.child("server", spec))
+        async with httpx.AsyncClient(timeout=20) as client:
+            query = {loop: (await buy_for_status(client, child, 1))[0]
+                     for loop, child in servers.items()}  # fmt: skip
+        for loop, child in servers.items():
+            await throughput(run, child, query[loop], 1.0, f"(g) warm-up {loop}", True)
+        pairs = []
+        for index in range(rounds):
+            await run.quiet()
+            order = ("uvloop", "asyncio") if index % 2 == 0 else ("asyncio", "uvloop")
+            pair = {}
+            for loop in order:
+                pair[loop] = await throughput(
+                    run,
+                    servers[loop],
+                    query[loop],
+                    seconds,
+                    f"(g) store {loop} {index}",
+                )
+            pair["ratio"] = pair["uvloop"]["rps"] / pair["asyncio"]["rps"]
+            pair["ratio_per_cpu_s"] = (
+                pair["uvloop"]["rps_per_server_cpu_s"]
+                / pair["asyncio"]["rps_per_server_cpu_s"]
+            )
+            pairs.append(pair)
+    result["store"] = {
+        "uvloop_rps": statistics.median(p["uvloop"]["rps"] for p in pairs),
+        "asyncio_rps": statistics.median(p["asyncio"]["rps"] for p in pairs),
+        "ratio": statistics.median(p["ratio"] for p in pairs),
+        "ratio_min": min(p["ratio"] for p in pairs),
+        "ratio_max": max(p["ratio"] for p in pairs),
+        "ratio_per_cpu_s": statistics.median(p["ratio_per_cpu_s"] for p in pairs),
+        "uvloop_per_cpu_s": statistics.median(
+            p["uvloop"]["rps_per_server_cpu_s"] for p in pairs
+        ),
+        "asyncio_per_cpu_s": statistics.median(
+            p["asyncio"]["rps_per_server_cpu_s"] for p in pairs
+        ),
+        "uvloop_server_cpu_share": statistics.median(
+            p["uvloop"]["server_cpu_share"] for p in pairs
+        ),
+        "pairs": pairs,
+    }
+    return result
+
+
+def transport_rows(name: str, data: Json) -> list[Row]:
+    """The table rows of (f) and (g)."""
+    if name == "f":
+        f = data
+        return [
+            Row(
+                "(f) server CPU per forwarded getStatus",
+                f"{f['app_cpu_s_per_1000']:.3f} s/1000 app",
+                f"{f['bare_cpu_s_per_1000']:.3f} s/1000 bare forwarder",
+                f"ratio {f['ratio']:.2f} (pairs {f['ratio_min']:.2f}-{f['ratio_max']:.2f},"
+                f" {f['pairs_clean']}/{len(f['pairs'])} quiet)",
+                "<= 2.0", f["ratio"] <= 2.0,
+            )
+        ]  # fmt: skip
+    if "skipped" in data:
+        return [Row("(g) uvloop", "-", "-", f"SKIPPED: {data['skipped']}", "-", None)]
+    fw, st = data["forwarded"], data["store"]
+    return [
+        Row(
+            "(g) CPU per forwarded getStatus, uvloop",
+            f"{fw['uvloop_cpu_s_per_1000']:.3f} s/1000 uvloop",
+            f"{fw['asyncio_cpu_s_per_1000']:.3f} s/1000 asyncio",
+            f"ratio {fw['ratio']:.2f} (pairs {fw['ratio_min']:.2f}-{fw['ratio_max']:.2f})",
+            "-", None,
+        ),
+        Row(
+            "(g) getStatus from store, req/s, uvloop",
+            f"{st['uvloop_rps']:,.0f} uvloop", f"{st['asyncio_rps']:,.0f} asyncio",
+            f"ratio {st['ratio']:.2f} (pairs {st['ratio_min']:.2f}-{st['ratio_max']:.2f});"
+            f" per server CPU s {st['ratio_per_cpu_s']:.2f}",
+            "-", None,
+        ),
+    ]  # fmt: skip
+
+
+ROLES["forwarder"] = role_forwarder
+
+
 # ==== report ============================================================================
 
 
@@ -1803,6 +2109,8 @@ def rows_for(name: str, data: Json) -> list[Row]:
                 "< 100 MB", d["rss_full_mb"] < 100,
             )
         ]  # fmt: skip
+    if name in ("f", "g"):
+        return transport_rows(name, data)
     if name == "e":
         rows = []
         for concurrency in (1, 50):
@@ -1813,6 +2121,14 @@ def rows_for(name: str, data: Json) -> list[Row]:
                     f"{e['httpx_cpu_s_per_1000']:.3f} httpx",
                     f"{e['aiohttp_cpu_s_per_1000']:.3f} aiohttp",
                     f"ratio {e['ratio']:.2f}", "-", None,
+                )
+            )  # fmt: skip
+            rows.append(
+                Row(
+                    f"(e)   UpstreamHttp, conc {concurrency}",
+                    f"{e['ours_cpu_s_per_1000']:.3f} UpstreamHttp",
+                    f"{e['aiohttp_cpu_s_per_1000']:.3f} aiohttp",
+                    f"ratio {e['ours_ratio']:.2f}", "-", None,
                 )
             )  # fmt: skip
         return rows
@@ -1840,6 +2156,8 @@ MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Json]]] = {
     "c": measure_c,
     "d": measure_d,
     "e": measure_e,
+    "f": measure_f,
+    "g": measure_g,
     "j": measure_j,
     "k": measure_k,
     "l": measure_l,  # several servers on one PostgreSQL (its own section above)

@@ -23,6 +23,7 @@ from compat_server.app_keys import (  # noqa: F401 - re-exported for tests and c
     HTTP,
     METRICS,
     STORE,
+    UPSTREAM,
 )
 from compat_server.background import every, loop_ctx
 from compat_server.catalog import TtlCache
@@ -33,6 +34,7 @@ from compat_server.metrics import Metrics, healthz, metrics_handler, readyz
 from compat_server.rentals import reconcile as reconcile_rents
 from compat_server.store import SqliteStore, Store
 from providers.base import Provider
+from providers.http import UpstreamHttp
 from providers.vocabulary import BUDGET, Budget, Clock, CompatError
 
 log = logging.getLogger("compat_server")
@@ -47,12 +49,14 @@ def create_app(
     *,
     clock: Clock = time.time,
     http: httpx.AsyncClient | None = None,
+    upstream: UpstreamHttp | None = None,
     background: bool = True,
     sighup: bool = False,
 ) -> web.Application:
     """Build the server; nothing touches the network or disk before startup.
 
-    ``http`` lets tests and the benchmark share a client; ``background=False`` leaves
+    ``http`` (the webhooks' client) and ``upstream`` (the providers') let tests and
+    the benchmark share a client; ``background=False`` leaves
     the outbox, sweeper and reconciler to be stepped by hand; ``sighup=True`` (the
     ``serve`` command) re-reads the config file on SIGHUP.
     """
@@ -66,7 +70,10 @@ def create_app(
     app[BACKGROUND] = background
     app[METRICS] = Metrics(ACTIONS)
     app[ADMIN_CACHE] = TtlCache(admin.BALANCE_TTL, clock)
-    app.cleanup_ctx.extend([_http_client(http), _database, _engine, *BACKGROUND_LOOPS])
+    app.cleanup_ctx.extend(
+        [_http_client(http), _upstream_client(upstream), _database, _engine]
+    )
+    app.cleanup_ctx.extend(BACKGROUND_LOOPS)
     app.cleanup_ctx.append(_log_summaries)
     if sighup:
         app.cleanup_ctx.append(ops.reload_on_sighup)
@@ -103,8 +110,30 @@ def quiet_secret_loggers() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def make_upstream_client(config: Config) -> UpstreamHttp:
+    """The one upstream client of the providers (see providers/http.py for why aiohttp)."""
+    return UpstreamHttp(
+        connect_timeout=config.connect_timeout,
+        read_timeout=config.read_timeout,
+        max_connections=config.upstream_connections,
+    )
+
+
+def _upstream_client(shared: UpstreamHttp | None):  # type: ignore[no-untyped-def]
+    async def upstream_client(app: web.Application) -> AsyncIterator[None]:
+        if shared is not None:
+            app[UPSTREAM] = shared
+            yield
+            return
+        async with make_upstream_client(app[CONFIG]) as client:
+            app[UPSTREAM] = client
+            yield
+
+    return upstream_client
+
+
 def make_http_client(config: Config) -> httpx.AsyncClient:
-    """The one upstream client: explicit timeouts and connection limits."""
+    """The webhooks' client: explicit timeouts and connection limits."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout),
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
@@ -156,7 +185,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_providers(
-    config: Config, http: httpx.AsyncClient, clock: Clock
+    config: Config, http: UpstreamHttp, clock: Clock
 ) -> dict[str, Provider]:
     """One provider instance per configured account."""
     return {
@@ -167,7 +196,7 @@ def build_providers(
 
 async def _engine(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    providers = build_providers(config, app[HTTP], app[CLOCK])
+    providers = build_providers(config, app[UPSTREAM], app[CLOCK])
     engine = app[ENGINE] = Engine(config, app[STORE], providers, app[CLOCK])
     metrics = app[METRICS]
     engine.upstreams.observe = metrics.upstream

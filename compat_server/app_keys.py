@@ -2,8 +2,8 @@
 
 They live apart from app.py so that the handlers app.py mounts (admin, metrics, ops) can
 import them at the top instead of reaching back into app.py inside functions. The
-value types are named for the type checker only: this module imports nothing at run
-time, so it never closes an import cycle.
+value types are named for the type checker only: at run time this module imports only
+libraries and the leaf ``providers.http``, so it never closes an import cycle.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 from aiohttp import web
+
+from providers.http import UpstreamHttp
 
 if TYPE_CHECKING:
     from compat_server.catalog import TtlCache
@@ -23,7 +25,8 @@ if TYPE_CHECKING:
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
-HTTP = web.AppKey("http", httpx.AsyncClient)
+HTTP = web.AppKey("http", httpx.AsyncClient)  # webhooks' client
+UPSTREAM = web.AppKey("upstream", UpstreamHttp)  # every provider's client
 STORE: web.AppKey[Store] = web.AppKey("store")
 ENGINE: web.AppKey[Engine] = web.AppKey("engine")
 BACKGROUND = web.AppKey("background", bool)

@@ -112,7 +112,14 @@ def serve_forever(
         print(f"sms-compat: tls: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
+    try:
+        loop_name, event_loop = serving.loop_factory(config.event_loop)
+    except serving.LoopError as exc:
+        print(f"sms-compat: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
     def started(serve: serving.Serving) -> None:
+        logging.getLogger("compat_server").info("event loop: %s", loop_name)
         for url in serve.urls:
             print(f"sms-compat: serving {url}/stubs/handler_api.php", flush=True)
 
@@ -128,6 +135,7 @@ def serve_forever(
             started=started,
             gate=gate,
             batch=batch,
+            event_loop=event_loop,
             access_log=None,  # its lines carry the full URL, api_key included
             handle_signals=True,
             keepalive_timeout=75.0,  # web.run_app's; aiohttp's own default is an hour
@@ -226,7 +234,7 @@ async def ping(config: Config) -> int:
     from compat_server import logs
     from compat_server.app import (
         build_providers,
-        make_http_client,
+        make_upstream_client,
         quiet_secret_loggers,
     )
     from compat_server.routing import Prices
@@ -238,7 +246,7 @@ async def ping(config: Config) -> int:
     else:
         circuits = recorded_circuits(config.store_path)
     failed = 0
-    async with make_http_client(config) as http:
+    async with make_upstream_client(config) as http:
         providers = build_providers(config, http, time.time)
         prices = Prices(config, providers)
         for name, provider in providers.items():

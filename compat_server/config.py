@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import httpx
 import yaml
 
 from providers import get_provider_class, provider_type
 from providers.base import Provider
+from providers.http import UpstreamHttp
 from providers.settings import ProviderSettings, mask, mask_userinfo, parse, shown
 from providers.vocabulary import Clock, ConfigError
 
@@ -57,11 +57,12 @@ SECTION_OPTIONS: dict[str, tuple[str, ...]] = {
         "max_connections",
         "max_connections_per_client",
         "log_repeat_interval",
+        "event_loop",
     ),
     "store": ("path", "busy_timeout", "url", "pool"),
     "activation": ("lifetime", "early_cancel"),
     "currency": ("display", "rates"),
-    "upstream": ("connect_timeout", "read_timeout", "catalog_ttl"),
+    "upstream": ("connect_timeout", "read_timeout", "catalog_ttl", "max_connections"),
     "breaker": ("failures", "cooldown"),
     "workers": (
         "outbox_interval",
@@ -132,7 +133,7 @@ class ProviderConfig:
 
 
 def build_provider(
-    name: str, p: ProviderConfig, http: httpx.AsyncClient, clock: Clock
+    name: str, p: ProviderConfig, http: UpstreamHttp, clock: Clock
 ) -> Provider:
     """One provider from its parsed settings (parsed here when built by hand)."""
     cls = get_provider_class(p.type)
@@ -164,6 +165,7 @@ class Config:
     rates: Mapping[str, Decimal] = field(default_factory=dict)
     connect_timeout: float = 5.0
     read_timeout: float = 20.0
+    upstream_connections: int = 100  # upstream.max_connections: the keep-alive pool
     # seconds a client request may wait for its upstream calls to start; a purchase
     # that cannot be sent by then answers NO_NUMBERS and buys nothing
     request_deadline: float = 20.0
@@ -179,6 +181,7 @@ class Config:
     max_connections: int = 1024  # 0: no cap (beyond the descriptor limit)
     max_connections_per_client: int = 256  # per client address; 0: no cap
     log_repeat_interval: float = 60.0  # a repeating failure is logged once per interval
+    event_loop: str = "auto"  # auto (uvloop if installed), asyncio or uvloop
     source: str = ""
 
     def find_key(self, presented: str) -> KeyConfig | None:
@@ -425,6 +428,12 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
         read_timeout=_float(
             upstream.get("read_timeout", 20), "upstream.read_timeout", positive=True
         ),
+        upstream_connections=_int(
+            upstream.get("max_connections", 100),
+            "upstream.max_connections",
+            low=1,
+            high=10_000,
+        ),
         request_deadline=_positive(
             server.get("request_deadline", 20), "server.request_deadline"
         ),
@@ -456,6 +465,11 @@ def parse_config(raw: Mapping[str, Any], source: str = "") -> Config:
         ),
         log_repeat_interval=_float(
             server.get("log_repeat_interval", 60), "server.log_repeat_interval"
+        ),
+        event_loop=_choice(
+            server.get("event_loop", "auto"),
+            "server.event_loop",
+            ("auto", "asyncio", "uvloop"),
         ),
         source=source,
     )
@@ -651,6 +665,14 @@ def _count(value: Any, where: str) -> int:
     if result < 0:
         raise ConfigError(f"{where}: must not be negative (0 means no cap)")
     return result
+
+
+def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(
+            f"{where}: must be one of {', '.join(choices)}, got {value!r}"
+        )
+    return str(value)
 
 
 def _float(value: Any, where: str, positive: bool = False) -> float:

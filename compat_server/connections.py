@@ -19,6 +19,7 @@ import logging
 import resource
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 log = logging.getLogger("compat_server")
 
@@ -116,6 +117,9 @@ class _Gated(asyncio.Protocol):
         self._address = ""
         self._admitted = False
         self._early: list[bytes] = []  # data decrypted before the real protocol starts
+        # TLS: the plain transport, and what it delivered before start_tls took it over
+        self._plain: asyncio.Transport | None = None
+        self._raw: list[bytes] | None = None
         self._handshake: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -130,13 +134,21 @@ class _Gated(asyncio.Protocol):
         if self._ssl is None:
             self._start(transport)
         else:
-            assert isinstance(transport, asyncio.Transport)
-            self._handshake = asyncio.ensure_future(self._upgrade(transport))
+            # a stream transport (uvloop's does not subclass asyncio.Transport)
+            self._plain = cast(asyncio.Transport, transport)
+            self._raw = []
+            self._handshake = asyncio.ensure_future(self._upgrade(self._plain))
 
     async def _upgrade(self, transport: asyncio.Transport) -> None:
         assert self._ssl is not None
+        loop = asyncio.get_running_loop()
+        # uvloop starts reading before this task runs, so the ClientHello may reach
+        # data_received first: it is handed to the TLS protocol once start_tls has put
+        # it on the transport (start_tls queues its connection_made before this
+        # callback's second turn). On asyncio's loop nothing arrives that early.
+        loop.call_soon(loop.call_soon, self._replay)
         try:
-            secure = await asyncio.get_running_loop().start_tls(
+            secure = await loop.start_tls(
                 transport,
                 self,
                 self._ssl,
@@ -171,9 +183,27 @@ class _Gated(asyncio.Protocol):
         if self._inner is not None:
             self._inner.connection_lost(exc)
 
+    def _replay(self) -> None:
+        raw, self._raw = self._raw, None
+        transport = self._plain
+        if not raw or transport is None or transport.is_closing():
+            return
+        tls = transport.get_protocol()
+        if tls is self:  # start_tls did not take the transport: nothing can read it
+            transport.close()
+            return
+        for data in raw:
+            _feed(tls, data)
+
     def data_received(self, data: bytes) -> None:
         if self._inner is not None:
             self._inner.data_received(data)
+        elif (
+            self._raw is not None
+            and self._plain is not None
+            and (self._plain.get_protocol() is self)
+        ):
+            self._raw.append(data)  # TLS bytes, before start_tls took the transport
         elif self._admitted:
             self._early.append(data)
 
@@ -187,6 +217,21 @@ class _Gated(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self._inner is not None:
             self._inner.resume_writing()
+
+
+def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Hand ``data`` to a protocol as its transport would (buffered or not)."""
+    get_buffer = getattr(protocol, "get_buffer", None)
+    if get_buffer is None:
+        cast(asyncio.Protocol, protocol).data_received(data)
+        return
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(get_buffer(len(view)))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        cast(asyncio.BufferedProtocol, protocol).buffer_updated(size)
+        view = view[size:]
 
 
 def descriptor_plan(wanted: int) -> tuple[int, int]:

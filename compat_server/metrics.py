@@ -11,6 +11,7 @@ never a key or a token.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -44,6 +45,8 @@ class Metrics:
     def __init__(self, actions: Mapping[str, object]) -> None:
         self.known_actions = frozenset(actions)
         self._per_provider: dict[str, tuple[int, int, float]] = {}
+        self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._upstream_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -121,13 +124,28 @@ class Metrics:
         """One handler_api request."""
         if action not in self.known_actions:
             action = "other" if action != "-" else "-"
-        self.requests.labels(action, outcome[:MAX_ACTION]).inc()
-        self.request_seconds.labels(action).observe(seconds)
+        outcome = outcome[:MAX_ACTION]
+        # labels() validates and locks on every call: the children are kept instead
+        # (these two families are never cleared)
+        children = self._request_children.get((action, outcome))
+        if children is None:
+            children = self._request_children[(action, outcome)] = (
+                self.requests.labels(action, outcome),
+                self.request_seconds.labels(action),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def upstream(self, provider: str, op: str, outcome: str, seconds: float) -> None:
         """One upstream call (fed by Upstreams.call)."""
-        self.upstream_calls.labels(provider, op, outcome).inc()
-        self.upstream_seconds.labels(provider, op).observe(seconds)
+        children = self._upstream_children.get((provider, op, outcome))
+        if children is None:
+            children = self._upstream_children[(provider, op, outcome)] = (
+                self.upstream_calls.labels(provider, op, outcome),
+                self.upstream_seconds.labels(provider, op),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
         calls, errors, total = self._per_provider.get(provider, (0, 0, 0.0))
         failed = outcome in UPSTREAM_FAILURES
         self._per_provider[provider] = (calls + 1, errors + failed, total + seconds)

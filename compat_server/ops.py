@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from compat_server.app_keys import ENGINE, HTTP
+from compat_server.app_keys import ENGINE, UPSTREAM
 from compat_server.config import Config, build_provider, load_config
 from compat_server.engine import Engine
 from compat_server.routing import Breaker
@@ -43,6 +43,7 @@ RESTART_FIELDS = (
     "store_pool_max",
     "connect_timeout",
     "read_timeout",
+    "upstream_connections",
     "outbox_interval",
     "sweep_interval",
     "reconcile_interval",
@@ -134,7 +135,7 @@ async def reload_on_sighup(app: web.Application) -> AsyncIterator[None]:
         if not engine.config.source:
             log.error("reload: the config was not read from a file; nothing to reload")
             return
-        reload(engine, engine.config.source, app[HTTP])
+        reload(engine, engine.config.source, app[UPSTREAM])
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     yield
@@ -198,6 +199,10 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str, fmt: str) -> None:
     """Root logging for ``serve``: ``text`` (default) or ``json`` lines on stderr."""
     number = getattr(logging, level.upper(), logging.INFO)
+    # no format of ours shows them; each costs a system call or a lookup per record
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     if fmt != "json":
         logging.basicConfig(level=number, format=TEXT_FORMAT)
         return

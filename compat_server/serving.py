@@ -8,6 +8,9 @@ with an explicit list of :class:`Listener`.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.metadata
+import importlib.util
 import os
 import ssl
 from collections.abc import Callable, Sequence
@@ -108,6 +111,31 @@ async def start(
     return serving
 
 
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+UVLOOP = "uvloop"  # the module of the optional extra (a test names a missing one)
+
+
+class LoopError(Exception):
+    """``server.event_loop`` asks for a loop that cannot run here (one line)."""
+
+
+def loop_factory(choice: str) -> tuple[str, LoopFactory | None]:
+    """(name, factory) of the event loop for ``server.event_loop``; factory None:
+    asyncio's own. ``auto`` takes uvloop when it is installed (the ``uvloop`` extra);
+    LoopError for ``uvloop`` when it is not."""
+    installed = importlib.util.find_spec(UVLOOP) is not None
+    if choice == "uvloop" and not installed:
+        raise LoopError(
+            "server.event_loop is uvloop, but uvloop is not installed"
+            " (pip install 'sms-compat[uvloop]')"
+        )
+    if choice == "asyncio" or not installed:
+        return "asyncio", None
+    uvloop = importlib.import_module(UVLOOP)  # an optional extra: not typed here
+    factory: LoopFactory = uvloop.new_event_loop
+    return f"uvloop {importlib.metadata.version(UVLOOP)}", factory
+
+
 def run(
     app: web.Application,
     listeners: Sequence[Listener],
@@ -115,9 +143,13 @@ def run(
     started: Callable[[Serving], None] = lambda serving: None,
     gate: ConnectionGate | None = None,
     batch: int = MAX_BATCH,
+    event_loop: LoopFactory | None = None,
     **runner_kwargs: Any,
 ) -> None:
-    """Serve until SIGINT/SIGTERM (``handle_signals=True``); ListenError if a bind fails."""
+    """Serve until SIGINT/SIGTERM (``handle_signals=True``); ListenError if a bind fails.
+
+    ``event_loop`` makes the loop (uvloop's, see :func:`loop_factory`); None: asyncio's.
+    """
 
     async def serve() -> None:
         serving = await start(app, listeners, gate=gate, batch=batch, **runner_kwargs)
@@ -128,6 +160,7 @@ def run(
             await serving.stop()
 
     try:
-        asyncio.run(serve())
+        with asyncio.Runner(loop_factory=event_loop) as runner:
+            runner.run(serve())
     except (web.GracefulExit, KeyboardInterrupt):
         pass

@@ -1,27 +1,25 @@
 """The provider interface every backend implements, and the HTTP plumbing they share.
 
 A provider adapts one upstream account to a handful of async operations. It speaks only in
-the dataclasses below: it never renders dialect text, and no ``httpx``, ``json`` or
-``KeyError`` exception leaves it (see :func:`upstream_errors`).
+the dataclasses below: it never renders dialect text, and no ``aiohttp``, ``json`` or
+``KeyError`` exception leaves it (the transport's are mapped in :mod:`providers.http`).
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import dataclasses
 import heapq
 import itertools
 import json
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, ClassVar, Self
 
-import httpx
-
+from providers.http import UpstreamHttp
 from providers.settings import ProviderSettings, as_decimal, parse, shown
 from providers.vocabulary import (
     BUDGET,
@@ -35,7 +33,6 @@ from providers.vocabulary import (
     Purchase,
     UnknownService,
     UpstreamUncertain,
-    UpstreamUnreachable,
 )
 
 
@@ -113,7 +110,7 @@ class Pacer:
 
 
 class Provider(abc.ABC):
-    """One upstream account, reached through the app's shared httpx client."""
+    """One upstream account, reached through the app's shared UpstreamHttp."""
 
     type_name: ClassVar[str]  # registry key, e.g. "smsman"
     currency: ClassVar[str]  # native currency: "VND", "RUB", "USD"
@@ -129,7 +126,7 @@ class Provider(abc.ABC):
         self,
         name: str,
         settings: ProviderSettings,
-        http: httpx.AsyncClient,
+        http: UpstreamHttp,
         clock: Clock = time.time,
         *,
         options: Mapping[str, Any] | None = None,
@@ -177,7 +174,7 @@ class Provider(abc.ABC):
         cls,
         name: str,
         options: Mapping[str, Any],
-        http: httpx.AsyncClient,
+        http: UpstreamHttp,
         clock: Clock = time.time,
     ) -> Self:
         """Parse raw ``options`` (ConfigError names the place) and build: for tests, tools."""
@@ -307,28 +304,15 @@ class Provider(abc.ABC):
         UpstreamUncertain.
         """
         await self._pace()
-        with upstream_errors(self.name):
-            response = await self.http.request(
-                method, url, params=params, headers=headers, data=data
-            )
-            body = response.content
+        status, body = await self.http.request(
+            self.name, method, url, params=params, headers=headers, data=data
+        )
         try:
-            return response.status_code, json.loads(body)
+            return status, json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise UpstreamUncertain(
-                self.name, f"HTTP {response.status_code}, body is not JSON"
+                self.name, f"HTTP {status}, body is not JSON"
             ) from exc
-
-
-@contextlib.contextmanager
-def upstream_errors(provider: str) -> Iterator[None]:
-    """Re-raise transport failures as our ProviderError subclasses."""
-    try:
-        yield
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-        raise UpstreamUnreachable(provider, type(exc).__name__) from exc
-    except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-        raise UpstreamUncertain(provider, type(exc).__name__) from exc
 
 
 # ---- defensive parsing (the seeds contradict themselves on types) ----------------------

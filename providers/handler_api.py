@@ -40,9 +40,8 @@ from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
 from typing import Any, ClassVar, NoReturn
 
-import httpx
-
-from providers.base import Provider, as_bool, as_int, as_text, digits, upstream_errors
+from providers.base import Provider, as_bool, as_int, as_text, digits
+from providers.http import UpstreamHttp
 from providers.otp import extract_code
 from providers.settings import (
     ProviderSettings,
@@ -199,7 +198,7 @@ class HandlerApiProvider(Provider):
         self,
         name: str,
         settings: ProviderSettings,
-        http: httpx.AsyncClient,
+        http: UpstreamHttp,
         clock: Clock = time.time,
         *,
         options: Mapping[str, Any] | None = None,
@@ -672,13 +671,15 @@ class HandlerApiProvider(Provider):
         if self.lang:
             fields["lang"] = self.lang
         await self._pace()
-        with upstream_errors(self.name):
-            if self.method == "POST":
-                response = await self.http.post(self.base_url, data=fields)
-            else:
-                response = await self.http.get(self.base_url, params=fields)
-            body = response.content
-        answer = decode(response.status_code, body)
+        if self.method == "POST":
+            status, body = await self.http.request(
+                self.name, "POST", self.base_url, data=fields
+            )
+        else:
+            status, body = await self.http.request(
+                self.name, "GET", self.base_url, params=fields
+            )
+        answer = decode(status, body)
         if answer.status >= 500:
             raise UpstreamUncertain(self.name, f"{action}: HTTP {answer.status}")
         if not answer.text:

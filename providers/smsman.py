@@ -30,9 +30,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, ClassVar, Generic, TypeVar
 
-import httpx
-
 from providers.base import Provider, as_bool, as_int, as_text, digits
+from providers.http import UpstreamHttp
 from providers.otp import extract_code
 from providers.settings import (
     ProviderSettings,
@@ -134,7 +133,7 @@ class SmsmanProvider(Provider):
         self,
         name: str,
         settings: ProviderSettings,
-        http: httpx.AsyncClient,
+        http: UpstreamHttp,
         clock: Clock = time.time,
         *,
         options: Mapping[str, Any] | None = None,

@@ -31,9 +31,8 @@ from importlib import resources
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import httpx
-
 from providers.base import Provider, as_int, as_text, digits
+from providers.http import UpstreamHttp
 from providers.otp import extract_code
 from providers.settings import (
     ProviderSettings,
@@ -164,7 +163,7 @@ class SmspvaAccount(Provider):
         self,
         name: str,
         settings: ProviderSettings,
-        http: httpx.AsyncClient,
+        http: UpstreamHttp,
         clock: Clock = time.time,
         *,
         options: Mapping[str, Any] | None = None,
@@ -284,7 +283,7 @@ class SmspvaProvider(SmspvaAccount):
         self,
         name: str,
         settings: ProviderSettings,
-        http: httpx.AsyncClient,
+        http: UpstreamHttp,
         clock: Clock = time.time,
         *,
         options: Mapping[str, Any] | None = None,

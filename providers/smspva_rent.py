@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, ClassVar
 
-import httpx
-
 from providers.base import as_int, as_text, digits
+from providers.http import UpstreamHttp
 from providers.rental import Rental
 from providers.settings import ProviderSettings, as_decimal, option
 from providers.smspva import (
@@ -89,7 +88,7 @@ class SmspvaRentProvider(SmspvaAccount, Rental):
         self,
         name: str,
         settings: ProviderSettings,
-        http: httpx.AsyncClient,
+        http: UpstreamHttp,
         clock: Clock = time.time,
         *,
         options: Mapping[str, Any] | None = None,

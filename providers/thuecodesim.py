@@ -23,9 +23,8 @@ from decimal import Decimal
 from importlib import resources
 from typing import Any, ClassVar
 
-import httpx
-
 from providers.base import Provider, as_bool, as_int, as_text, digits
+from providers.http import UpstreamHttp
 from providers.otp import extract_code
 from providers.settings import (
     ProviderSettings,
@@ -203,7 +202,7 @@ class ThuecodesimProvider(Provider):
         self,
         name: str,
         settings: ProviderSettings,
-        http: httpx.AsyncClient,
+        http: UpstreamHttp,
         clock: Clock = time.time,
         *,
         options: Mapping[str, Any] | None = None,

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -20,6 +19,7 @@ from compat_server.config import Config, parse_config
 from compat_server.engine import Engine
 from compat_server.store import Store
 from fakes.common import FakeUpstream
+from providers.http import UpstreamHttp
 from providers.vocabulary import ActivationRef, Order, Purchase
 from tests.pg import PgServer, start_server
 
@@ -70,10 +70,17 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+def upstream_client(
+    read_timeout: float = 2.0, connect_timeout: float = 1.0
+) -> UpstreamHttp:
+    """The upstream client providers under test are built on (``async with`` it)."""
+    return UpstreamHttp(connect_timeout=connect_timeout, read_timeout=read_timeout)
+
+
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
+async def http() -> AsyncIterator[UpstreamHttp]:
     """The upstream client a provider under test is built on."""
-    async with httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=1.0)) as client:
+    async with upstream_client() as client:
         yield client
 
 

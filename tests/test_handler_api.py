@@ -64,6 +64,7 @@ from tests.conftest import (
     call,
     engine_of,
     sandbox_raw,
+    upstream_client,
 )
 
 TEXT = "text/plain"
@@ -1035,12 +1036,10 @@ def answers() -> st.SearchStrategy[str]:
 async def sms3t_provider(
     aiohttp_server: Any,
 ) -> Any:
-    import httpx
-
     fake = fakes.FakeSms3t()
     server: TestServer = await aiohttp_server(fake.app)
     url = str(server.make_url("")).rstrip("/")
-    async with httpx.AsyncClient(timeout=2) as http:
+    async with upstream_client(read_timeout=2, connect_timeout=2) as http:
         provider = HandlerApiProvider.from_options("fuzz", fakes.sms3t_options(url), http)
         provider._prices[(10, "tg")] = Decimal("15")
         yield fake, provider

@@ -49,7 +49,7 @@ def raw_with(store_path: str, section: str, value: Any) -> dict[str, Any]:
     [
         (("server", {"port": -5}), "server.port: must be between 0 and 65535, got -5"),
         (("server", {"port": 70000}), "server.port: must be between 0 and 65535, got 70000"),
-        (("server", {"prot": 80}), "server.prot: unknown option (known: body_timeout, host, log_repeat_interval, max_connections,"
+        (("server", {"prot": 80}), "server.prot: unknown option (known: body_timeout, event_loop, host, log_repeat_interval, max_connections,"
          " max_connections_per_client, port, request_deadline, tls)"),
         (("store", {"path": "x", "wal": True}), "store.wal: unknown option (known: busy_timeout, path, pool, url)"),
         (("activation", {"lifetime": 0}), "activation.lifetime: must be greater than 0"),

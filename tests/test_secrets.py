@@ -28,10 +28,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from compat_server import cli, logs, serving
-from compat_server.app import create_app
+from compat_server.app import ENGINE, create_app
 from compat_server.config import parse_config
 from fakes import handler_api, smsman, smspva, thuecodesim
 from fakes.common import FakeUpstream
+from providers.vocabulary import UpstreamUncertain
 from tests.conftest import API, FakeClock
 
 # Random-looking on purpose: no 8-character run of them occurs in any legitimate output.
@@ -357,39 +358,53 @@ async def upstream_faults(run: Run, fake: FakeUpstream, kind: Kind) -> None:
 # ---- the capture can fail ------------------------------------------------------------------
 
 
-async def test_httpx_logs_would_be_caught(
-    capture: Capture, aiohttp_server: Any, aiohttp_client: Any, store_path: str,
-    clock: FakeClock,
-) -> None:  # fmt: skip
-    """If httpx logged at INFO (it prints each URL) and nothing masked its lines, the
-    capture would show the token; with the masking filter (compat_server.logs) that
-    create_app puts on every logger, the same line shows ``token=****``."""
+async def test_upstream_client_errors_would_be_caught(
+    capture: Capture, aiohttp_client: Any, store_path: str, clock: FakeClock
+) -> None:
+    """aiohttp's client errors quote the whole URL, token and credentials included
+    (a malformed answer: ``ClientResponseError(..., url=...)``). The upstream client
+    chains them to ours; logged with a traceback and nothing masking it, the capture
+    would show the token; through the filter create_app installs, it shows nothing."""
+
+    async def malformed(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nbroken header line\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    upstream = await asyncio.start_server(malformed, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{upstream.sockets[0].getsockname()[1]}"
     kind = KINDS["thuecodesim"]
-    _, url = await start_fake(aiohttp_server, kind)
     config = parse_config(raw_config(store_path, {"thuecodesim": kind.options(url)}))
     run = Run(await start_server(config, clock, aiohttp_client), capture, clock)
-    httpx_logger = logging.getLogger("httpx")
-    assert httpx_logger.level == logging.WARNING  # quiet_secret_loggers at create_app
-    assert logs.FILTER in httpx_logger.filters
-    httpx_logger.setLevel(logging.INFO)
-    httpx_logger.removeFilter(logs.FILTER)
+    provider = run.client.server.app[ENGINE].upstreams.providers["thuecodesim"]
     try:
-        assert (await run.ask(action="getBalance")).startswith("ACCESS_BALANCE:")
+        with pytest.raises(UpstreamUncertain) as caught:
+            await provider.balance()
     finally:
-        httpx_logger.addFilter(logs.FILTER)
+        upstream.close()
+    assert caught.value.detail == "RemoteProtocolError"
+    assert TCS_TOKEN in str(caught.value.__cause__)  # what there is to hide
+
+    client_logger = logging.getLogger("aiohttp.client")
+    assert logs.FILTER in client_logger.filters
+    client_logger.removeFilter(logs.FILTER)
+    try:
+        client_logger.error("upstream failed", exc_info=caught.value)
+    finally:
+        client_logger.addFilter(logs.FILTER)
     assert "thuecodesim token: " + repr(TCS_TOKEN[:8]) in leaks(capture.text())
-    assert "query parameter '?token='" in leaks(capture.text())
 
     capture.records.clear()
     capture.stream.seek(0)
     capture.stream.truncate()
-    run.clock.advance(120)  # past the balance cache: one more upstream call
-    try:
-        assert (await run.ask(action="getBalance")).startswith("ACCESS_BALANCE:")
-    finally:
-        httpx_logger.setLevel(logging.WARNING)
-    lines = [r.getMessage() for r in capture.records if r.name == "httpx"]
-    assert len(lines) == 1 and "/users/balance?token=**** " in lines[0], lines
+    for name in ("aiohttp.client", "compat_server", "providers"):
+        logging.getLogger(name).error("upstream failed", exc_info=caught.value)
+    assert "RemoteProtocolError" in capture.text()
+    assert "ClientResponseError" in capture.text()  # the traceback is there, masked
+    assert "/users/balance?token=****'" in capture.text()
     assert [f for f in leaks(capture.text()) if not f.startswith("query")] == []
 
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-import httpx
 import pytest
 
 from fakes.smsman import TOKEN, FakeSmsman, provider_options
+from providers.http import UpstreamHttp
 from providers.smsman import ID_TABLES_TTL, SmsmanProvider
 from providers.vocabulary import (
     ActivationRef,
@@ -28,7 +29,7 @@ from providers.vocabulary import (
     UpstreamUncertain,
     UpstreamUnreachable,
 )
-from tests.conftest import FakeClock, ServeFake, activation_ref
+from tests.conftest import FakeClock, ServeFake, activation_ref, upstream_client
 
 TG_VN = Order(service="tg", country=10)
 TG_RU = Order(service="tg", country=0)
@@ -57,8 +58,8 @@ Make = Callable[..., SmsmanProvider]
 
 
 @pytest.fixture
-def make(url: str, http: httpx.AsyncClient, clock: Clock) -> Make:
-    def build(client: httpx.AsyncClient | None = None, **extra: Any) -> SmsmanProvider:
+def make(url: str, http: UpstreamHttp, clock: Clock) -> Make:
+    def build(client: UpstreamHttp | None = None, **extra: Any) -> SmsmanProvider:
         options = {**provider_options(url), **extra}
         return SmsmanProvider.from_options("sm", options, client or http, clock)
 
@@ -225,14 +226,14 @@ async def test_buy_hang_is_uncertain(
     make: Make, fake: FakeSmsman, fault: str, bought: list[str]
 ) -> None:
     fake.fault, fake.hang_seconds = fault, 0.3
-    async with httpx.AsyncClient(timeout=httpx.Timeout(0.1, connect=1.0)) as short:
+    async with upstream_client(read_timeout=0.1) as short:
         provider = make(client=short, services={"tg": 3}, countries={10: 7})
         with pytest.raises(UpstreamUncertain):
             await provider.buy(TG_VN)
     assert list(fake.orders) == bought  # after_hang: bought, we never heard back
 
 
-async def test_buy_refused_port_is_unreachable(http: httpx.AsyncClient) -> None:
+async def test_buy_refused_port_is_unreachable(http: UpstreamHttp) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -515,7 +516,7 @@ def test_countries_and_operators(make: Make) -> None:
     ],
 )
 def test_config_errors(
-    http: httpx.AsyncClient, options: dict[str, Any], message: str
+    http: UpstreamHttp, options: dict[str, Any], message: str
 ) -> None:
     base = {**provider_options("http://127.0.0.1:9"), **options}
     with pytest.raises(ConfigError) as info:
@@ -523,7 +524,7 @@ def test_config_errors(
     assert str(info.value).startswith(message)
 
 
-def test_missing_token_and_describe(http: httpx.AsyncClient) -> None:
+def test_missing_token_and_describe(http: UpstreamHttp) -> None:
     options = provider_options("http://127.0.0.1:9")
     del options["token"]
     with pytest.raises(ConfigError, match=r"^providers\.sm\.token: missing"):
@@ -534,6 +535,8 @@ def test_missing_token_and_describe(http: httpx.AsyncClient) -> None:
     )
 
 
-async def test_fake_answers_post_like_get(url: str, http: httpx.AsyncClient) -> None:
-    response = await http.post(f"{url}/control/get-balance", data={"token": TOKEN})
-    assert (response.status_code, response.json()) == (200, {"balance": "799.70"})
+async def test_fake_answers_post_like_get(url: str, http: UpstreamHttp) -> None:
+    status, body = await http.request(
+        "sm", "POST", f"{url}/control/get-balance", data={"token": TOKEN}
+    )
+    assert (status, json.loads(body)) == (200, {"balance": "799.70"})

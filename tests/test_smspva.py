@@ -11,10 +11,10 @@ from decimal import Decimal
 from importlib import resources
 from typing import Any
 
-import httpx
 import pytest
 
 from fakes.smspva import API_KEY, FakeSmspva, FakeSmspvaOrder, provider_options
+from providers.http import UpstreamHttp
 from providers.otp import extract_code
 from providers.smspva import PRICE_LIST_MEMO, SmspvaProvider
 from providers.smspva_rent import SmspvaRentProvider
@@ -33,7 +33,7 @@ from providers.vocabulary import (
     UpstreamUncertain,
     UpstreamUnreachable,
 )
-from tests.conftest import FakeClock, ServeFake, activation_ref
+from tests.conftest import FakeClock, ServeFake, activation_ref, upstream_client
 
 TG_VN = Order(service="tg", country=10)
 TG_RU = Order(service="tg", country=0)
@@ -64,9 +64,9 @@ Make = Callable[..., Any]  # SmspvaProvider, or SmspvaRentProvider for api=rent
 
 
 @pytest.fixture
-def make(url: str, http: httpx.AsyncClient, clock: Clock) -> Make:
+def make(url: str, http: UpstreamHttp, clock: Clock) -> Make:
     def build(
-        api: str = "activation", client: httpx.AsyncClient | None = None, **extra: Any
+        api: str = "activation", client: UpstreamHttp | None = None, **extra: Any
     ) -> Any:
         options = {**provider_options(url, api), **extra}
         cls = SmspvaRentProvider if api == "rent" else SmspvaProvider
@@ -115,7 +115,7 @@ def test_countries_per_api(make: Make) -> None:
     assert make("rent").countries() == [c for c in activation if c not in (10, 25)]
 
 
-def test_class_facts_and_poll_floor(make: Make, http: httpx.AsyncClient) -> None:
+def test_class_facts_and_poll_floor(make: Make, http: UpstreamHttp) -> None:
     assert (SmspvaProvider.type_name, SmspvaProvider.currency) == ("smspva", "USD")
     assert SmspvaProvider.min_interval == 4.5 and SmspvaProvider.can_lookup
     assert make(poll_interval=1).poll_interval == 5.0
@@ -324,14 +324,14 @@ async def test_buy_faults_are_uncertain(
 @BOTH
 async def test_buy_hang_is_uncertain(make: Make, fake: FakeSmspva, api: str) -> None:
     fake.fault, fake.hang_seconds = "hang", 0.5
-    async with httpx.AsyncClient(timeout=httpx.Timeout(0.1)) as client:
+    async with upstream_client(read_timeout=0.1, connect_timeout=0.1) as client:
         with pytest.raises(UpstreamUncertain):
             await make(api, client=client).buy(TG_RU)
 
 
 @BOTH
 async def test_refused_port_is_unreachable(
-    http: httpx.AsyncClient, clock: Clock, api: str
+    http: UpstreamHttp, clock: Clock, api: str
 ) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -592,7 +592,7 @@ def test_api_rent_in_the_config_builds_the_rental_provider() -> None:
     assert activation.providers["pva"].type == "smspva"
 
 
-def test_each_class_serves_only_its_api(http: httpx.AsyncClient) -> None:
+def test_each_class_serves_only_its_api(http: UpstreamHttp) -> None:
     with pytest.raises(ConfigError) as rent:
         SmspvaProvider.from_options("pva", {"api_key": API_KEY, "api": "rent"}, http)
     assert str(rent.value) == "providers.pva.api: 'rent' is not served here"

@@ -11,10 +11,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from fakes.thuecodesim import TOKEN, FakeThuecodesim, provider_options
+from providers.http import UpstreamHttp
 from providers.thuecodesim import (
     SERVICE_LIST_MEMO,
     SERVICES,
@@ -41,7 +41,7 @@ from providers.vocabulary import (
     UpstreamUncertain,
     UpstreamUnreachable,
 )
-from tests.conftest import FakeClock, ServeFake, activation_ref
+from tests.conftest import FakeClock, ServeFake, activation_ref, upstream_client
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_700_000_000.25  # 2023-11-15T05:13:20.25+07:00, exact in CreatedTime
@@ -63,17 +63,17 @@ class Stack:
     fake: FakeThuecodesim
     url: str
     clock: StepClock
-    http: httpx.AsyncClient
+    http: UpstreamHttp
 
     def provider(
-        self, http: httpx.AsyncClient | None = None, **options: Any
+        self, http: UpstreamHttp | None = None, **options: Any
     ) -> ThuecodesimProvider:
         merged = {**provider_options(self.url), **options}
         return ThuecodesimProvider.from_options("tcs", merged, http or self.http, self.clock)
 
 
 @pytest.fixture
-async def stack(serve_fake: ServeFake, http: httpx.AsyncClient) -> Stack:
+async def stack(serve_fake: ServeFake, http: UpstreamHttp) -> Stack:
     fake = FakeThuecodesim()
     clock = StepClock(NOW)
     fake.clock = clock
@@ -185,7 +185,7 @@ def test_bad_options_raise_config_error(
     assert stack.fake.calls == []
 
 
-def test_missing_token_raises_config_error(http: httpx.AsyncClient) -> None:
+def test_missing_token_raises_config_error(http: UpstreamHttp) -> None:
     with pytest.raises(ConfigError, match=r"^providers\.tcs\.token: missing"):
         ThuecodesimProvider.from_options("tcs", {"base_url": "http://127.0.0.1:9"}, http)
 
@@ -348,14 +348,13 @@ async def test_buy_fault_after_the_sale_is_uncertain(stack: Stack, fault: str) -
 async def test_buy_hang_is_uncertain(stack: Stack, fault: str) -> None:
     stack.fake.fault, stack.fake.fault_paths = fault, {"/request/getv2"}
     stack.fake.hang_seconds = 0.4
-    timeout = httpx.Timeout(0.15, connect=1.0)
-    async with httpx.AsyncClient(timeout=timeout) as short:
+    async with upstream_client(read_timeout=0.15) as short:
         with pytest.raises(UpstreamUncertain):
             await stack.provider(http=short).buy(TG_VN)
     assert len(stack.fake.orders) == (1 if fault == "after_hang" else 0)
 
 
-async def test_buy_connection_refused_is_unreachable(http: httpx.AsyncClient) -> None:
+async def test_buy_connection_refused_is_unreachable(http: UpstreamHttp) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
