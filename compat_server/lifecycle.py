@@ -39,6 +39,7 @@ from providers.base import Provider
 from providers.vocabulary import (
     Clock,
     Order,
+    PollResult,
     ProviderError,
     Purchase,
     UpstreamUncertain,
@@ -47,6 +48,9 @@ from providers.vocabulary import (
 log = logging.getLogger("compat_server")
 
 POLL_WAIT = 2.0  # seconds a getStatus waits for an upstream poll before answering
+# a batch list's answer stands for this many poll intervals: one late batch does not
+# send every getStatus upstream, two missed ones do (state staleness <= 2 intervals)
+COVERED_FOR = 2.0
 # in_flight keys of paid retries: below every rent attempt's (negative) and every
 # purchase attempt's key, so they never collide
 RETRY_FLIGHT = -(2**40)
@@ -90,6 +94,9 @@ class Lifecycle:
         self.clock = clock
         self._polls: dict[int, asyncio.Future[None]] = {}
         self._last_poll: dict[int, float] = {}
+        # activation id -> when a batch list last answered for it (compat_server.batch):
+        # while that is recent, getStatus answers from the store
+        self._covered: dict[int, float] = {}
         self._pruned_at = 0.0
         self.abandoned_count = 0  # purchases whose client left before the answer
 
@@ -107,7 +114,8 @@ class Lifecycle:
         """Bring an open activation up to date: expiry, then at most one poll per interval.
 
         Concurrent callers share one upstream request; an upstream failure leaves the
-        last known state in place.
+        last known state in place. An activation a batch list answered for within
+        COVERED_FOR poll intervals is not polled on its own.
         """
         if not activation.is_open:
             return
@@ -120,18 +128,44 @@ class Lifecycle:
             if provider is None:
                 return
             now = self.clock()
-            if now - self._last_poll.get(activation.id, -1e18) < provider.poll_interval:
+            interval = provider.poll_interval
+            if now - self._covered.get(activation.id, -1e18) < COVERED_FOR * interval:
                 return
-            self._last_poll[activation.id] = now
-            future = asyncio.ensure_future(self._poll(activation, provider))
-            self._polls[activation.id] = future
-            future.add_done_callback(lambda _: self._polls.pop(activation.id, None))
+            if now - self._last_poll.get(activation.id, -1e18) < interval:
+                return
+            future = self._start_poll(activation, provider, now)
         try:
             # a slow upstream must not make getStatus slow: past POLL_WAIT the client
             # gets the stored state, and the poll finishes in the background
             await asyncio.wait_for(asyncio.shield(future), POLL_WAIT)
         except asyncio.TimeoutError:
             log.info("poll id=%d slow upstream: answered from the store", activation.id)
+
+    async def poll_now(self, activation: Activation) -> None:
+        """Poll one open activation now (a batch list said it has news), or join the
+        poll already in flight; failures leave the last known state."""
+        if not activation.is_open or self.clock() >= activation.expires_at:
+            return
+        future = self._polls.get(activation.id)
+        if future is None:
+            provider = self.providers.get(activation.provider)
+            if provider is None:
+                return
+            future = self._start_poll(activation, provider, self.clock())
+        await asyncio.shield(future)
+
+    def _start_poll(
+        self, activation: Activation, provider: Provider, now: float
+    ) -> asyncio.Future[None]:
+        self._last_poll[activation.id] = now
+        future = asyncio.ensure_future(self._poll(activation, provider))
+        self._polls[activation.id] = future
+        future.add_done_callback(lambda _: self._polls.pop(activation.id, None))
+        return future
+
+    def covered(self, activation_id: int, now: float) -> None:
+        """A batch list answered for this activation at ``now``."""
+        self._covered[activation_id] = now
 
     async def _poll(self, activation: Activation, provider: Provider) -> None:
         ref = activation.ref()
@@ -147,16 +181,33 @@ class Lifecycle:
                 type(exc).__name__,
             )
             return
+        await self.apply(activation, ref.upstream_id, result)
+
+    async def apply(
+        self, activation: Activation, upstream_id: str, result: PollResult
+    ) -> bool:
+        """Store what a poll of ``upstream_id`` found; whether anything changed.
+
+        Nothing is written (and no lock taken) when it brings nothing new, so a batch
+        list of thousands of quiet orders costs no store work.
+        """
+        known = {m.uid for m in activation.messages}
+        news = any(m.uid not in known for m in result.messages)
+        if not news and not (result.closed and activation.state == WAIT_CODE):
+            return False
         async with self.store.lock(activation.id):
-            if not activation.is_open or activation.upstream_id != ref.upstream_id:
-                return
-            await self.store.add_messages(
+            if not activation.is_open or activation.upstream_id != upstream_id:
+                return False
+            changed = await self.store.add_messages(
                 activation, result.messages, self.webhooks.activation_rows(activation)
             )
             if result.closed and activation.state == WAIT_CODE:
                 # the upstream ended the order without a code: nothing to cancel there
                 await self.store.set_state(activation, EXPIRED, self.clock())
                 self._last_poll.pop(activation.id, None)
+                self._covered.pop(activation.id, None)
+                changed = True
+        return changed
 
     async def expire(self, activation: Activation) -> None:
         """Close an activation past its lifetime; cancel upstream unless a code came."""
@@ -172,6 +223,7 @@ class Lifecycle:
                     activation, FINISHED, self.clock(), outbox="finish"
                 )
         self._last_poll.pop(activation.id, None)
+        self._covered.pop(activation.id, None)
         self.outbox.wake.set()
 
     async def abandoned(self, activation: Activation) -> None:
@@ -200,6 +252,7 @@ class Lifecycle:
                 activation, CANCELLED, self.clock(), outbox="cancel"
             )
         self._last_poll.pop(activation.id, None)
+        self._covered.pop(activation.id, None)
         log.warning(
             "id=%d provider=%s client left before its number was delivered:"
             " cancel queued upstream (abandoned so far: %d)",
@@ -267,6 +320,7 @@ class Lifecycle:
             finally:
                 self.router.in_flight.pop(RETRY_FLIGHT - activation.id, None)
             self._last_poll.pop(activation.id, None)
+            self._covered.pop(activation.id, None)
 
     async def _paid_retry(
         self, activation: Activation, provider: Provider
@@ -335,6 +389,7 @@ class Lifecycle:
                 activation, FINISHED, self.clock(), outbox="finish"
             )
         self._last_poll.pop(activation.id, None)
+        self._covered.pop(activation.id, None)
         await self.outbox.drain_now(activation.id)
 
     async def cancel(self, activation: Activation) -> None:
@@ -351,6 +406,7 @@ class Lifecycle:
                 activation, CANCELLED, self.clock(), outbox="cancel"
             )
         self._last_poll.pop(activation.id, None)
+        self._covered.pop(activation.id, None)
         await self.outbox.drain_now(activation.id)
 
     async def sweep(self) -> int:

@@ -1,0 +1,164 @@
+"""Batch polling: one list call per poll interval per account, not one poll per number.
+
+Where a provider lists many orders in one call (``Provider.can_poll_many``: thuecodesim's
+``session/historyv2``, smspva's ``orders``, a clone's ``getActiveActivations``), the
+:class:`BatchPoller` asks that list once per ``poll_interval`` while the provider has
+open activations, and stores what changed: new messages (with their webhooks) and
+orders the list says are over. getStatus then answers those activations from the store
+(``Lifecycle.covered``) instead of polling each one.
+
+What a list does not cover falls back to the per-activation path, never to a guess:
+
+* an order the list leaves out, or a list call that fails, keeps its last known state
+  and its cover lapses, so after ``COVERED_FOR`` intervals getStatus polls it alone
+  again (``Lifecycle.refresh``);
+* an order the list shows with news it does not carry (smspva: ``hasnewsms``, a status
+  other than waiting) is polled alone at once (``Lifecycle.poll_now``), unless it
+  already shows a code (then getStatus polls it as before).
+
+The call is taken under ``store.lease(f"batch:{provider}", ...)``, so servers sharing
+one database make one list call per interval between them. Each batch is one log line
+(provider, count, latency, what changed), without any secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+
+from compat_server.lifecycle import Lifecycle
+from compat_server.routing import Upstreams
+from compat_server.store import CODE, Store
+from providers.vocabulary import BUDGET, Budget, Clock, ProviderError
+
+log = logging.getLogger("compat_server")
+
+TICK = 0.25  # seconds between checks for a provider whose interval has passed
+# the lease is a little shorter than the interval: a tick that lands a hair early on
+# the next interval must not find the previous lease still held and skip a whole one
+LEASE_SHARE = 0.9
+
+
+class BatchPoller:
+    """Per batch-capable provider: one list call per poll interval, results stored."""
+
+    def __init__(
+        self, store: Store, upstreams: Upstreams, lifecycle: Lifecycle, clock: Clock
+    ) -> None:
+        self.store = store
+        self.upstreams = upstreams
+        self.lifecycle = lifecycle
+        self.clock = clock
+        self._due: dict[str, float] = {}  # provider -> clock time of its next batch
+        self._running: dict[str, asyncio.Task[int]] = {}
+        self.on_batch: Callable[[str, int, float], None] | None = None  # for the bench
+
+    def step(self) -> int:
+        """Start a batch for every provider whose interval has passed; how many."""
+        now = self.clock()
+        started = 0
+        for name, provider in list(self.upstreams.providers.items()):
+            if not provider.can_poll_many or name in self._running:
+                continue
+            if now < self._due.get(name, -1e18):
+                continue
+            self._due[name] = now + provider.poll_interval
+            task = asyncio.create_task(self.poll(name))
+            self._running[name] = task
+            task.add_done_callback(functools.partial(self._finished, name))
+            started += 1
+        return started
+
+    def _finished(self, name: str, _: object) -> None:
+        self._running.pop(name, None)
+
+    async def run_forever(self, tick: float = TICK) -> None:
+        """Step every ``tick`` seconds until cancelled (the app's cleanup_ctx loop)."""
+        try:
+            while True:
+                try:
+                    self.step()
+                except Exception:
+                    log.exception("background batch poller failed; continuing")
+                await asyncio.sleep(tick)
+        finally:
+            running = list(self._running.values())
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def poll(self, name: str) -> int:
+        """One batch for one provider (if it has open activations and the lease is
+        free); how many activations it changed. Failures are logged, never raised."""
+        provider = self.upstreams.providers.get(name)
+        if provider is None or not provider.can_poll_many:
+            return 0
+        now = self.clock()
+        open_ = [
+            a
+            for a in self.store.open_activations()
+            if a.provider == name and a.expires_at > now
+        ]
+        if not open_:
+            return 0
+        lease = f"batch:{name}"
+        if not await self.store.lease(lease, provider.poll_interval * LEASE_SHARE, now):
+            return 0
+        by_upstream = {a.upstream_id: a for a in open_}
+        refs = [a.ref() for a in open_]
+        started = time.perf_counter()
+        # a batch serves every waiting client at once: it is paced as a client call
+        scope = BUDGET.set(Budget())
+        try:
+            batch = await self.upstreams.call(
+                name, "poll_many", functools.partial(provider.poll_many, refs)
+            )
+        except ProviderError as exc:
+            log.info(
+                "batch poll provider=%s count=%d failed: %s ms=%.1f",
+                name,
+                len(refs),
+                type(exc).__name__,
+                (time.perf_counter() - started) * 1000,
+            )
+            return 0
+        finally:
+            BUDGET.reset(scope)
+        listed_ms = (time.perf_counter() - started) * 1000
+        answered = self.clock()
+        changed = 0
+        for upstream_id, result in batch.results.items():
+            activation = by_upstream.get(upstream_id)
+            if activation is None:
+                continue
+            if await self.lifecycle.apply(activation, upstream_id, result):
+                changed += 1
+            if activation.is_open:
+                self.lifecycle.covered(activation.id, answered)
+        fetch = [
+            by_upstream[u]
+            for u in batch.fetch
+            if u in by_upstream and by_upstream[u].state != CODE
+        ]
+        before = [len(a.messages) for a in fetch]
+        if fetch:
+            # not covered afterwards: a fetch that failed must leave getStatus its poll
+            await asyncio.gather(*(self.lifecycle.poll_now(a) for a in fetch))
+        changed += sum(
+            1 for a, n in zip(fetch, before, strict=True) if len(a.messages) != n
+        )
+        log.info(
+            "batch poll provider=%s count=%d listed=%d fetched=%d changed=%d ms=%.1f",
+            name,
+            len(refs),
+            len(batch.results),
+            len(fetch),
+            changed,
+            listed_ms,
+        )
+        if self.on_batch is not None:
+            self.on_batch(name, len(refs), listed_ms)
+        return changed
