@@ -64,6 +64,7 @@ DEFAULT_BASE_URL = "https://api.thuecodesim.com"
 LOOKUP_SLACK = 120.0  # seconds of clock skew tolerated when matching history items
 HISTORY_LIMIT = 50
 BATCH_SLACK_ROWS = 100  # history rows asked beyond the open orders (other tools)
+LEARN_ROWS = 8  # waiting history rows per batch that may teach the upstream's zone
 # CreatedTime carries no zone. Vietnam time is what the seed's samples suggest, but the
 # upstream clock has been seen in UTC: until the offset is learned from a live answer
 # (an order whose creation time we know), any offset from UTC-12 to UTC+14 is possible.
@@ -315,28 +316,34 @@ class ThuecodesimProvider(Provider):
             raise UpstreamUncertain(self.name, "history answer is not a list")
         wanted = {ref.upstream_id: ref for ref in refs}
         results: dict[str, PollResult] = {}
+        teachers = LEARN_ROWS  # a few waiting rows teach the zone; 10,000 need not
         for item in items:
             if not isinstance(item, dict):
                 continue
             ref = wanted.get(as_text(item.get("ID")))
             if ref is None:
                 continue
-            result = self._session_result(ref, item)
+            learn = teachers > 0 and as_int(item.get("Status")) == 0
+            teachers -= learn
+            result = self._session_result(ref, item, learn=learn)
             if result is not None:
                 results[ref.upstream_id] = result
         return BatchPoll(results=results)
 
     def _session_result(
-        self, ref: ActivationRef, data: Mapping[str, Any]
+        self, ref: ActivationRef, data: Mapping[str, Any], *, learn: bool = True
     ) -> PollResult | None:
-        """A session (or history item) as a poll result; None for an unknown Status."""
+        """A session (or history item) as a poll result; None for an unknown Status.
+
+        ``learn``: a waiting one teaches the zone of CreatedTime (see _learn_offset).
+        """
         # ``ID`` is documented as the request id, but the seed's sample shows another
         # number: it is not compared, so a wrong guess cannot stall every poll.
         status = as_int(data.get("Status"))
         if status == 0:
             # still waiting: CreatedTime is the order's, whose creation we know,
             # unless it is a re-rent (a later order under the same activation)
-            if not ref.previous_ids:
+            if learn and not ref.previous_ids:
                 self._learn_offset(data.get("CreatedTime"), ref.created_at)
             return PollResult()
         if status == 2:

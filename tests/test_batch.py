@@ -10,6 +10,7 @@ an SMS is never lost.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, timedelta, timezone
@@ -362,3 +363,48 @@ async def test_a_clone_without_getactiveactivations_is_polled_one_by_one(
     assert await engine.batch.poll("up") == 0  # not asked again
     assert await statuses(client, [ident]) == ["STATUS_OK:4242"]
     assert fake.actions_called() == ["getActiveActivations", "getStatus"]
+
+
+async def test_a_paging_clone_is_read_page_by_page(
+    aiohttp_server: Any, start_app: StartApp, store_path: str, clock: FakeClock
+) -> None:
+    fake = handler_api.FakeSmsActivate()
+    fake.clock, fake.balance, fake.paged = clock, Decimal(10_000), True
+    fake.prices["10"]["tg"] = ("12.50", 1000)
+    options = handler_api.sms_activate_options(await serve(aiohttp_server, fake))
+    client = await start_app(config_for(store_path, options))
+    bought = await buy(client, 130)
+    fake.deliver(bought[-1][1], "Your code is 31337", "31337")
+    fake.calls.clear()
+
+    assert await engine_of(client).batch.poll("up") == 1
+    pages = [(p["start"], p["limit"]) for _, p in fake.calls]
+    assert pages == [("0", "100"), ("100", "100")]
+    ids = [ident for ident, _ in bought]
+    assert await statuses(client, ids) == ["STATUS_WAIT_CODE"] * 129 + [
+        "STATUS_OK:31337"
+    ]
+    assert len(fake.calls) == 2
+
+
+# ---- the app's own loop ---------------------------------------------------------------
+
+
+async def test_the_background_loop_polls_by_itself(
+    aiohttp_server: Any, start_app: StartApp, store_path: str, clock: FakeClock
+) -> None:
+    fake = thuecodesim.FakeThuecodesim()
+    fake.clock = clock
+    options = thuecodesim.provider_options(await serve(aiohttp_server, fake))
+    client = await start_app(config_for(store_path, options), background=True)
+    [(ident, upstream_id)] = await buy(client, 1)
+    fake.deliver(upstream_id, "Telegram code 24680", "24680")
+    clock.advance(3)  # the provider's poll_interval: a batch is due
+    fake.calls.clear()
+    for _ in range(100):  # the loop ticks every 0.25 s of real time
+        if HISTORY in fake.paths_called():
+            break
+        await asyncio.sleep(0.05)
+    assert fake.paths_called() == [HISTORY]
+    assert await statuses(client, [ident]) == ["STATUS_OK:24680"]
+    assert fake.paths_called() == [HISTORY]
