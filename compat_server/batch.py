@@ -13,8 +13,13 @@ What a list does not cover falls back to the per-activation path, never to a gue
   and its cover lapses, so after ``COVERED_FOR`` intervals getStatus polls it alone
   again (``Lifecycle.refresh``);
 * an order the list shows with news it does not carry (smspva: ``hasnewsms``, a status
-  other than waiting) is polled alone at once (``Lifecycle.poll_now``), unless it
-  already shows a code (then getStatus polls it as before).
+  other than waiting) is polled alone at once (``Lifecycle.poll_now``) while it waits
+  for a code (WAIT_CODE, WAIT_RETRY). One that already shows a code keeps it and is
+  covered: its client has what it waited for, and a further SMS is asked for with
+  setStatus 3 (WAIT_RETRY), which fetches it. Fetching those every interval would
+  spend a paced upstream (smspva: 4.5 s a call) on numbers nobody waits for;
+* a list call that fails backs off (2, 4, ... intervals, at most BACKOFF_MAX s), so a
+  backend whose list is broken keeps being polled number by number.
 
 The call is taken under ``store.lease(f"batch:{provider}", ...)``, so servers sharing
 one database make one list call per interval between them. Each batch is one log line
@@ -40,6 +45,7 @@ TICK = 0.25  # seconds between checks for a provider whose interval has passed
 # the lease is a little shorter than the interval: a tick that lands a hair early on
 # the next interval must not find the previous lease still held and skip a whole one
 LEASE_SHARE = 0.9
+BACKOFF_MAX = 60.0  # seconds at most between list calls of a provider whose list fails
 
 
 class BatchPoller:
@@ -54,6 +60,7 @@ class BatchPoller:
         self.clock = clock
         self._due: dict[str, float] = {}  # provider -> clock time of its next batch
         self._running: dict[str, asyncio.Task[int]] = {}
+        self._failures: dict[str, int] = {}  # provider -> list calls failed in a row
         self.on_batch: Callable[[str, int, float], None] | None = None  # for the bench
 
     def step(self) -> int:
@@ -71,6 +78,10 @@ class BatchPoller:
             task.add_done_callback(functools.partial(self._finished, name))
             started += 1
         return started
+
+    async def wait(self) -> None:
+        """Until the batches started by step() are done (tests step it by hand)."""
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
 
     def _finished(self, name: str, _: object) -> None:
         self._running.pop(name, None)
@@ -117,16 +128,21 @@ class BatchPoller:
                 name, "poll_many", functools.partial(provider.poll_many, refs)
             )
         except ProviderError as exc:
+            failures = self._failures[name] = self._failures.get(name, 0) + 1
+            wait = min(provider.poll_interval * 2**failures, BACKOFF_MAX)
+            self._due[name] = max(self._due.get(name, now), self.clock() + wait)
             log.info(
-                "batch poll provider=%s count=%d failed: %s ms=%.1f",
+                "batch poll provider=%s count=%d failed: %s ms=%.1f (next in %.0f s)",
                 name,
                 len(refs),
                 type(exc).__name__,
                 (time.perf_counter() - started) * 1000,
+                wait,
             )
             return 0
         finally:
             BUDGET.reset(scope)
+        self._failures.pop(name, None)
         listed_ms = (time.perf_counter() - started) * 1000
         answered = self.clock()
         changed = 0
@@ -138,11 +154,15 @@ class BatchPoller:
                 changed += 1
             if activation.is_open:
                 self.lifecycle.covered(activation.id, answered)
-        fetch = [
-            by_upstream[u]
-            for u in batch.fetch
-            if u in by_upstream and by_upstream[u].state != CODE
-        ]
+        fetch = []
+        for upstream_id in batch.fetch:
+            activation = by_upstream.get(upstream_id)
+            if activation is None or not activation.is_open:
+                continue
+            if activation.state == CODE:
+                self.lifecycle.covered(activation.id, answered)
+            else:
+                fetch.append(activation)
         before = [len(a.messages) for a in fetch]
         if fetch:
             # not covered afterwards: a fetch that failed must leave getStatus its poll

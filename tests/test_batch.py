@@ -181,6 +181,39 @@ async def test_thuecodesim_a_failed_history_call_changes_nothing_and_getstatus_p
     assert fake.paths_called() == [HISTORY, SESSION, SESSION]
 
 
+async def test_a_failing_history_backs_off(
+    aiohttp_server: Any, start_app: StartApp, store_path: str, clock: FakeClock
+) -> None:
+    fake = thuecodesim.FakeThuecodesim()
+    fake.clock = clock
+    client = await start_app(config_for(store_path, thuecodesim.provider_options(
+        await serve(aiohttp_server, fake))))  # fmt: skip
+    batch = engine_of(client).batch
+    await buy(client, 1)
+    fake.fault, fake.fault_paths = "html500", {HISTORY}
+    fake.calls.clear()
+    started = []
+    for _ in range(4):  # failures wait 2, then 4 poll intervals (3 s)
+        started.append(batch.step())
+        await batch.wait()
+        clock.advance(3)
+    assert started == [1, 0, 1, 0]
+    for _ in range(4):
+        started.append(batch.step())
+        await batch.wait()
+        clock.advance(3)
+    assert started == [1, 0, 1, 0, 0, 0, 1, 0]
+    assert fake.paths_called() == [HISTORY] * 3
+    fake.fault = None  # the third failure waits 8 intervals (24 s)
+    for _ in range(8):
+        started.append(batch.step())
+        await batch.wait()
+        clock.advance(3)
+    # the list answers again: back to one call per interval
+    assert started[8:] == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert fake.paths_called() == [HISTORY] * 5
+
+
 async def test_the_lease_makes_one_batch_call_per_interval(
     aiohttp_server: Any, start_app: StartApp, store_path: str, clock: FakeClock
 ) -> None:
@@ -274,6 +307,15 @@ async def test_smspva_one_paced_orders_call_then_only_the_numbers_with_news(
         + ["STATUS_WAIT_CODE"] * 2
     )
     assert len(fake.calls) == 3  # eight getStatus, no further paced call
+    # the next interval: the two numbers holding a code are not fetched again (their
+    # clients have what they waited for), the rest is covered by the one list call
+    clock.advance(5)
+    fake.calls.clear()
+    assert await engine_of(client).batch.poll("up") == 0
+    assert fake.paths_called() == ["/activation/orders"]
+    clock.advance(5)
+    assert await statuses(client, [ident for ident, _ in made]) == answers
+    assert fake.paths_called() == ["/activation/orders"]
 
 
 async def test_smspva_rent_fetches_the_numbers_with_hasnewsms_only(
