@@ -1498,7 +1498,7 @@ async def measure_h(run: Run) -> Json:
     count = 1000
     path = run.store("h-template")
     template = (path, await prefill_batch(path, count))
-    seconds = 10.0 if run.quick else 20.0
+    seconds = 6.0 if run.quick else 20.0
     result: Json = {}
     for kind in BATCH_KINDS:
         result[kind] = await batch_case(run, kind, template, seconds, 0.0)
@@ -1512,7 +1512,7 @@ async def measure_i(run: Run) -> Json:
     started = time.perf_counter()
     template = (path, await prefill_batch(path, count))
     result: Json = {"prefill_s": time.perf_counter() - started}
-    seconds = 15.0 if run.quick else 30.0
+    seconds = 10.0 if run.quick else 30.0
     rates = {"thuecodesim": 5.0, "handler_api": 5.0, "smspva": 0.1}
     for kind in ("thuecodesim", "handler_api", "smspva"):
         # smspva's pacing (4.5 s) lets one SMS be fetched every other slot: a slower
