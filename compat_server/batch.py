@@ -32,7 +32,6 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
 
 from compat_server.lifecycle import Lifecycle
 from compat_server.routing import Upstreams
@@ -61,7 +60,6 @@ class BatchPoller:
         self._due: dict[str, float] = {}  # provider -> clock time of its next batch
         self._running: dict[str, asyncio.Task[int]] = {}
         self._failures: dict[str, int] = {}  # provider -> list calls failed in a row
-        self.on_batch: Callable[[str, int, float], None] | None = None  # for the bench
 
     def step(self) -> int:
         """Start a batch for every provider whose interval has passed; how many."""
@@ -152,12 +150,16 @@ class BatchPoller:
                 continue
             if await self.lifecycle.apply(activation, upstream_id, result):
                 changed += 1
-            if activation.is_open:
+            # not re-rented meanwhile (setStatus 3 on thuecodesim): then the answer
+            # was about its old order, and the new one waits for the next batch
+            if activation.is_open and activation.upstream_id == upstream_id:
                 self.lifecycle.covered(activation.id, answered)
         fetch = []
         for upstream_id in batch.fetch:
             activation = by_upstream.get(upstream_id)
             if activation is None or not activation.is_open:
+                continue
+            if activation.upstream_id != upstream_id:
                 continue
             if activation.state == CODE:
                 self.lifecycle.covered(activation.id, answered)
@@ -179,6 +181,4 @@ class BatchPoller:
             changed,
             listed_ms,
         )
-        if self.on_batch is not None:
-            self.on_batch(name, len(refs), listed_ms)
         return changed
