@@ -21,6 +21,11 @@ What a list does not cover falls back to the per-activation path, never to a gue
 * a list call that fails backs off (2, 4, ... intervals, at most BACKOFF_MAX s), so a
   backend whose list is broken keeps being polled number by number.
 
+While the loop runs, an activation getStatus sees for the first time (just bought, or
+loaded at a restart) waits for its provider's next batch rather than being polled alone:
+10,000 numbers loaded at a restart would otherwise queue 10,000 polls on a paced
+upstream (smspva: 4.5 s each) ahead of the one list call.
+
 The call is taken under ``store.lease(f"batch:{provider}", ...)``, so servers sharing
 one database make one list call per interval between them. Each batch is one log line
 (provider, count, latency, what changed), without any secret.
@@ -85,15 +90,26 @@ class BatchPoller:
         self._running.pop(name, None)
 
     async def run_forever(self, tick: float = TICK) -> None:
-        """Step every ``tick`` seconds until cancelled (the app's cleanup_ctx loop)."""
+        """Step every ``tick`` seconds until cancelled (the app's cleanup_ctx loop).
+
+        While it runs, getStatus leaves an activation it has not seen polled to the
+        next batch of its provider (``Lifecycle.batching``), unless that provider's
+        list is failing.
+        """
         try:
             while True:
                 try:
+                    self.lifecycle.batching = frozenset(
+                        name
+                        for name, provider in self.upstreams.providers.items()
+                        if provider.can_poll_many and name not in self._failures
+                    )
                     self.step()
                 except Exception:
                     log.exception("background batch poller failed; continuing")
                 await asyncio.sleep(tick)
         finally:
+            self.lifecycle.batching = frozenset()
             running = list(self._running.values())
             for task in running:
                 task.cancel()

@@ -97,6 +97,9 @@ class Lifecycle:
         # activation id -> when a batch list last answered for it (compat_server.batch):
         # while that is recent, getStatus answers from the store
         self._covered: dict[int, float] = {}
+        # providers whose batch list runs in the background and answers: an activation
+        # first seen there waits for the next batch instead of being polled alone
+        self.batching: frozenset[str] = frozenset()
         self._pruned_at = 0.0
         self.abandoned_count = 0  # purchases whose client left before the answer
 
@@ -115,7 +118,8 @@ class Lifecycle:
 
         Concurrent callers share one upstream request; an upstream failure leaves the
         last known state in place. An activation a batch list answered for within
-        COVERED_FOR poll intervals is not polled on its own.
+        COVERED_FOR poll intervals, or first seen while its provider's batch runs, is
+        not polled on its own.
         """
         if not activation.is_open:
             return
@@ -129,6 +133,15 @@ class Lifecycle:
                 return
             now = self.clock()
             interval = provider.poll_interval
+            if (
+                activation.provider in self.batching
+                and activation.id not in self._covered
+                and activation.id not in self._last_poll
+            ):
+                # new, or loaded at a restart: the next batch lists it. A paced
+                # upstream (smspva) must not queue one poll per number before that
+                self._covered[activation.id] = now
+                return
             if now - self._covered.get(activation.id, -1e18) < COVERED_FOR * interval:
                 return
             if now - self._last_poll.get(activation.id, -1e18) < interval:

@@ -440,6 +440,10 @@ async def test_the_background_loop_polls_by_itself(
     options = thuecodesim.provider_options(await serve(aiohttp_server, fake))
     client = await start_app(config_for(store_path, options), background=True)
     [(ident, upstream_id)] = await buy(client, 1)
+    fake.calls.clear()
+    # first seen while the batch runs: left to the next batch, no poll of its own
+    assert await statuses(client, [ident]) == ["STATUS_WAIT_CODE"]
+    assert fake.paths_called() == []
     fake.deliver(upstream_id, "Telegram code 24680", "24680")
     clock.advance(3)  # the provider's poll_interval: a batch is due
     fake.calls.clear()
