@@ -14,7 +14,8 @@ What a list does not cover falls back to the per-activation path, never to a gue
   again (``Lifecycle.refresh``);
 * an order the list shows with news it does not carry (smspva: ``hasnewsms``, a status
   other than waiting) is polled alone at once (``Lifecycle.poll_now``) while it waits
-  for a code (WAIT_CODE, WAIT_RETRY). One that already shows a code keeps it and is
+  for a code (WAIT_CODE, WAIT_RETRY), and covered once that poll answered (one that
+  failed is left to getStatus). One that already shows a code keeps it and is
   covered: its client has what it waited for, and a further SMS is asked for with
   setStatus 3 (WAIT_RETRY), which fetches it. Fetching those every interval would
   spend a paced upstream (smspva: 4.5 s a call) on numbers nobody waits for;
@@ -182,9 +183,14 @@ class BatchPoller:
             else:
                 fetch.append(activation)
         before = [len(a.messages) for a in fetch]
-        if fetch:
-            # not covered afterwards: a fetch that failed must leave getStatus its poll
-            await asyncio.gather(*(self.lifecycle.poll_now(a) for a in fetch))
+        answers = await asyncio.gather(*(self.lifecycle.poll_now(a) for a in fetch))
+        fetched = self.clock()
+        for activation, answered_alone in zip(fetch, answers, strict=True):
+            # a fetch that failed leaves getStatus its own poll; one that answered
+            # covers it (else, on a paced upstream, its client's next getStatus
+            # would queue a poll of its own ahead of the next list call)
+            if answered_alone and activation.is_open:
+                self.lifecycle.covered(activation.id, fetched)
         changed += sum(
             1 for a, n in zip(fetch, before, strict=True) if len(a.messages) != n
         )

@@ -92,7 +92,7 @@ class Lifecycle:
         self.outbox = outbox
         self.webhooks = webhooks
         self.clock = clock
-        self._polls: dict[int, asyncio.Future[None]] = {}
+        self._polls: dict[int, asyncio.Future[bool]] = {}
         self._last_poll: dict[int, float] = {}
         # activation id -> when a batch list last answered for it (compat_server.batch):
         # while that is recent, getStatus answers from the store
@@ -154,22 +154,23 @@ class Lifecycle:
         except asyncio.TimeoutError:
             log.info("poll id=%d slow upstream: answered from the store", activation.id)
 
-    async def poll_now(self, activation: Activation) -> None:
+    async def poll_now(self, activation: Activation) -> bool:
         """Poll one open activation now (a batch list said it has news), or join the
-        poll already in flight; failures leave the last known state."""
+        poll already in flight; whether the upstream answered (a failure leaves the
+        last known state)."""
         if not activation.is_open or self.clock() >= activation.expires_at:
-            return
+            return False
         future = self._polls.get(activation.id)
         if future is None:
             provider = self.providers.get(activation.provider)
             if provider is None:
-                return
+                return False
             future = self._start_poll(activation, provider, self.clock())
-        await asyncio.shield(future)
+        return await asyncio.shield(future)
 
     def _start_poll(
         self, activation: Activation, provider: Provider, now: float
-    ) -> asyncio.Future[None]:
+    ) -> asyncio.Future[bool]:
         self._last_poll[activation.id] = now
         future = asyncio.ensure_future(self._poll(activation, provider))
         self._polls[activation.id] = future
@@ -180,7 +181,7 @@ class Lifecycle:
         """A batch list answered for this activation at ``now``."""
         self._covered[activation_id] = now
 
-    async def _poll(self, activation: Activation, provider: Provider) -> None:
+    async def _poll(self, activation: Activation, provider: Provider) -> bool:
         ref = activation.ref()
         try:
             result = await self.upstreams.call(
@@ -193,8 +194,9 @@ class Lifecycle:
                 activation.provider,
                 type(exc).__name__,
             )
-            return
+            return False
         await self.apply(activation, ref.upstream_id, result)
+        return True
 
     async def apply(
         self, activation: Activation, upstream_id: str, result: PollResult
