@@ -2,9 +2,9 @@
 
 Run from the repository root (the venv that has the project installed)::
 
-    python bench/run.py            # full run, about 2-3 minutes
-    python bench/run.py --quick    # about 1 minute, smaller samples
-    python bench/run.py --only a,c # a subset (figures a b c d e)
+    python bench/run.py            # full run, about 8 minutes
+    python bench/run.py --quick    # about 3.5 minutes, smaller samples
+    python bench/run.py --only a,c # a subset (figures a b c d e h i)
 
 It prints a table and writes ``bench/results/latest.json``. What each figure measures,
 and its target, is in ``bench/README.md``. Every server under test, fake upstream and
