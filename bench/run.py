@@ -894,6 +894,8 @@ def fake_options(kind: str, url: str) -> Json:
     module: Any = {"thuecodesim": thuecodesim, "smsman": smsman, "smspva": smspva}[kind]
     options: Json = module.provider_options(url)
     options.update(poll_interval=0, min_interval=0)
+    if kind != "smsman":  # (b), (c): every poll is one activation's (not (h), (i))
+        options["batch_poll"] = False
     return options
 
 

@@ -48,6 +48,7 @@ from providers.otp import extract_code
 from providers.settings import (
     ProviderSettings,
     as_decimal,
+    flag,
     number,
     option,
     require_option,
@@ -187,6 +188,7 @@ class HandlerApiSettings(ProviderSettings):
     countries: dict[int, str] = option(lambda n, o, k: _country_option(n, o))
     timezone: dt.tzinfo | None = option(lambda n, o, k: _timezone_option(n, o))
     table_ttl: float = option(number(DEFAULT_TABLE_TTL))
+    batch_poll: bool = option(flag(True))  # false: poll number by number
 
 
 class HandlerApiProvider(Provider):
@@ -223,6 +225,7 @@ class HandlerApiProvider(Provider):
         self.timezone = given.timezone
         self._service_of = {theirs: ours for ours, theirs in self.services.items()}
         self.table_ttl = given.table_ttl
+        self.can_poll_many = given.batch_poll
         self._has_get_prices = True
         self._whole_table = not self.country_map  # False once the clone shows it can't
         self._table: tuple[float, dict[str, PriceRows]] | None = None

@@ -39,6 +39,7 @@ from providers.settings import (
     ProviderSettings,
     Reader,
     as_decimal,
+    flag,
     number,
     option,
     required,
@@ -142,6 +143,7 @@ class SmspvaSettings(ProviderSettings):
     catalog_ttl: float = option(number(60.0))
     services: dict[str, str] = option(lambda n, o, k: _service_overrides(n, o.get(k)))
     countries: dict[int, str] = option(lambda n, o, k: _country_overrides(n, o.get(k)))
+    batch_poll: bool = option(flag(True))  # false: poll number by number
 
 
 class SmspvaAccount(Provider):
@@ -175,6 +177,7 @@ class SmspvaAccount(Provider):
     ) -> None:
         super().__init__(name, settings, http, clock, options=options)
         self.poll_interval = max(self.poll_interval, POLL_FLOOR)
+        self.can_poll_many = self.settings.batch_poll
         given = self.settings
         self.api_key = given.api_key
         self.activation_url = given.activation_url

@@ -30,6 +30,7 @@ from providers.otp import extract_code
 from providers.settings import (
     ProviderSettings,
     as_decimal,
+    flag,
     number,
     number_option,
     option,
@@ -184,6 +185,7 @@ class ThuecodesimSettings(ProviderSettings):
     token: str = option(required, secret=True)
     base_url: str = option(url(DEFAULT_BASE_URL))
     rerent_on_retry: bool = option(lambda n, o, k: _bool_option(n, o, k, False))
+    batch_poll: bool = option(flag(True))  # false: poll number by number
     # deprecated, accepted for old configs and ignored (one warning line): the catalog
     # cache is the engine's, upstream.catalog_ttl
     catalog_ttl: float = option(number(60.0))
@@ -230,6 +232,7 @@ class ThuecodesimProvider(Provider):
         self._service_lists: dict[str, tuple[float, list[Entry]]] = {}
         # seconds east of UTC of the upstream's CreatedTime, once a live answer told
         self.utc_offset: float | None = None
+        self.can_poll_many = self.settings.batch_poll
         self._bought: dict[str, float] = {}  # recent request ids -> when we bought them
 
     # ---- facts ---------------------------------------------------------------------

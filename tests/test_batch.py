@@ -25,7 +25,7 @@ from compat_server.store import EXPIRED, NewActivation
 from fakes import handler_api, smspva, thuecodesim
 from fakes.common import FakeOrder, FakeUpstream
 from fakes.smspva import FakeSmspvaOrder
-from providers.vocabulary import Order, Purchase
+from providers.vocabulary import ConfigError, Order, Purchase
 from tests.conftest import KEY, FakeClock, StartApp, call, engine_of
 
 TEXT = "text/plain"
@@ -454,3 +454,33 @@ async def test_the_background_loop_polls_by_itself(
     assert fake.paths_called() == [HISTORY]
     assert await statuses(client, [ident]) == ["STATUS_OK:24680"]
     assert fake.paths_called() == [HISTORY]
+
+
+async def test_batch_poll_false_polls_number_by_number(
+    aiohttp_server: Any, start_app: StartApp, store_path: str, clock: FakeClock
+) -> None:
+    fake = thuecodesim.FakeThuecodesim()
+    fake.clock = clock
+    options = thuecodesim.provider_options(await serve(aiohttp_server, fake))
+    options["batch_poll"] = False
+    client = await start_app(config_for(store_path, options), background=True)
+    engine = engine_of(client)
+    assert engine.upstreams.providers["up"].can_poll_many is False
+    [(ident, upstream_id)] = await buy(client, 1)
+    fake.deliver(upstream_id, "Telegram code 13579", "13579")
+    fake.calls.clear()
+    assert await engine.batch.poll("up") == 0
+    assert await statuses(client, [ident]) == ["STATUS_OK:13579"]
+    assert fake.paths_called() == [SESSION]
+
+
+def test_batch_poll_must_be_true_or_false(store_path: str) -> None:
+    options = {
+        **thuecodesim.provider_options("http://127.0.0.1:9"),
+        "batch_poll": "maybe",
+    }
+    with pytest.raises(ConfigError) as caught:
+        config_for(store_path, options)
+    assert str(caught.value) == (
+        "providers.up.batch_poll: must be true or false, got 'maybe'"
+    )
