@@ -2,9 +2,9 @@
 
 Run from the repository root (the venv that has the project installed)::
 
-    python bench/run.py            # full run, about 2-3 minutes
-    python bench/run.py --quick    # about 1 minute, smaller samples
-    python bench/run.py --only a,c # a subset (figures a b c d e j k l)
+    python bench/run.py            # full run, about 12 minutes
+    python bench/run.py --quick    # about 5 minutes, smaller samples
+    python bench/run.py --only a,c # a subset (figures a to l)
 
 It prints a table and writes ``bench/results/latest.json``. What each figure measures,
 and its target, is in ``bench/README.md``. Every server under test, fake upstream and
@@ -310,7 +310,10 @@ async def role_loadgen(spec: Json) -> None:
     latencies: list[float] = []
     finished: list[float] = []  # monotonic completion times
     errors = Counter[str]()
-    connector = aiohttp.TCPConnector(limit=len(urls), limit_per_host=0)
+    # ``limit``: connections shared by the clients (default one each)
+    connector = aiohttp.TCPConnector(
+        limit=spec.get("limit", len(urls)), limit_per_host=0
+    )
     timeout = aiohttp.ClientTimeout(total=10)
     rng = random.Random(1)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -904,6 +907,8 @@ def fake_options(kind: str, url: str) -> Json:
     module: Any = {"thuecodesim": thuecodesim, "smsman": smsman, "smspva": smspva}[kind]
     options: Json = module.provider_options(url)
     options.update(poll_interval=0, min_interval=0)
+    if kind != "smsman":  # (b), (c): every poll is one activation's (not (h), (i))
+        options["batch_poll"] = False
     return options
 
 
@@ -2026,6 +2031,324 @@ def transport_rows(name: str, data: Json) -> list[Row]:
 ROLES["forwarder"] = role_forwarder
 
 
+# ==== (h) (i) batch polling: upstream calls and staleness with many open numbers ========
+# Issue 9 items 2 and 3. A fake of each backend holds N open orders (made in the fake
+# itself, ids from BATCH_FIRST_ID); the server's store is prefilled with the matching
+# activations through the Store API (provider "up"), so nothing is bought. (h) counts
+# every call the fake sees while 1,000 clients each ask getStatus once per poll
+# interval; (i) holds 10,000 and measures how long an SMS delivered upstream takes to
+# show in getStatus, and the server's CPU, while the batch poller polls them all.
+
+BATCH_FIRST_ID = 500_000_000
+BATCH_KINDS = ("thuecodesim", "smspva", "handler_api", "smsman")  # smsman: no list call
+
+
+def _batch_fake(kind: str) -> Any:
+    """The fake of ``kind`` with money enough for anything."""
+    if kind == "thuecodesim":
+        from fakes.thuecodesim import FakeThuecodesim
+
+        return FakeThuecodesim()
+    if kind == "smspva":
+        from fakes.smspva import FakeSmspva
+
+        return FakeSmspva()
+    if kind == "handler_api":
+        from fakes.handler_api import FakeSmsActivate
+
+        return FakeSmsActivate()
+    if kind == "smsman":
+        from fakes.smsman import FakeSmsman
+
+        return FakeSmsman()
+    raise BenchError(f"unknown fake {kind!r}")
+
+
+def _batch_order(kind: str, order_id: str, now: float) -> Any:
+    """One open order as the fake of ``kind`` keeps it (Telegram, the provider's way)."""
+    from fakes.common import FakeOrder
+
+    if kind == "thuecodesim":
+        from fakes.thuecodesim import SERVICES
+
+        tg = next(s for s in SERVICES["vn"] if s["name"] == "Telegram")
+        return FakeOrder(order_id, str(tg["id"]), "vn", "912" + order_id[-6:],
+                         tg["price"], created=now)  # fmt: skip
+    if kind == "smspva":
+        from fakes.smspva import FakeSmspvaOrder
+
+        return FakeSmspvaOrder(order_id, "opt29", "RU", "98" + order_id[-8:], 0.35,
+                               created=now)  # fmt: skip
+    if kind == "handler_api":
+        return FakeOrder(order_id, "tg", "10", "849" + order_id[-8:], 12.5, created=now)
+    return FakeOrder(order_id, "3", "7", "849" + order_id[-8:], 18, created=now)
+
+
+async def role_batch_fake(spec: Json) -> None:
+    """A fake holding ``count`` open orders; ``POST /__bench__/deliver?count=K`` gives
+    K random waiting orders an SMS (their ids back), the stats route counts calls."""
+    kind, count = spec["kind"], int(spec["count"])
+    fake = _batch_fake(kind)
+    now = time.time()
+    for index in range(count):
+        order_id = str(BATCH_FIRST_ID + index)
+        fake.orders[order_id] = _batch_order(kind, order_id, now)
+    waiting = list(fake.orders)
+    rng = random.Random(9)
+    rng.shuffle(waiting)
+
+    async def deliver(request: web.Request) -> web.Response:
+        ids = [waiting.pop() for _ in range(min(int(request.query["count"]),
+                                                  len(waiting)))]  # fmt: skip
+        for order_id in ids:
+            fake.deliver(order_id, f"Telegram code {order_id[-5:]}", order_id[-5:])
+        return web.json_response({"ids": ids})
+
+    async def stats(request: web.Request) -> web.Response:
+        counts: Counter[str] = Counter()
+        for path, _ in fake.calls:
+            if path and not path.startswith("/__bench__"):  # "": a clone's bench route
+                counts[re.sub(r"/\d+(?=/|$)", "/{id}", path)] += 1
+        return web.json_response({"calls": dict(counts), "total": counts.total()})
+
+    fake.app.router.add_post("/__bench__/deliver", deliver)
+    fake.app.router.add_get(STATS_PATH, stats)
+    await serve(fake.app)
+
+
+def batch_options(kind: str, url: str) -> Json:
+    """Provider options at the fake, each backend's own pacing and poll interval."""
+    from fakes import handler_api, smsman, smspva, thuecodesim
+
+    if kind == "handler_api":
+        return handler_api.sms_activate_options(url)
+    module: Any = {"thuecodesim": thuecodesim, "smsman": smsman, "smspva": smspva}[kind]
+    options: Json = module.provider_options(url)
+    options.pop("min_interval", None)  # the backend's real pacing (smspva 4.5 s)
+    options.pop("poll_interval", None)  # its default (3 s; smspva 5 s)
+    return options
+
+
+async def prefill_batch(path: str, count: int) -> list[int]:
+    """``count`` open activations of provider "up" whose upstream ids are the fake's."""
+    from compat_server.config import key_id
+    from compat_server.store import NewActivation, SqliteStore
+    from providers.vocabulary import Order, Purchase
+
+    store = await SqliteStore.open(path)
+    ids = []
+    try:
+        order, now = Order(service="tg", country=10), time.time()
+        for index in range(count):
+            purchase = Purchase(str(BATCH_FIRST_ID + index), f"84{900_000_000 + index}",
+                                Decimal("1"))  # fmt: skip
+            stored = await store.complete_purchase(None, NewActivation(
+                key_id(KEY), "up", "RUB", order, purchase, Decimal("1"), now, 86_400.0,
+            ))  # fmt: skip
+            ids.append(stored.id)
+    finally:
+        await store.close()
+    return ids
+
+
+_BUCKET = re.compile(
+    r'^sms_compat_request_seconds_bucket\{action="getStatus",le="([^"]+)"\} (\S+)$',
+    re.M,
+)
+
+
+async def status_buckets(
+    session: aiohttp.ClientSession, url: str
+) -> dict[float, float]:
+    """The server's own getStatus latency histogram (cumulative counts per bound)."""
+    async with session.get(url + "/metrics") as response:
+        text = await response.text()
+    return {float(le): float(n) for le, n in _BUCKET.findall(text)}
+
+
+def bucket_p99(before: dict[float, float], after: dict[float, float]) -> float | None:
+    """The bound under which 99 % of the getStatus answered between two reads fell."""
+    counts = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    total = counts.get(math.inf, 0.0)
+    for le, n in counts.items():
+        if total and n >= 0.99 * total:
+            return le
+    return None
+
+
+async def batch_case(
+    run: Run,
+    kind: str,
+    template: tuple[str, list[int]],
+    seconds: float,
+    deliveries: float,
+) -> Json:
+    """One backend with the template's activations open: calls, staleness, CPU.
+
+    Clients (a load generator on the load core, 200 connections) ask every activation
+    getStatus once per poll interval, staggered. ``deliveries``: SMS per second given
+    upstream to random waiting orders, each then watched with getStatus every 0.1 s
+    until it shows (its staleness). Calls, CPU and client rate are counted over
+    ``seconds`` after one interval (and 2 s) of settling.
+    """
+    path, ids = template
+    store = run.store(f"batch-{kind}-{len(ids)}")
+    shutil.copy(path, store)
+    by_upstream = {str(BATCH_FIRST_ID + i): ident for i, ident in enumerate(ids)}
+    fake_spec = {"kind": kind, "count": len(ids)}
+    async with run.child("batch-fake", fake_spec, load=True) as fake:
+        options = batch_options(kind, fake.url)
+        config = upstream_config(store, "up", options)
+        config["keys"][0]["providers"] = ["up"]
+        interval = 5.0 if kind == "smspva" else 3.0  # the providers' defaults
+        settle = interval + 2.0  # the first batch (or first polls) are left out
+        async with run.server(config, f"batch-{kind}") as server:
+            api = f"{server.url}{API}?api_key={KEY}&action=getStatus&id="
+            load_spec = {"urls": [api + str(i) for i in ids], "interval": interval,
+                         "stagger": interval, "limit": 200,
+                         "duration": settle + seconds + 0.5,
+                         "window": (settle, settle + seconds)}  # fmt: skip
+            stale: list[float] = []
+            async with (
+                run.child("loadgen", load_spec, load=True) as gen,
+                # 40 + the generator's 200: under the per-client cap of 256
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=40)
+                ) as session,
+            ):
+                stop_at = time.monotonic() + settle + seconds
+
+                async def watch(ident: int, since: float) -> None:
+                    url = api + str(ident)
+                    while time.monotonic() < stop_at + 4 * interval:
+                        async with session.get(url) as response:
+                            if (await response.text()).startswith("STATUS_OK"):
+                                stale.append(time.monotonic() - since)
+                                return
+                        await asyncio.sleep(0.1)
+
+                async def deliver() -> list[asyncio.Task[None]]:
+                    watchers: list[asyncio.Task[None]] = []
+                    await asyncio.sleep(settle)
+                    step = max(1.0, 1.0 / deliveries) if deliveries else 0.0
+                    while deliveries and time.monotonic() < stop_at - 2 * interval:
+                        count = max(1, round(deliveries * step))
+                        async with session.post(
+                            f"{fake.url}/__bench__/deliver", params={"count": count}
+                        ) as response:
+                            got = (await response.json())["ids"]
+                        since = time.monotonic()
+                        watchers += [asyncio.create_task(watch(by_upstream[u], since))
+                                     for u in got]  # fmt: skip
+                        await asyncio.sleep(step)
+                    return watchers
+
+                delivering = asyncio.create_task(deliver())
+                await asyncio.sleep(settle)
+                async with session.get(fake.url + STATS_PATH) as response:
+                    first = await response.json()
+                served = await status_buckets(session, server.url)
+                window = run.window(f"({'h' if deliveries == 0 else 'i'}) {kind}")
+                cpu0 = proc_cpu_seconds(server.pid)
+                await asyncio.sleep(seconds)
+                cpu = proc_cpu_seconds(server.pid) - cpu0
+                async with session.get(fake.url + STATS_PATH) as response:
+                    second = await response.json()
+                p99_bound = bucket_p99(
+                    served, await status_buckets(session, server.url)
+                )
+                measured = time.monotonic() - window.started
+                foreign = window.close()
+                await asyncio.gather(*(await delivering))
+                load = await gen.message("RESULT", settle + seconds + 60)
+    calls = {k: v - first["calls"].get(k, 0) for k, v in second["calls"].items()}
+    total = second["total"] - first["total"]
+    return {
+        "activations": len(ids),
+        "poll_interval_s": interval,
+        "window_s": measured,
+        "upstream_calls": total,
+        "calls_by_path": {k: v for k, v in calls.items() if v},
+        "calls_per_s": total / measured,
+        "per_activation_per_s": len(ids) / interval,
+        "server_cores": cpu / measured,
+        "client_rps": load["window_rps"],
+        "client_errors": load["errors"],
+        "client_p99_ms": load["p99_ms"],
+        # the server's own view: a bucket bound of its histogram (0.005 ... 30 s)
+        "server_getstatus_p99_le_s": p99_bound,
+        "sms_delivered": len(stale),
+        "staleness_p50_s": percentile(stale, 0.5) if stale else None,
+        "staleness_p99_s": percentile(stale, 0.99) if stale else None,
+        "foreign_cores": foreign,
+    }
+
+
+async def measure_h(run: Run) -> Json:
+    """(h) upstream calls/s with 1,000 open activations per backend, clients polling."""
+    count = 1000
+    path = run.store("h-template")
+    template = (path, await prefill_batch(path, count))
+    seconds = 6.0 if run.quick else 20.0
+    result: Json = {}
+    for kind in BATCH_KINDS:
+        result[kind] = await batch_case(run, kind, template, seconds, 0.0)
+    return result
+
+
+async def measure_i(run: Run) -> Json:
+    """(i) 10,000 open activations polled by the batch poller: staleness and CPU."""
+    count = 10_000
+    path = run.store("i-template")
+    started = time.perf_counter()
+    template = (path, await prefill_batch(path, count))
+    result: Json = {"prefill_s": time.perf_counter() - started}
+    seconds = 10.0 if run.quick else 30.0
+    rates = {"thuecodesim": 5.0, "handler_api": 5.0, "smspva": 0.1}
+    for kind in ("thuecodesim", "handler_api", "smspva"):
+        # smspva's pacing (4.5 s) lets one SMS be fetched every other slot: a slower
+        # rate, watched twice as long
+        span = seconds * (2 if kind == "smspva" else 1)
+        result[kind] = await batch_case(run, kind, template, span, rates[kind])
+    return result
+
+
+def batch_rows(name: str, data: Json) -> list[Row]:
+    """The table rows of (h) and (i)."""
+    rows = []
+    for kind, per in data.items():
+        if not isinstance(per, dict):
+            continue
+        interval = per["poll_interval_s"]
+        if name == "h":
+            # a list call per interval: at most one more than the window's intervals
+            batches = per["upstream_calls"] / (per["window_s"] / interval + 1)
+            rows.append(Row(
+                f"(h) upstream calls/s, 1,000 open, {kind}",
+                f"{per['calls_per_s']:.2f}",
+                f"{per['per_activation_per_s']:.0f} (1000/poll_interval)",
+                f"ratio {per['calls_per_s'] / per['per_activation_per_s']:.4f}",
+                "1 call/interval (listed)",
+                None if kind == "smsman" else batches <= 1.0,
+            ))  # fmt: skip
+        else:
+            p99 = per["staleness_p99_s"]
+            shown = "-" if p99 is None else f"{p99:.2f} s (n={per['sms_delivered']})"
+            rows.append(Row(
+                f"(i) 10,000 open, {kind}: staleness p99 / CPU",
+                f"{shown} / {per['server_cores']:.2f} cores",
+                f"{2 * interval:.0f} s (2 x poll_interval) / 1 core",
+                f"{per['calls_per_s']:.2f} upstream calls/s,"
+                f" {per['client_rps']:,.0f} getStatus/s",
+                "<= 2 x interval, < 1 core",
+                p99 is not None and p99 <= 2 * interval and per["server_cores"] < 1.0,
+            ))  # fmt: skip
+    return rows
+
+
+ROLES["batch-fake"] = role_batch_fake
+
+
 # ==== report ============================================================================
 
 
@@ -2043,6 +2366,8 @@ class Row:
 
 def rows_for(name: str, data: Json) -> list[Row]:
     """The table rows of one measurement."""
+    if name in ("h", "i"):
+        return batch_rows(name, data)
     if name in ("j", "k"):
         return scale_rows(name, data)
     if name == "l":
@@ -2158,6 +2483,8 @@ MEASUREMENTS: dict[str, Callable[[Run], Awaitable[Json]]] = {
     "e": measure_e,
     "f": measure_f,
     "g": measure_g,
+    "h": measure_h,
+    "i": measure_i,
     "j": measure_j,
     "k": measure_k,
     "l": measure_l,  # several servers on one PostgreSQL (its own section above)

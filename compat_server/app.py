@@ -223,6 +223,7 @@ BACKGROUND_LOOPS = [
         lambda e, c: every("reconciler", c.reconcile_interval, e.reconciler.step)
     ),
     _background(lambda e, c: every("webhooks", c.outbox_interval, e.webhooks.step)),
+    _background(lambda e, c: e.batch.run_forever()),
     _background(
         lambda e, c: every(
             "rent reconciler",

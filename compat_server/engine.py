@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 
+from compat_server.batch import BatchPoller
 from compat_server.budget import Budgets
 from compat_server.catalog import Catalog, TtlCache, key_providers
 from compat_server.config import Config, KeyConfig
@@ -99,6 +100,7 @@ class Engine:
             clock,
         )
         self.webhooks.refresh_activation = self.lifecycle.refresh
+        self.batch = BatchPoller(store, self.upstreams, self.lifecycle, clock)
         self.webhooks.refresh_rent = self.rentals.refresh
         self.reactivation = Reactivation(
             config, store, self.upstreams, self.prices, self.catalog, self.router, clock

@@ -41,6 +41,7 @@ from providers.base import Provider
 from providers.vocabulary import (
     Clock,
     Order,
+    PollResult,
     ProviderError,
     Purchase,
     UpstreamUncertain,
@@ -49,6 +50,9 @@ from providers.vocabulary import (
 log = logging.getLogger("compat_server")
 
 POLL_WAIT = 2.0  # seconds a getStatus waits for an upstream poll before answering
+# a batch list's answer stands for this many poll intervals: one late batch does not
+# send every getStatus upstream, two missed ones do (state staleness <= 2 intervals)
+COVERED_FOR = 2.0
 # in_flight keys of paid retries: below every rent attempt's (negative) and every
 # purchase attempt's key, so they never collide
 RETRY_FLIGHT = -(2**40)
@@ -90,11 +94,17 @@ class Lifecycle:
         self.outbox = outbox
         self.webhooks = webhooks
         self.clock = clock
-        self._polls: dict[int, asyncio.Future[None]] = {}
+        self._polls: dict[int, asyncio.Future[bool]] = {}
         # activation id -> when to ask the store for its poll lease again: this
         # process took it (until it runs out) or was refused it (another server
         # polls: asked again half an interval later). No store call in between.
         self._quiet_until: dict[int, float] = {}
+        # activation id -> when a batch list last answered for it (compat_server.batch):
+        # while that is recent, getStatus answers from the store
+        self._covered: dict[int, float] = {}
+        # providers whose batch list runs in the background and answers: an activation
+        # first seen there waits for the next batch instead of being polled alone
+        self.batching: frozenset[str] = frozenset()
         self._pruned_at = 0.0
         self.abandoned_count = 0  # purchases whose client left before the answer
 
@@ -116,7 +126,9 @@ class Lifecycle:
         the lease answers from the store as it stands. Concurrent callers here
         share one lease and one upstream request, and the store is not asked again
         while the lease is known to be taken; an upstream failure leaves the last
-        known state in place.
+        known state in place. An activation a batch list answered for within
+        COVERED_FOR poll intervals, or first seen while its provider's batch runs, is
+        not polled on its own.
         """
         if not activation.is_open:
             return
@@ -129,12 +141,21 @@ class Lifecycle:
             if provider is None:
                 return
             now = self.clock()
+            interval = provider.poll_interval
+            if (
+                activation.provider in self.batching
+                and activation.id not in self._covered
+                and activation.id not in self._quiet_until
+            ):
+                # new, or loaded at a restart: the next batch lists it. A paced
+                # upstream (smspva) must not queue one poll per number before that
+                self._covered[activation.id] = now
+                return
+            if now - self._covered.get(activation.id, -1e18) < COVERED_FOR * interval:
+                return
             if now < self._quiet_until.get(activation.id, -1e18):
                 return
-            self._quiet_until[activation.id] = now + provider.poll_interval
-            future = asyncio.ensure_future(self._leased_poll(activation, provider, now))
-            self._polls[activation.id] = future
-            future.add_done_callback(lambda _: self._polls.pop(activation.id, None))
+            future = self._start_poll(activation, provider, now, leased=True)
         try:
             # a slow upstream must not make getStatus slow: past POLL_WAIT the client
             # gets the stored state, and the poll finishes in the background
@@ -142,9 +163,38 @@ class Lifecycle:
         except asyncio.TimeoutError:
             log.info("poll id=%d slow upstream: answered from the store", activation.id)
 
+    async def poll_now(self, activation: Activation) -> bool:
+        """Poll one open activation now (a batch list said it has news), or join the
+        poll already in flight; whether the upstream answered (a failure leaves the
+        last known state)."""
+        if not activation.is_open or self.clock() >= activation.expires_at:
+            return False
+        future = self._polls.get(activation.id)
+        if future is None:
+            provider = self.providers.get(activation.provider)
+            if provider is None:
+                return False
+            # the batch that said so ran under its own lease: no poll lease needed
+            future = self._start_poll(activation, provider, self.clock(), leased=False)
+        return await asyncio.shield(future)
+
+    def _start_poll(
+        self, activation: Activation, provider: Provider, now: float, *, leased: bool
+    ) -> asyncio.Future[bool]:
+        self._quiet_until[activation.id] = now + provider.poll_interval
+        poll = (
+            self._leased_poll(activation, provider, now)
+            if leased
+            else self._poll(activation, provider)
+        )
+        future = asyncio.ensure_future(poll)
+        self._polls[activation.id] = future
+        future.add_done_callback(lambda _: self._polls.pop(activation.id, None))
+        return future
+
     async def _leased_poll(
         self, activation: Activation, provider: Provider, now: float
-    ) -> None:
+    ) -> bool:
         try:
             taken = await self.store.lease(
                 f"poll:{activation.id}", provider.poll_interval, now
@@ -154,10 +204,14 @@ class Lifecycle:
             taken = False
         if not taken:  # another server holds it (or the store is down)
             self._quiet_until[activation.id] = now + provider.poll_interval / 2
-            return
-        await self._poll(activation, provider)
+            return False
+        return await self._poll(activation, provider)
 
-    async def _poll(self, activation: Activation, provider: Provider) -> None:
+    def covered(self, activation_id: int, now: float) -> None:
+        """A batch list answered for this activation at ``now``."""
+        self._covered[activation_id] = now
+
+    async def _poll(self, activation: Activation, provider: Provider) -> bool:
         ref = activation.ref()
         try:
             result = await self.upstreams.call(
@@ -170,17 +224,35 @@ class Lifecycle:
                 activation.provider,
                 type(exc).__name__,
             )
-            return
+            return False
+        await self.apply(activation, ref.upstream_id, result)
+        return True
+
+    async def apply(
+        self, activation: Activation, upstream_id: str, result: PollResult
+    ) -> bool:
+        """Store what a poll of ``upstream_id`` found; whether anything changed.
+
+        Nothing is written (and no lock taken) when it brings nothing new, so a batch
+        list of thousands of quiet orders costs no store work.
+        """
+        known = {m.uid for m in activation.messages}
+        news = any(m.uid not in known for m in result.messages)
+        if not news and not (result.closed and activation.state == WAIT_CODE):
+            return False
         async with self.store.lock(activation.id):
-            if not activation.is_open or activation.upstream_id != ref.upstream_id:
-                return
-            await self.store.add_messages(
+            if not activation.is_open or activation.upstream_id != upstream_id:
+                return False
+            changed = await self.store.add_messages(
                 activation, result.messages, self.webhooks.activation_rows(activation)
             )
             if result.closed and activation.state == WAIT_CODE:
                 # the upstream ended the order without a code: nothing to cancel there
                 await self.store.set_state(activation, EXPIRED, self.clock())
                 self._quiet_until.pop(activation.id, None)
+                self._covered.pop(activation.id, None)
+                changed = True
+        return changed
 
     async def expire(self, activation: Activation) -> None:
         """Close an activation past its lifetime; cancel upstream unless a code came."""
@@ -196,6 +268,7 @@ class Lifecycle:
                     activation, FINISHED, self.clock(), outbox="finish"
                 )
         self._quiet_until.pop(activation.id, None)
+        self._covered.pop(activation.id, None)
         self.outbox.wake.set()
 
     async def abandoned(self, activation: Activation) -> None:
@@ -224,6 +297,7 @@ class Lifecycle:
                 activation, CANCELLED, self.clock(), outbox="cancel"
             )
         self._quiet_until.pop(activation.id, None)
+        self._covered.pop(activation.id, None)
         log.warning(
             "id=%d provider=%s client left before its number was delivered:"
             " cancel queued upstream (abandoned so far: %d)",
@@ -292,6 +366,7 @@ class Lifecycle:
                 self.router.in_flight.pop(RETRY_FLIGHT - activation.id, None)
             # a new wait for a code: the next getStatus (on any server) polls at once
             self._quiet_until.pop(activation.id, None)
+            self._covered.pop(activation.id, None)
             with contextlib.suppress(StoreError):  # the lease then simply runs out
                 await self.store.end_lease(f"poll:{activation.id}")
 
@@ -362,6 +437,7 @@ class Lifecycle:
                 activation, FINISHED, self.clock(), outbox="finish"
             )
         self._quiet_until.pop(activation.id, None)
+        self._covered.pop(activation.id, None)
         await self.outbox.drain_now(activation.id)
 
     async def cancel(self, activation: Activation) -> None:
@@ -378,6 +454,7 @@ class Lifecycle:
                 activation, CANCELLED, self.clock(), outbox="cancel"
             )
         self._quiet_until.pop(activation.id, None)
+        self._covered.pop(activation.id, None)
         await self.outbox.drain_now(activation.id)
 
     async def sweep(self) -> int:

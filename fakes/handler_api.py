@@ -21,7 +21,9 @@ Quirk switches seen at other clones (``protocol.md`` sections 1.5-1.7 and 5), of
 a test turns them on: ``newline`` (a trailing " \\r\\n"), ``token_type`` (the content type
 of text answers; sms-activate sent text/html), ``error_status`` (HTTP status of error
 tokens: Tiger 401, privatesms 4xx), ``lower_tokens``, ``aliases`` (NO_MEANS, NO_NUMBER),
-``full_text`` (STATUS_OK with the whole SMS, Tiger's full_text) and the ``banned``
+``full_text`` (STATUS_OK with the whole SMS, Tiger's full_text), ``paged``
+(getActiveActivations pages by ``start``/``limit``, at most 100 rows, 50 by default,
+as Hero and Tiger do) and the ``banned``
 scenario (``BANNED:<date>``).
 
 Answers the sources leave open are invented here and named: setStatus on a closed order
@@ -72,6 +74,7 @@ class FakeHandlerApi(FakeUpstream):
         self.lower_tokens = False
         self.aliases = False
         self.full_text = False
+        self.paged = False  # getActiveActivations honours Hero's start/limit (<= 100)
         self.bought: list[dict[str, str]] = []  # getNumber params of each sale
         self.methods: list[tuple[str, bool]] = []  # (HTTP method, query string sent)
         # action -> (HTTP status, body) served verbatim, no effects: parsing tests
@@ -270,6 +273,9 @@ class FakeHandlerApi(FakeUpstream):
             for order in self.orders.values()
             if order.state in OPEN
         ]
+        if self.paged:
+            start = int(params.get("start", "0"))
+            rows = rows[start : start + min(int(params.get("limit", "50")), 100)]
         if not rows:
             return self.json({"status": "error", "error": "NO_ACTIVATIONS"})
         return self.json({"status": "success", "activeActivations": rows})

@@ -63,6 +63,7 @@ class FakeSmspvaOrder(FakeOrder):
     active: bool = False  # rental: activate was called
     until: int = 0  # rental: UNIX expiry
     dates: list[int] = field(default_factory=list)  # rental: date of each SMS
+    read: int = 0  # rental: SMS already returned by ``sms`` (the rest are "new")
 
 
 class FakeSmspva(FakeUpstream):
@@ -267,7 +268,12 @@ class FakeSmspva(FakeUpstream):
         return self._act(200, data)
 
     async def act_orders(self, request: web.Request) -> web.Response:
-        """GET orders: the activation orders, newest last."""
+        """GET orders: the activation orders, newest last.
+
+        The shape is not in our sources (backends.md names the endpoint only):
+        ``{"orders": [{orderId, phoneNumber, countryCode, service, status}]}`` is
+        invented here, ``status`` being the order's state (waiting, received, ...).
+        """
         if refused := self._act_auth(request):
             return refused
         orders = [
@@ -373,6 +379,7 @@ class FakeSmspva(FakeUpstream):
         if order is None:
             return _fail("Order not found")
         order.calls.append("sms")
+        order.read = len(order.sms)
         items = [
             {"text": text, "sender": "TELEGRAM", "date": date}
             for (text, _), date in zip(order.sms, order.dates, strict=True)
@@ -386,7 +393,12 @@ class FakeSmspva(FakeUpstream):
         return web.json_response({"status": 1, "data": data})
 
     def rent_orders(self, query: Any) -> web.Response:
-        """orders: every rental with state, number and until."""
+        """orders: every rental, with the seed's fields.
+
+        ``hasnewsms`` is read as the seed's "flag of new SMS": an SMS that ``sms`` has
+        not returned yet (reading them clears it). ``canprolong*`` follow the 7-day
+        rule; ``lastonline`` is the last SMS's date (else the order's creation).
+        """
         data = [
             {
                 "id": int(order.id),
@@ -396,8 +408,12 @@ class FakeSmspva(FakeUpstream):
                 "pnumber": order.phone,
                 "ccode": DIAL[order.country],
                 "cname": order.country,
-                "hasnewsms": bool(order.sms),
+                "hasnewsms": len(order.sms) > order.read,
                 "until": order.until,
+                "canprolong": order.until - self.now() < 7 * 86400,
+                "canprolongmax": 162,
+                "canprolonguntil": int(order.created) + 90 * 86400,
+                "lastonline": order.dates[-1] if order.dates else int(order.created),
             }
             for order in self.orders.values()
             if isinstance(order, FakeSmspvaOrder)

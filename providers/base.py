@@ -15,7 +15,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any, ClassVar, Self
 
@@ -24,6 +24,7 @@ from providers.settings import ProviderSettings, as_decimal, parse, shown
 from providers.vocabulary import (
     BUDGET,
     ActivationRef,
+    BatchPoll,
     Budget,
     Clock,
     NotSent,
@@ -121,6 +122,9 @@ class Provider(abc.ABC):
     can_lookup: ClassVar[bool] = False  # lookup_purchases() is implemented
     can_cancel: ClassVar[bool] = True  # cancel() releases the number (and its money)
     can_reactivate: ClassVar[bool] = False  # reactivate() is implemented
+    # poll_many() lists many orders in one upstream call (per instance: a clone may
+    # turn out not to have its list action)
+    can_poll_many: bool = False
 
     def __init__(
         self,
@@ -203,6 +207,14 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     async def poll(self, ref: ActivationRef) -> PollResult:
         """Every message the upstream holds for this order, and whether it is over."""
+
+    async def poll_many(self, refs: Sequence[ActivationRef]) -> BatchPoll:
+        """Many orders' state from one list call (where ``can_poll_many``).
+
+        What the list does not cover is left out of the answer, never guessed: an
+        order absent from the list is not closed unless the backend documents it.
+        """
+        return BatchPoll()
 
     async def ready(self, ref: ActivationRef) -> None:  # noqa: B027 - optional hook
         """setStatus 1: the client sent the SMS; tell the upstream where it matters."""

@@ -32,10 +32,11 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import math
 import re
 import time
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
 from typing import Any, ClassVar, NoReturn
@@ -46,6 +47,7 @@ from providers.otp import extract_code
 from providers.settings import (
     ProviderSettings,
     as_decimal,
+    flag,
     number,
     option,
     require_option,
@@ -54,6 +56,7 @@ from providers.settings import (
 )
 from providers.vocabulary import (
     ActivationRef,
+    BatchPoll,
     Clock,
     ConfigError,
     NoBalance,
@@ -126,6 +129,7 @@ ISO_NUMERIC = {"643": "RUB", "840": "USD", "978": "EUR", "156": "CNY", "704": "V
 
 _TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _CODE_LIKE = re.compile(r"[0-9A-Za-z-]{1,16}")
+ACTIVE_PAGE = 100  # getActiveActivations rows per page (Hero/Tiger: limit <= 100)
 _MAX_PRICE_STEP = Decimal("0.0001")
 
 
@@ -183,6 +187,7 @@ class HandlerApiSettings(ProviderSettings):
     countries: dict[int, str] = option(lambda n, o, k: _country_option(n, o))
     timezone: dt.tzinfo | None = option(lambda n, o, k: _timezone_option(n, o))
     table_ttl: float = option(number(DEFAULT_TABLE_TTL))
+    batch_poll: bool = option(flag(True))  # false: poll number by number
 
 
 class HandlerApiProvider(Provider):
@@ -193,6 +198,7 @@ class HandlerApiProvider(Provider):
     settings_class: ClassVar[type[ProviderSettings]] = HandlerApiSettings
     settings: HandlerApiSettings
     can_lookup = True
+    can_poll_many = True  # getActiveActivations, until the clone answers BAD_ACTION
 
     def __init__(
         self,
@@ -218,6 +224,7 @@ class HandlerApiProvider(Provider):
         self.timezone = given.timezone
         self._service_of = {theirs: ours for ours, theirs in self.services.items()}
         self.table_ttl = given.table_ttl
+        self.can_poll_many = given.batch_poll
         self._has_get_prices = True
         self._whole_table = not self.country_map  # False once the clone shows it can't
         self._table: tuple[float, dict[str, PriceRows]] | None = None
@@ -285,6 +292,58 @@ class HandlerApiProvider(Provider):
             self.status_v2 = False
         answer = await self._call("getStatus", {"id": ref.upstream_id})
         return self._status_v1(ref, answer)
+
+    async def poll_many(self, refs: Sequence[ActivationRef]) -> BatchPoll:
+        """``getActiveActivations``, page by page (Hero-style ``start``/``limit``).
+
+        A listed order's ``smsCode`` (array, string or null) and ``smsText`` are its
+        messages; an order the list leaves out (finished, cancelled, past the pages)
+        is not covered. A clone answering BAD_ACTION is not asked again.
+        """
+        if not refs:
+            return BatchPoll()
+        wanted = {ref.upstream_id for ref in refs}
+        rows: dict[str, dict[str, Any]] = {}
+        for page in range(math.ceil(len(refs) / ACTIVE_PAGE) + 1):
+            answer = await self._call(
+                "getActiveActivations",
+                {"start": str(page * ACTIVE_PAGE), "limit": str(ACTIVE_PAGE)},
+            )
+            if answer.token == "BAD_ACTION":
+                log.info(
+                    "%s: no getActiveActivations (BAD_ACTION): polling one by one",
+                    self.name,
+                )
+                self.can_poll_many = False
+                return BatchPoll()
+            if answer.token == "NO_ACTIVATIONS":
+                break
+            found = _activation_rows(answer.data)
+            if found is None:
+                self._raise_unexpected("getActiveActivations", answer)
+            fresh = 0
+            for row in found:
+                upstream_id = as_text(row.get("activationId") or row.get("id"))
+                if upstream_id and upstream_id not in rows:
+                    rows[upstream_id] = row
+                    fresh += 1
+            # a page short of the limit is the last; a clone that ignores ``start``
+            # repeats its rows
+            if len(found) < ACTIVE_PAGE or not fresh or wanted <= rows.keys():
+                break
+        results = {}
+        for upstream_id in wanted & rows.keys():
+            row = rows[upstream_id]
+            codes = row.get("smsCode")
+            listed = codes if isinstance(codes, list) else [codes]
+            texts = [as_text(c) for c in listed if as_text(c)]
+            text = as_text(row.get("smsText"))
+            messages: list[Sms] = []
+            for index, code in enumerate(texts):
+                last = index == len(texts) - 1
+                messages.extend(self._message(code, text if last else "").messages)
+            results[upstream_id] = PollResult(messages=tuple(messages))
+        return BatchPoll(results=results)
 
     async def ready(self, ref: ActivationRef) -> None:
         """setStatus 1."""

@@ -94,6 +94,25 @@ def optional_number(name: str, options: Mapping[str, Any], key: str) -> float | 
     return number_option(name, options, key, 0.0)
 
 
+def flag(default: bool) -> Reader:
+    """Reader of true/false (also "yes"/"no", "on"/"off", "1"/"0" as text)."""
+
+    def read(name: str, options: Mapping[str, Any], key: str) -> bool:
+        value = options.get(key, default)
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in {"true", "yes", "on", "1"}:
+            return True
+        if text in {"false", "no", "off", "0"}:
+            return False
+        raise ConfigError(
+            f"providers.{name}.{key}: must be true or false, got {value!r}"
+        )
+
+    return read
+
+
 def url(default: str) -> Reader:
     """Reader of an http(s) URL with this default."""
     return lambda name, options, key: url_option(name, options, key, default)

@@ -14,12 +14,12 @@ family: rent.php rents by whole weeks, so a rent of N hours buys ceil(N / 168) w
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, ClassVar
 
-from providers.base import as_int, as_text, digits
+from providers.base import as_bool, as_int, as_text, digits
 from providers.http import UpstreamHttp
 from providers.rental import Rental
 from providers.settings import ProviderSettings, as_decimal, option
@@ -46,6 +46,7 @@ from providers.smspva import (
 )
 from providers.vocabulary import (
     ActivationRef,
+    BatchPoll,
     Clock,
     NoBalance,
     NoNumbers,
@@ -111,6 +112,37 @@ class SmspvaRentProvider(SmspvaAccount, Rental):
     async def poll(self, ref: ActivationRef) -> PollResult:
         """Every SMS upstream holds for the number; closed once ``until`` has passed."""
         return await self._poll_rent(ref)
+
+    async def poll_many(self, refs: Sequence[ActivationRef]) -> BatchPoll:
+        """rent.php ``orders``: every rental of the account in one paced call.
+
+        A row with ``hasnewsms`` is fetched through ``sms``; one without is nothing
+        new, and over once its ``until`` has passed [doc]. A row whose ``state`` is
+        -1 (number not in the system) is fetched too; an order not listed is not
+        covered.
+        """
+        if not refs:
+            return BatchPoll()
+        answer = await self._rent("orders")
+        if answer.code != 1:
+            if _has(answer.error, _AUTH_HINTS):
+                raise UpstreamAuth(self.name, answer.error)
+            # status 0 from orders means "no news" [doc]: nothing is covered
+            return BatchPoll()
+        wanted = {ref.upstream_id for ref in refs}
+        now = self.clock()
+        results: dict[str, PollResult] = {}
+        fetch = set()
+        for item in _records(answer.data, "orders"):
+            order_id = _id_text(item.get("id"))
+            if order_id not in wanted or order_id in results:
+                continue
+            if as_bool(item.get("hasnewsms")) or as_int(item.get("state")) == -1:
+                fetch.add(order_id)
+                continue
+            until = as_int(item.get("until"))
+            results[order_id] = PollResult(closed=until is not None and now >= until)
+        return BatchPoll(results=results, fetch=frozenset(fetch - results.keys()))
 
     async def ready(self, ref: ActivationRef) -> None:
         """Activate the number (needed before SMS arrive)."""

@@ -16,7 +16,7 @@ import logging
 import re
 import time
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -29,6 +29,7 @@ from providers.otp import extract_code
 from providers.settings import (
     ProviderSettings,
     as_decimal,
+    flag,
     number,
     number_option,
     option,
@@ -37,6 +38,7 @@ from providers.settings import (
 )
 from providers.vocabulary import (
     ActivationRef,
+    BatchPoll,
     ChannelsLimit,
     Clock,
     ConfigError,
@@ -61,6 +63,8 @@ VIETNAM_TZ = timezone(timedelta(hours=7))
 DEFAULT_BASE_URL = "https://api.thuecodesim.com"
 LOOKUP_SLACK = 120.0  # seconds of clock skew tolerated when matching history items
 HISTORY_LIMIT = 50
+BATCH_SLACK_ROWS = 100  # history rows asked beyond the open orders (other tools)
+LEARN_ROWS = 8  # waiting history rows per batch that may teach the upstream's zone
 # CreatedTime carries no zone. Vietnam time is what the seed's samples suggest, but the
 # upstream clock has been seen in UTC: until the offset is learned from a live answer
 # (an order whose creation time we know), any offset from UTC-12 to UTC+14 is possible.
@@ -180,6 +184,7 @@ class ThuecodesimSettings(ProviderSettings):
     token: str = option(required, secret=True)
     base_url: str = option(url(DEFAULT_BASE_URL))
     rerent_on_retry: bool = option(lambda n, o, k: _bool_option(n, o, k, False))
+    batch_poll: bool = option(flag(True))  # false: poll number by number
     # deprecated, accepted for old configs and ignored (one warning line): the catalog
     # cache is the engine's, upstream.catalog_ttl
     catalog_ttl: float = option(number(60.0))
@@ -197,6 +202,7 @@ class ThuecodesimProvider(Provider):
     can_lookup: ClassVar[bool] = True
     can_cancel: ClassVar[bool] = False  # no cancel endpoint: a number bought is spent
     can_reactivate: ClassVar[bool] = True  # request/getv2 with number= re-rents it
+    can_poll_many = True  # session/historyv2 lists every order with its SMS
 
     def __init__(
         self,
@@ -225,6 +231,7 @@ class ThuecodesimProvider(Provider):
         self._service_lists: dict[str, tuple[float, list[Entry]]] = {}
         # seconds east of UTC of the upstream's CreatedTime, once a live answer told
         self.utc_offset: float | None = None
+        self.can_poll_many = self.settings.batch_poll
         self._bought: dict[str, float] = {}  # recent request ids -> when we bought them
 
     # ---- facts ---------------------------------------------------------------------
@@ -277,19 +284,74 @@ class ThuecodesimProvider(Provider):
             raise UpstreamUncertain(self.name, exc.detail) from exc
         if not isinstance(data, dict):
             raise UpstreamUncertain(self.name, "session answer has no data")
+        result = self._session_result(ref, data)
+        if result is None:
+            raise UpstreamUncertain(
+                self.name, f"unknown session Status {data.get('Status')!r}"
+            )
+        return result
+
+    async def poll_many(self, refs: Sequence[ActivationRef]) -> BatchPoll:
+        """``/session/historyv2``: every order in one list, each read like a session.
+
+        The dates are the upstream's calendar days (``yyyy-MM-dd``, its clock's zone):
+        until the zone is learned the window spans every zone from UTC-12 to UTC+14.
+        An order the list leaves out, or lists with an unknown Status, is not covered.
+        """
+        if not refs:
+            return BatchPoll()
+        start = min(ref.created_at for ref in refs) - LOOKUP_SLACK
+        now = max(self.clock(), start)
+        if self.utc_offset is None:
+            first, last = _day(start, EARLIEST_OFFSET), _day(now, LATEST_OFFSET)
+        else:
+            first, last = _day(start, self.utc_offset), _day(now, self.utc_offset)
+        params = {
+            # newest first: room for orders made since by other tools on the account
+            "limit": str(len(refs) + BATCH_SLACK_ROWS),
+            "fromDate": first.isoformat(),
+            "toDate": last.isoformat(),
+        }
+        data = await self._call("/session/historyv2", params)
+        items = list(data.values()) if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise UpstreamUncertain(self.name, "history answer is not a list")
+        wanted = {ref.upstream_id: ref for ref in refs}
+        results: dict[str, PollResult] = {}
+        teachers = LEARN_ROWS  # a few waiting rows teach the zone; 10,000 need not
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            ref = wanted.get(as_text(item.get("ID")))
+            if ref is None:
+                continue
+            learn = teachers > 0 and as_int(item.get("Status")) == 0
+            teachers -= learn
+            result = self._session_result(ref, item, learn=learn)
+            if result is not None:
+                results[ref.upstream_id] = result
+        return BatchPoll(results=results)
+
+    def _session_result(
+        self, ref: ActivationRef, data: Mapping[str, Any], *, learn: bool = True
+    ) -> PollResult | None:
+        """A session (or history item) as a poll result; None for an unknown Status.
+
+        ``learn``: a waiting one teaches the zone of CreatedTime (see _learn_offset).
+        """
         # ``ID`` is documented as the request id, but the seed's sample shows another
         # number: it is not compared, so a wrong guess cannot stall every poll.
         status = as_int(data.get("Status"))
         if status == 0:
             # still waiting: CreatedTime is the order's, whose creation we know,
             # unless it is a re-rent (a later order under the same activation)
-            if not ref.previous_ids:
+            if learn and not ref.previous_ids:
                 self._learn_offset(data.get("CreatedTime"), ref.created_at)
             return PollResult()
         if status == 2:
             return PollResult(closed=True)
         if status != 1:
-            raise UpstreamUncertain(self.name, f"unknown session Status {status!r}")
+            return None
         text = as_text(data.get("SmsContent"))
         code = as_text(data.get("Code"))
         if not code and text and not as_bool(data.get("IsSound")):

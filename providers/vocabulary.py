@@ -195,6 +195,19 @@ class PollResult:
 
 
 @dataclass(frozen=True)
+class BatchPoll:
+    """One list call's view of many orders, keyed by upstream id.
+
+    ``results``: orders the list answers for in full (every message, and closure);
+    ``fetch``: orders it lists as having news it does not carry (poll each one).
+    An order in neither was not covered: its state stays as last known.
+    """
+
+    results: Mapping[str, PollResult] = field(default_factory=dict)
+    fetch: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class Offer:
     """A service on sale in one country: native price and stock."""
 

@@ -107,6 +107,10 @@ class Upstream:
             )
         )
 
+    def calls_of(self, actions: tuple[str, ...]) -> int:
+        """How many calls of ``actions`` the fake answered (whatever order)."""
+        return self.read(lambda f: sum(1 for a, _ in f.calls if a in actions))
+
     def status_calls(self, order_id: str, status: str) -> int:
         return self.read(
             lambda f: sum(

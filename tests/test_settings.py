@@ -42,6 +42,7 @@ def test_parse_gives_typed_values_and_defaults() -> None:
         token=TOKEN,
         base_url="https://api.thuecodesim.com",
         rerent_on_retry=False,
+        batch_poll=True,
         catalog_ttl=60.0,
         nominal_stock=100,
         services=settings.services,  # the shipped alias table
@@ -78,8 +79,9 @@ def test_parse_reads_text_numbers_and_booleans() -> None:
     [
         (
             {"token": TOKEN, "tokn": "x"},
-            "providers.tcs.tokn: unknown option (known: base_url, catalog_ttl,"
-            " markup, min_interval, nominal_stock, poll_interval, rerent_on_retry,"
+            "providers.tcs.tokn: unknown option (known: base_url, batch_poll,"
+            " catalog_ttl, markup, min_interval, nominal_stock, poll_interval,"
+            " rerent_on_retry,"
             " services, token, type)",
         ),
         ({}, "providers.tcs.token: missing (set it, e.g. ${ENV_VAR})"),

@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import time
 import weakref
@@ -87,6 +88,7 @@ from providers.vocabulary import Clock, Order, Purchase, RentPurchase, RentSms, 
 log = logging.getLogger("compat_server")
 
 PG_SCHEMA_VERSION = 2
+CLOSE_WAIT = 2.0  # s the pool waits for connections still out at close
 COMMAND_TIMEOUT = 30.0  # s a statement may take before the store counts as failing
 MIGRATION_LOCK = 0x534D5300  # pg_advisory_lock key around migrations ("SMS\0")
 ACTIVATION_LOCKS = 0x534D5301  # advisory lock namespace of activation ids
@@ -481,7 +483,9 @@ class PostgresStore:
                 timeout=max(busy_timeout, 1.0),
             )
         except UNUSABLE as exc:
-            raise StoreError(f"store {target.shown} cannot be used: {exc}") from exc
+            raise StoreError(
+                f"store {target.shown} cannot be used: {_why(exc)}"
+            ) from exc
         assert pool is not None
         store = cls(pool, target, clock, busy_timeout)
         try:
@@ -491,7 +495,9 @@ class PostgresStore:
         except BaseException as exc:
             await pool.close()
             if isinstance(exc, UNUSABLE):
-                raise StoreError(f"store {target.shown} cannot be used: {exc}") from exc
+                raise StoreError(
+                    f"store {target.shown} cannot be used: {_why(exc)}"
+                ) from exc
             raise
         return store
 
@@ -515,7 +521,10 @@ class PostgresStore:
             with contextlib.suppress(*DOWN):
                 await self._locker.close(timeout=1.0)
             self._locker = None
-        await self._pool.close()
+        try:  # a connection still out (a request cut short by the stop) waits no longer
+            await asyncio.wait_for(self._pool.close(), CLOSE_WAIT)
+        except DOWN:  # (asyncio.TimeoutError among them)
+            self._pool.terminate()
 
     # ---- health of the database ---------------------------------------------------------
 
@@ -1944,3 +1953,11 @@ class PostgresStore:
         return [
             RentAttempt(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows
         ]
+
+
+def _why(exc: BaseException) -> str:
+    """The cause in one line, the same on every event loop (asyncio says "Connect call
+    failed (host, port)", uvloop "Connection refused" for the same refusal)."""
+    if isinstance(exc, OSError) and exc.errno:
+        return f"[Errno {exc.errno}] {os.strerror(exc.errno)}"
+    return str(exc)
