@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import yaml
 
@@ -237,6 +237,11 @@ def load_config(
 
 def _expand(value: Any, env: Mapping[str, str], where: str) -> Any:
     if isinstance(value, str):
+        # in store.url a password from ${ENV} goes into the URL's user:password part
+        # as itself: percent-encoded there, so a generated one with / # ? @ : works
+        credentials_end = (
+            value.rfind("@") if where == "store.url" and "://" in value else -1
+        )
 
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
@@ -244,6 +249,8 @@ def _expand(value: Any, env: Mapping[str, str], where: str) -> Any:
                 raise ConfigError(
                     f"{where or 'config'}: environment variable {name} is not set"
                 )
+            if match.start() < credentials_end:
+                return quote(env[name], safe="")
             return env[name]
 
         return _ENV.sub(sub, value)
@@ -560,8 +567,22 @@ def _store_url(store: Mapping[str, Any]) -> tuple[str | None, int, int]:
             f"store.url: must be postgresql://user:password@host:port/database,"
             f" got {shown}"
         )
+    url = url.strip()
+    scheme, _, rest = url.partition("://")
+    credentials, at, _ = rest.rpartition("@")
+    shown = f"{scheme}://{'****@' if at else ''}{rest.rpartition('@')[2].split('?')[0]}"
+    if any(ch in credentials for ch in "/?#@"):
+        raise ConfigError(
+            "store.url: percent-encode the user and password (/ ? # @ as %2F %3F %23"
+            f" %40; from ${{ENV}} that is done for you), got {shown}"
+        )
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when the port is not a number
+    except ValueError as exc:
+        raise ConfigError(f"store.url: not a valid URL ({exc}): {shown}") from None
     known = ("host", "sslmode")  # the URL's query (store.postgres.URL_PARAMETERS)
-    for name in sorted({k for k, _ in parse_qsl(urlsplit(url.strip()).query)}):
+    for name in sorted({k for k, _ in parse_qsl(parts.query)}):
         if name not in known:
             raise ConfigError(
                 f"store.url: unknown parameter {name} (known: {', '.join(known)})"
@@ -575,7 +596,7 @@ def _store_url(store: Mapping[str, Any]) -> tuple[str | None, int, int]:
     high = _int(pool.get("max", 10), "store.pool.max", low=1)
     if low > high:
         raise ConfigError(f"store.pool: min {low} is more than max {high}")
-    return url.strip(), low, high
+    return url, low, high
 
 
 def _route_text(route: RouteConfig) -> str:
