@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from compat_server import errors
+from compat_server.store.records import StoreError
 from providers import vocabulary
 
 log = logging.getLogger("compat_server")
@@ -374,6 +375,9 @@ async def render_errors(request: web.Request, handler: Handler) -> web.StreamRes
         raise
     except vocabulary.CompatError as exc:
         response = render(error_token(exc).value)
+    except StoreError as exc:  # the database is down or full: a state, not a bug
+        log.warning("store unavailable on %s: %s", request.path, exc)
+        response = render(Token.ERROR_SQL.value)
     except Exception:
         log.exception("unexpected error on %s", request.path)
         response = render(Token.ERROR_SQL.value)

@@ -359,6 +359,13 @@ async def test_the_app_answers_dialect_tokens_through_an_outage(
             TEXT,
             "STATUS_WAIT_CODE",
         )
+        # a read the store cannot answer is the dialect's token, not a traceback
+        assert await call(client, action="getActiveActivations") == (
+            200,
+            TEXT,
+            "ERROR_SQL",
+        )
+        assert "unexpected error" not in caplog.text
         resp = await client.get("/readyz")
         assert (resp.status, (await resp.json())["store"]) == (503, "not writable")
         metrics = await (await client.get("/metrics")).text()
