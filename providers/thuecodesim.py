@@ -323,7 +323,11 @@ class ThuecodesimProvider(Provider):
             if not isinstance(item, dict):
                 continue
             ref = wanted.get(as_text(item.get("ID")))
-            if ref is None:
+            if ref is None or not _same_phone(ref.phone, item):
+                # ``ID`` is documented as the request id, but the seed's sample shows
+                # another number: a row is ours only if its phone is ours too (else
+                # another order's SMS could reach this activation); an order left
+                # out is polled alone
                 continue
             learn = teachers > 0 and as_int(item.get("Status")) == 0
             teachers -= learn
@@ -804,3 +808,17 @@ def _alias_table(name: str, overrides: Any) -> dict[str, str]:
             aliases.pop(name_key(alias), None)  # re-insert: keeps the listed order
             aliases[name_key(alias)] = code
     return aliases
+
+
+def _same_phone(ours: str, item: Mapping[str, Any]) -> bool:
+    """Whether a history row's number (``Phone``, ``PhoneOriginal`` or
+    ``re_phone_number``, written with or without the dial code or a leading 0) is the
+    order's; a row that names no number is not trusted."""
+    mine = digits(ours)[-8:]
+    if len(mine) < 8:
+        return False
+    for name in ("Phone", "PhoneOriginal", "re_phone_number"):
+        theirs = digits(item.get(name))
+        if len(theirs) >= 8 and theirs[-8:] == mine:
+            return True
+    return False

@@ -128,6 +128,24 @@ async def test_thuecodesim_one_history_call_serves_every_open_number(
     assert thuecodesim.TOKEN not in line
 
 
+async def test_thuecodesim_a_history_row_with_another_number_is_not_ours(
+    aiohttp_server: Any, start_app: StartApp, store_path: str, clock: FakeClock
+) -> None:
+    """A row matched by ``ID`` alone could be another order's (the seed's sample
+    shows an ``ID`` that is not the request id): its SMS is not taken, and the
+    order is polled alone by its request id."""
+    fake = thuecodesim.FakeThuecodesim()
+    fake.clock = clock
+    client = await start_app(config_for(store_path, thuecodesim.provider_options(
+        await serve(aiohttp_server, fake))))  # fmt: skip
+    [(ident, upstream_id)] = await buy(client, 1)
+    fake.orders[upstream_id].phone = "933111222"  # the row now names another number
+    fake.deliver(upstream_id, "Telegram code 31313", "31313")
+    fake.calls.clear()
+    assert await engine_of(client).batch.poll("up") == 1
+    assert fake.paths_called() == [HISTORY, SESSION]
+
+
 async def test_thuecodesim_an_order_the_history_leaves_out_is_polled_alone(
     aiohttp_server: Any, start_app: StartApp, store_path: str, clock: FakeClock
 ) -> None:
