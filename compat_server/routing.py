@@ -362,11 +362,20 @@ class Router:
                     self.clock(),
                     self.config.lifetime,
                 )
-                return await self.store.complete_purchase(
+                stored = await self.store.complete_purchase(
                     attempt,
                     bought,
                     hold=True,  # paid: if the store fails, memory keeps it
                 )
+                if not stored.is_open:
+                    # another server sharing the store took this one for dead while
+                    # the call ran, and closed the number (its cancel is queued):
+                    # nothing to hand out from it
+                    refusals.append(
+                        NoNumbers(name, f"closed meanwhile as id={stored.id}")
+                    )
+                    continue
+                return stored
             finally:
                 self.in_flight.pop(attempt, None)
                 await self.budgets.release(hold)

@@ -434,6 +434,10 @@ class PostgresStore:
         self._busy_timeout = busy_timeout
         self.path = target.shown
         self.server_id = secrets.token_hex(8)
+        # the database's clock minus ours, measured at open: liveness, leases and
+        # holds are written and compared in the database's time, so a server whose
+        # clock runs ahead does not take a live server for dead (see _shared)
+        self._skew = 0.0
         self._lock_key = secrets.randbelow(2**31 - 1) + 1  # its liveness lock
         self.problem: str | None = None
         self.unrefunded: frozenset[str] = frozenset()
@@ -489,6 +493,7 @@ class PostgresStore:
         assert pool is not None
         store = cls(pool, target, clock, busy_timeout)
         try:
+            await store._measure_skew()
             await store._migrate(clock())
             await store.heartbeat(clock())
             await store._load_open()
@@ -651,6 +656,20 @@ class PostgresStore:
             self._forget_dead()
             await asyncio.sleep(interval)
 
+    async def _measure_skew(self) -> None:
+        """How far the database's clock is from ours (half a round trip is noise)."""
+        before = self._clock()
+        async with self._pool.acquire() as conn:
+            theirs = float(
+                await conn.fetchval("SELECT extract(epoch from clock_timestamp())")
+            )
+        self._skew = theirs - (before + self._clock()) / 2
+
+    def _shared(self, now: float) -> float:
+        """``now`` of our clock as the database's clock reads it: the one time that
+        every server sharing the database compares liveness, leases and holds in."""
+        return now + self._skew
+
     async def heartbeat(self, now: float) -> None:
         """Record that this server is alive (and drop leases long expired).
 
@@ -672,11 +691,13 @@ class PostgresStore:
                 " VALUES ($1, $2, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET"
                 " seen_at=EXCLUDED.seen_at, pg_started=EXCLUDED.pg_started",
                 self.server_id,
-                now,
+                self._shared(now),
                 self._lock_key,
                 pg_started,
             )
-            await conn.execute("DELETE FROM leases WHERE until < $1", now - LEASE_KEEP)
+            await conn.execute(
+                "DELETE FROM leases WHERE until < $1", self._shared(now) - LEASE_KEEP
+            )
 
     async def _migrate(self, now: float) -> None:
         async with self._pool.acquire() as conn:
@@ -949,10 +970,10 @@ class PostgresStore:
                     f" ON s.id = h.holder WHERE {_dead('$5', '$6', '$7')}))"
                     " RETURNING name",
                     name,
-                    now + seconds,
+                    self._shared(now + seconds),
                     self.server_id,
-                    now,
-                    self._clock() - DEAD_AFTER,
+                    self._shared(now),
+                    self._shared(self._clock()) - DEAD_AFTER,
                     SERVER_LOCKS,
                     DEAD_AFTER,
                 )
@@ -994,7 +1015,7 @@ class PostgresStore:
                 f" AND h.server_id <> $2 AND {_dead('$3', '$4', '$5')})",
                 key_id,
                 self.server_id,
-                now - DEAD_AFTER,
+                self._shared(now) - DEAD_AFTER,
                 SERVER_LOCKS,
                 DEAD_AFTER,
             )
@@ -1047,7 +1068,7 @@ class PostgresStore:
                 f" AND (h.server_id = $2 OR NOT {_dead('$3', '$4', '$5')})",
                 key_id,
                 self.server_id,
-                self._clock() - DEAD_AFTER,
+                self._shared(self._clock()) - DEAD_AFTER,
                 SERVER_LOCKS,
                 DEAD_AFTER,
             )
@@ -1068,7 +1089,7 @@ class PostgresStore:
                     provider,
                     PENDING,
                     self.server_id,
-                    now - DEAD_AFTER,
+                    self._shared(now) - DEAD_AFTER,
                     SERVER_LOCKS,
                     DEAD_AFTER,
                 )
@@ -1260,8 +1281,32 @@ class PostgresStore:
             extra=dict(purchase.extra),
         )
         try:
-            async with self._writing() as conn:
-                changed = await self._insert(conn, activation, attempt_id)
+            try:
+                async with self._writing() as conn:
+                    changed = await self._insert(conn, activation, attempt_id)
+            except asyncpg.UniqueViolationError:
+                # another server took this server for dead (a pause longer than
+                # DEAD_AFTER) and reconciled the attempt's purchase under its id
+                existing = await self.get(reserved)
+                if existing is not None and (
+                    existing.provider,
+                    existing.upstream_id,
+                ) == (
+                    activation.provider,
+                    activation.upstream_id,
+                ):
+                    log.warning(
+                        "store %s: id=%d provider=%s was stored meanwhile by another"
+                        " server (state %s)",
+                        self.path,
+                        existing.id,
+                        existing.provider,
+                        existing.state,
+                    )
+                    return existing
+                activation.id = 0  # another order under that id: a new one
+                async with self._writing() as conn:
+                    changed = await self._insert(conn, activation, attempt_id)
         except StoreError:
             if not hold or not reserved:
                 activation.id = reserved
@@ -1310,7 +1355,7 @@ class PostgresStore:
             list(states),
             PENDING,
             self.server_id,
-            self._clock() - DEAD_AFTER,
+            self._shared(self._clock()) - DEAD_AFTER,
             SERVER_LOCKS,
             DEAD_AFTER,
         )
