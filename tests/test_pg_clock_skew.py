@@ -10,6 +10,7 @@ are now in the database's time (PostgresStore._shared).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -28,8 +29,12 @@ async def pair(
     pg_url: str, request: pytest.FixtureRequest
 ) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
     skew = request.param  # same-clock: the control; skew-40s: the finding
-    a = await PostgresStore.open(pg_url, FakeClock(T0))
-    b = await PostgresStore.open(pg_url, FakeClock(T0 + skew))
+    # real time: the store corrects a skew it measures against the database (one of
+    # seconds to a day; a fake clock months off, as the other tests use, is left)
+    base = time.time()
+    a = await PostgresStore.open(pg_url, FakeClock(base))
+    b = await PostgresStore.open(pg_url, FakeClock(base + skew))
+    a.t0 = base  # type: ignore[attr-defined]
     b.skew = skew  # type: ignore[attr-defined]
     try:
         yield a, b
@@ -42,9 +47,10 @@ async def test_a_live_servers_purchase_is_not_taken_by_a_server_whose_clock_is_a
     pair: tuple[PostgresStore, PostgresStore],
 ) -> None:
     a, b = pair
-    await a.heartbeat(T0)
-    await b.heartbeat(T0 + b.skew)  # type: ignore[attr-defined]
-    attempt = await a.begin_purchase("k1", "sandbox", ORDER, T0)
+    t0 = a.t0  # type: ignore[attr-defined]
+    await a.heartbeat(t0)
+    await b.heartbeat(t0 + b.skew)  # type: ignore[attr-defined]
+    attempt = await a.begin_purchase("k1", "sandbox", ORDER, t0)
     assert [x.id for x in await a.attempts([PENDING])] == [attempt]
     # A is alive (its liveness lock is held, it beat just now): B must leave it
     assert await b.attempts([PENDING]) == []
@@ -54,17 +60,18 @@ async def test_a_live_servers_budget_hold_counts_on_a_server_whose_clock_is_ahea
     pair: tuple[PostgresStore, PostgresStore],
 ) -> None:
     a, b = pair
-    await a.heartbeat(T0)
-    await b.heartbeat(T0 + b.skew)  # type: ignore[attr-defined]
+    t0 = a.t0  # type: ignore[attr-defined]
+    await a.heartbeat(t0)
+    await b.heartbeat(t0 + b.skew)  # type: ignore[attr-defined]
     budget = Decimal("12.50")
-    held = await a.reserve("k1", Decimal("12.50"), budget=budget, max_open=None, now=T0)
+    held = await a.reserve("k1", Decimal("12.50"), budget=budget, max_open=None, now=t0)
     assert held.id != 0
     second = await b.reserve(
         "k1",
         Decimal("12.50"),
         budget=budget,
         max_open=None,
-        now=T0 + b.skew,  # type: ignore[attr-defined]
+        now=t0 + b.skew,  # type: ignore[attr-defined]
     )
     # the budget fits one number and A's purchase is in flight: B is refused
     assert (second.id, second.refused) == (0, "budget")
@@ -74,12 +81,13 @@ async def test_a_live_servers_lease_holds_on_a_server_whose_clock_is_ahead(
     pair: tuple[PostgresStore, PostgresStore],
 ) -> None:
     a, b = pair
+    t0 = a.t0  # type: ignore[attr-defined]
     skew = b.skew  # type: ignore[attr-defined]
-    await a.heartbeat(T0)
-    await b.heartbeat(T0 + skew)
-    assert await a.lease("poll:1", 10, T0)
+    await a.heartbeat(t0)
+    await b.heartbeat(t0 + skew)
+    assert await a.lease("poll:1", 10, t0)
     # A took it for 10 s, by its clock, a moment ago: B must be refused
-    assert not await b.lease("poll:1", 10, T0 + skew)
+    assert not await b.lease("poll:1", 10, t0 + skew)
 
 
 async def test_the_server_that_bought_stores_its_number_after_another_reconciled_it(

@@ -88,6 +88,7 @@ from providers.vocabulary import Clock, Order, Purchase, RentPurchase, RentSms, 
 log = logging.getLogger("compat_server")
 
 PG_SCHEMA_VERSION = 2
+SKEW_MIN, SKEW_MAX = 2.0, 86_400.0  # s of clock skew against the database corrected
 CLOSE_WAIT = 2.0  # s the pool waits for connections still out at close
 COMMAND_TIMEOUT = 30.0  # s a statement may take before the store counts as failing
 MIGRATION_LOCK = 0x534D5300  # pg_advisory_lock key around migrations ("SMS\0")
@@ -663,7 +664,11 @@ class PostgresStore:
             theirs = float(
                 await conn.fetchval("SELECT extract(epoch from clock_timestamp())")
             )
-        self._skew = theirs - (before + self._clock()) / 2
+        skew = theirs - (before + self._clock()) / 2
+        # seconds to a day: another host's clock, corrected (to the second, so that
+        # servers started apart agree); less is noise, more a clock set on purpose
+        # (a test's fixed clock) that the operator's times must keep following
+        self._skew = float(round(skew)) if SKEW_MIN <= abs(skew) <= SKEW_MAX else 0.0
 
     def _shared(self, now: float) -> float:
         """``now`` of our clock as the database's clock reads it: the one time that
