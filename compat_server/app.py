@@ -223,6 +223,9 @@ BACKGROUND_LOOPS = [
         lambda e, c: every("reconciler", c.reconcile_interval, e.reconciler.step)
     ),
     _background(lambda e, c: every("webhooks", c.outbox_interval, e.webhooks.step)),
+    _background(
+        lambda e, c: every("budget holds", c.outbox_interval, e.router.budgets.step)
+    ),
     _background(lambda e, c: e.batch.run_forever()),
     _background(
         lambda e, c: every(
