@@ -6,6 +6,10 @@ smspva in ``orders`` (activation v2, and rent.php with ``hasnewsms``), a clone i
 ``getActiveActivations``. The batch is stepped by hand (``engine.batch.poll``) on the
 test clock; what a list does not cover must fall back to the per-activation poll, and
 an SMS is never lost.
+
+The fakes' ``provider_options`` set ``min_interval: 0``: those tests are about what a
+list covers, not pacing. The smspva test that deletes it runs under smspva's real 4.5 s
+spacing, the condition it is about (tests/test_pacing.py has the rest).
 """
 
 from __future__ import annotations

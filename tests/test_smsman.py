@@ -1,4 +1,8 @@
-"""SmsmanProvider against the fake sms-man (real HTTP on 127.0.0.1, no mocks)."""
+"""SmsmanProvider against the fake sms-man (real HTTP on 127.0.0.1, no mocks).
+
+``provider_options`` sets ``min_interval: 0``: these tests are about sms-man's answers,
+prices and faults, not pacing (real pacing is tests/test_pacing.py's condition).
+"""
 
 from __future__ import annotations
 

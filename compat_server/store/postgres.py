@@ -40,7 +40,14 @@ import os
 import secrets
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from decimal import Decimal
 from typing import Any, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -1580,20 +1587,31 @@ class PostgresStore:
         args: list[Any] = [now, limit]
         if activation_id is not None:
             args.append(activation_id)
+        rows = await self._claim(
+            "outbox", "activation_id, op, attempts", f"done=0{only}", args, now
+        )
+        return [OutboxOp(*r) for r in rows]
+
+    async def _claim(
+        self, table: str, columns: str, where: str, args: Sequence[Any], now: float
+    ) -> list[asyncpg.Record]:
+        """``id`` and ``columns`` of the rows of ``table`` (outbox, webhooks) due at
+        ``args[0]`` (at most ``args[1]``) that match ``where``, claimed in one
+        transaction: locked rows another server is taking are skipped, and the taken
+        ones move CLAIM_SECONDS ahead, so nobody else gets them meanwhile."""
         async with self._writing() as conn:
             rows = await conn.fetch(
-                "SELECT id, activation_id, op, attempts FROM outbox"
-                f" WHERE done=0 AND next_at<=$1{only} ORDER BY next_at, id LIMIT $2"
-                " FOR UPDATE SKIP LOCKED",
+                f"SELECT id, {columns} FROM {table} WHERE {where} AND next_at<=$1"
+                " ORDER BY next_at, id LIMIT $2 FOR UPDATE SKIP LOCKED",
                 *args,
             )
             if rows:
                 await conn.execute(
-                    "UPDATE outbox SET next_at=$1 WHERE id = ANY($2::bigint[])",
+                    f"UPDATE {table} SET next_at=$1 WHERE id = ANY($2::bigint[])",
                     now + CLAIM_SECONDS,
                     [r[0] for r in rows],
                 )
-        return [OutboxOp(*r) for r in rows]
+        return list(rows)
 
     async def pending_ops(self) -> list[tuple[int, str, int, str]]:
         """(activation id, op, attempts, last error) of every queued call not yet done."""
@@ -1948,20 +1966,13 @@ class PostgresStore:
 
     async def due_webhooks(self, now: float, limit: int = 50) -> list[WebhookJob]:
         """Pending deliveries whose time has come, claimed like :meth:`due_ops`."""
-        async with self._writing() as conn:
-            rows = await conn.fetch(
-                "SELECT id, key_id, payload, attempts, created_at FROM webhooks"
-                " WHERE state='pending' AND next_at<=$1 ORDER BY next_at, id LIMIT $2"
-                " FOR UPDATE SKIP LOCKED",
-                now,
-                limit,
-            )
-            if rows:
-                await conn.execute(
-                    "UPDATE webhooks SET next_at=$1 WHERE id = ANY($2::bigint[])",
-                    now + CLAIM_SECONDS,
-                    [r[0] for r in rows],
-                )
+        rows = await self._claim(
+            "webhooks",
+            "key_id, payload, attempts, created_at",
+            "state='pending'",
+            [now, limit],
+            now,
+        )
         return [WebhookJob(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows]
 
     async def webhook_done(self, job_id: int, state: str, error: str = "") -> None:
